@@ -1,0 +1,115 @@
+"""Validated settings of support-basis attention, stored in ``model.config.support_basis`` as a dict."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .ops.polynomial import MAX_DEGREE
+from .ops.support_basis import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_FEATURE_BYTES
+
+INTERVALS = ("query", "fixed")
+
+
+@dataclass
+class SupportBasisConfig:
+    """Settings of the ``support_basis`` / ``as23`` attention implementations.
+
+    Attributes:
+        threshold: absolute magnitude on post-RoPE query/key entries; a row is large (computed
+            exactly) when any ``|entry| > threshold``. ``0``: every row exact; ``inf``: none.
+        degree: degree of the Chebyshev fit of ``exp`` on the small-small pairs (0 to 12).
+        interval: ``"query"`` fits each query on ``[-R_i, R_i]`` with
+            ``R_i = scale * |q_i| * max |k_j|`` over the small real keys up to it (causal, always
+            covers every small-small score); ``"fixed"`` uses ``[-radius, radius]`` for every query.
+        radius: the interval half-width for ``interval="fixed"``.
+        chunk_size: block length of the causal scan.
+        max_feature_bytes: refuse settings whose polynomial part would need more memory.
+        layers: per-layer overrides, ``{layer_index: {field: value}}``.
+    """
+
+    threshold: float = 2.5
+    degree: int = 2
+    interval: str = "query"
+    radius: float | None = None
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES
+    layers: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+        self.layers = {_layer_index(i): dict(o) for i, o in self.layers.items()}
+        for index, overrides in self.layers.items():
+            unknown = set(overrides) - _LAYER_FIELDS
+            if unknown:
+                raise ValueError(
+                    f"layers[{index}] has unknown fields {sorted(unknown)}; per-layer fields are {sorted(_LAYER_FIELDS)}"
+                )
+            _validate(dataclasses.replace(self, layers={}, **overrides))
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any] | None) -> SupportBasisConfig:
+        settings = dict(settings or {})
+        unknown = set(settings) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown support_basis settings {sorted(unknown)}; valid: {[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**settings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict (``inf`` threshold as the string ``"inf"``, layer keys as strings)."""
+        out = dataclasses.asdict(self)
+        if math.isinf(self.threshold):
+            out["threshold"] = "inf"
+        out["layers"] = {str(i): dict(o) for i, o in self.layers.items()}
+        return out
+
+    def for_layer(self, layer_index: int | None) -> SupportBasisConfig:
+        """The settings of one layer: the defaults merged with that layer's overrides."""
+        overrides = self.layers.get(layer_index, {}) if layer_index is not None else {}
+        return dataclasses.replace(self, layers={}, **overrides)
+
+    def op_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`sb_hf.ops.support_basis_attention`."""
+        return dict(
+            threshold=self.threshold,
+            degree=self.degree,
+            radius=self.radius if self.interval == "fixed" else None,
+            chunk_size=self.chunk_size,
+            max_feature_bytes=self.max_feature_bytes,
+        )
+
+
+_LAYER_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size"}
+
+
+def _layer_index(key: Any) -> int:
+    try:
+        index = int(key)
+    except (TypeError, ValueError):
+        raise ValueError(f"layers keys must be layer indices (integers >= 0), got {key!r}") from None
+    if index < 0 or str(index) != str(key).strip():
+        raise ValueError(f"layers keys must be layer indices (integers >= 0), got {key!r}")
+    return index
+
+
+def _validate(c: SupportBasisConfig) -> None:
+    if isinstance(c.threshold, str) and c.threshold.strip().lower() in ("inf", "infinity"):
+        c.threshold = math.inf
+    if isinstance(c.threshold, bool) or not isinstance(c.threshold, (int, float)) or not c.threshold >= 0:
+        raise ValueError(f"threshold must be a number >= 0 (0: every row exact, inf: no row exact), got {c.threshold!r}")
+    c.threshold = float(c.threshold)
+    if isinstance(c.degree, bool) or not isinstance(c.degree, int) or not 0 <= c.degree <= MAX_DEGREE:
+        raise ValueError(f"degree must be an integer in [0, {MAX_DEGREE}], got {c.degree!r}")
+    if c.interval not in INTERVALS:
+        raise ValueError(f"interval must be one of {INTERVALS}, got {c.interval!r}")
+    if c.interval == "fixed":
+        if isinstance(c.radius, bool) or not isinstance(c.radius, (int, float)) or not 0 < c.radius < math.inf:
+            raise ValueError(f"radius must be a positive finite number when interval='fixed', got {c.radius!r}")
+    elif c.radius is not None:
+        raise ValueError(f"radius is only used with interval='fixed' (interval is {c.interval!r}); remove it or set interval='fixed'")
+    if isinstance(c.chunk_size, bool) or not isinstance(c.chunk_size, int) or c.chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {c.chunk_size!r}")
+    if isinstance(c.max_feature_bytes, bool) or not isinstance(c.max_feature_bytes, int) or c.max_feature_bytes < 1:
+        raise ValueError(f"max_feature_bytes must be an integer >= 1, got {c.max_feature_bytes!r}")

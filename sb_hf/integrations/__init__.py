@@ -1,0 +1,1 @@
+"""Glue between the pure-torch ops and Hugging Face Transformers."""

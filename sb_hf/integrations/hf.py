@@ -1,0 +1,179 @@
+"""Transformers glue: the attention functions, their mask function, and ``apply_support_basis``.
+
+The mask function follows transformers' ``flash_attention_mask``: instead of a dense
+``(batch, 1, q, kv)`` mask it returns the 2-D key padding mask (or None when there is no padding),
+cut to the keys the queries can reach, and the attention function rebuilds causality and the
+sliding window structurally from positions. Without a registered mask function transformers
+would hand us no mask at all, silently dropping padding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import (
+    AttentionMaskInterface,
+    causal_mask_function,
+    prepare_padding_mask,
+)
+
+from ..config import SupportBasisConfig
+from ..ops import as23_attention, support_basis_attention
+
+IMPLEMENTATIONS = {"support_basis": support_basis_attention, "as23": as23_attention}
+
+
+def _make_attention_forward(name: str):
+    op = IMPLEMENTATIONS[name]
+
+    def attention_forward(
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        sliding_window: int | None = None,
+        is_causal: bool | None = None,
+        softcap: float | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        if softcap is not None:
+            raise ValueError(f"`{name}` attention does not support softcap; use attn_implementation='eager'")
+        if dropout:
+            raise ValueError(
+                f"`{name}` attention has no attention dropout (got dropout={dropout}); set "
+                "config.attention_dropout = 0.0 or use another attention implementation for training with it"
+            )
+        if kwargs.get("output_attentions", False):
+            raise ValueError(f"`{name}` attention never forms the attention matrix; use attn_implementation='eager' for output_attentions")
+        if kwargs.get("s_aux") is not None:
+            raise ValueError(f"`{name}` attention does not support learned attention sinks (s_aux)")
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        key_padding_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
+                raise ValueError(
+                    f"`{name}` attention got a prepared {attention_mask.dim()}-D {attention_mask.dtype} mask; it needs "
+                    "the 2-D padding mask that its registered mask function builds. Pass a 2-D attention_mask "
+                    "(1 for tokens, 0 for padding) instead of a 4-D mask."
+                )
+            keys = attention_mask.shape[-1]
+            if keys > key.shape[2]:
+                raise ValueError(f"attention mask covers {keys} keys but only {key.shape[2]} were given")
+            key, value, key_padding_mask = key[:, :, :keys], value[:, :, :keys], attention_mask
+        settings = settings_for(module)
+        out = op(
+            query, key, value, causal=causal, scale=scaling, key_padding_mask=key_padding_mask,
+            sliding_window=sliding_window, **_op_kwargs(settings, name),
+        )
+        return out.transpose(1, 2).contiguous(), None
+
+    attention_forward.__name__ = f"{name}_attention_forward"
+    return attention_forward
+
+
+def _op_kwargs(settings: SupportBasisConfig, name: str) -> dict[str, Any]:
+    kwargs = settings.op_kwargs()
+    if name == "as23":
+        kwargs.pop("threshold")
+    return kwargs
+
+
+def settings_for(module: torch.nn.Module) -> SupportBasisConfig:
+    """The settings of an attention module: ``module.config.support_basis`` for its layer, or defaults."""
+    config = getattr(module, "config", None)
+    stored = getattr(config, "support_basis", None)
+    return SupportBasisConfig.from_dict(stored).for_layer(getattr(module, "layer_idx", None))
+
+
+def support_basis_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | torch.Tensor = 0,
+    kv_offset: int = 0,
+    mask_function=causal_mask_function,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """The compact mask for ``support_basis``/``as23``: ``(batch, keys)`` bool, or None.
+
+    ``keys`` is the number of leading cached keys that exist for these queries (fewer than
+    ``kv_length`` only with a static cache that is not full); queries are the last ``q_length``
+    of them. Causality and the sliding window are applied by the attention from positions.
+    """
+    _check_mask_function(mask_function)
+    q_end = int(q_offset) + q_length  # position after the last query (a tensor for static caches)
+    keys = min(kv_length, q_end - kv_offset)
+    if attention_mask is None:
+        if keys == kv_length:
+            return None
+        return torch.ones(batch_size, keys, dtype=torch.bool, device=kwargs.get("device"))
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    padding = padding[:, kv_offset : kv_offset + keys]
+    if keys == kv_length and bool(padding.all()):
+        return None
+    return padding
+
+
+def _check_mask_function(mask_function) -> None:
+    """Only the structural masks we rebuild from positions are accepted; anything else (packed
+    sequences, block masks, custom overlays, bidirectional use) would be silently ignored."""
+    if mask_function is causal_mask_function:
+        return
+    if getattr(mask_function, "__qualname__", "") == "and_masks.<locals>.and_mask" and mask_function.__closure__:
+        parts = mask_function.__closure__[0].cell_contents
+        if (
+            isinstance(parts, tuple)
+            and len(parts) == 2
+            and getattr(parts[0], "__qualname__", "") == "sliding_window_overlay.<locals>.inner_mask"
+            and parts[1] is causal_mask_function
+        ):
+            return
+    raise NotImplementedError(
+        "support_basis attention supports causal and sliding-window masks with padding only; this call needs "
+        f"another mask ({getattr(mask_function, '__qualname__', mask_function)}), e.g. packed sequences "
+        "(position_ids restarting without an attention_mask), block/bidirectional masks or custom overlays. "
+        "Pass a padded batch with an attention_mask, or use attn_implementation='sdpa' for this model."
+    )
+
+
+def register() -> None:
+    """Register ``support_basis`` and ``as23`` with transformers' attention and mask interfaces."""
+    for name in IMPLEMENTATIONS:
+        AttentionInterface.register(name, _make_attention_forward(name))
+        AttentionMaskInterface.register(name, support_basis_mask)
+
+
+def apply_support_basis(
+    model: torch.nn.Module,
+    config: SupportBasisConfig | dict | None = None,
+    *,
+    method: str = "support_basis",
+    **overrides: Any,
+):
+    """Switch ``model`` to support-basis attention with the given settings.
+
+    The settings are stored as a plain dict in ``model.config.support_basis`` (so
+    ``save_pretrained``/``from_pretrained`` round-trip them); ``layers={i: {...}}`` overrides
+    single layers. ``method="as23"`` selects the bounded-entry baseline. Returns the model.
+    """
+    if method not in IMPLEMENTATIONS:
+        raise ValueError(f"method must be one of {sorted(IMPLEMENTATIONS)}, got {method!r}")
+    if isinstance(config, SupportBasisConfig):
+        settings = config.to_dict()
+    elif config is None:
+        settings = {}
+    elif isinstance(config, dict):
+        settings = dict(config)
+    else:
+        raise ValueError(f"config must be a SupportBasisConfig, a dict or None, got {type(config).__name__}")
+    settings.update(overrides)
+    validated = SupportBasisConfig.from_dict(settings)
+    model.config.support_basis = validated.to_dict()
+    model.set_attn_implementation(method)
+    return model

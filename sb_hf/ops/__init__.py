@@ -1,0 +1,22 @@
+"""Attention ops on ``(batch, heads, seq, head_dim)`` tensors: pure torch, no transformers import.
+
+``support_basis_attention`` and ``as23_attention`` are the fast paths; ``reference`` holds their
+naive quadratic twins with the same signatures, which define the semantics.
+"""
+
+from . import reference
+from .common import large_rows, visible
+from .polynomial import exp_fit_coefficients, feature_dim, monomial_features
+from .support_basis import as23_attention, estimate_feature_bytes, support_basis_attention
+
+__all__ = [
+    "as23_attention",
+    "estimate_feature_bytes",
+    "exp_fit_coefficients",
+    "feature_dim",
+    "large_rows",
+    "monomial_features",
+    "reference",
+    "support_basis_attention",
+    "visible",
+]

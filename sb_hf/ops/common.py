@@ -1,0 +1,148 @@
+"""Definitions shared by the fast ops and their naive twins: input checks, large rows, visibility.
+
+Conventions (the same as ``torch.nn.functional.scaled_dot_product_attention`` plus GQA):
+``q`` is ``(batch, q_heads, q_len, head_dim)``, ``k``/``v`` are ``(batch, kv_heads, kv_len, head_dim)``,
+``q_heads`` a multiple of ``kv_heads``. The queries are the *last* ``q_len`` positions of the key
+sequence (bottom-right alignment, as with a KV cache): query ``i`` sits at key position
+``kv_len - q_len + i``. ``key_padding_mask`` is ``(batch, kv_len)``, True for real tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .polynomial import MAX_DEGREE
+
+RADIUS_FLOOR = 1.0  # below this the fit is done on [-1, 1]: still covers every score, and stays well conditioned
+
+
+@dataclass(frozen=True)
+class Shapes:
+    batch: int
+    q_heads: int
+    kv_heads: int
+    groups: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    value_dim: int
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None,
+    sliding_window: int | None,
+    degree: int,
+    threshold: float,
+    scale: float | None,
+    check_finite: bool = True,
+) -> Shapes:
+    """Validate the arguments of an attention op; raise ``ValueError`` saying what to change."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, seq, head_dim), got {getattr(x, 'shape', type(x))}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    batch, q_heads, q_len, head_dim = q.shape
+    _, kv_heads, kv_len, _ = k.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"batch sizes differ: q {q.shape}, k {k.shape}, v {v.shape}")
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"q and k head_dim differ: {head_dim} vs {k.shape[-1]}")
+    if v.shape[1] != kv_heads or v.shape[2] != kv_len:
+        raise ValueError(f"k and v must have the same heads and length, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(f"q heads ({q_heads}) must be a positive multiple of k/v heads ({kv_heads})")
+    if q_len == 0 or kv_len == 0 or batch == 0 or head_dim == 0:
+        raise ValueError(f"empty input: q {tuple(q.shape)}, k {tuple(k.shape)}; every dimension must be >= 1")
+    if causal and q_len > kv_len:
+        raise ValueError(
+            f"causal attention needs q_len <= kv_len (queries are the last q_len key positions), got {q_len} > {kv_len}"
+        )
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, kv_len):
+            raise ValueError(
+                f"key_padding_mask must be a bool tensor of shape (batch, kv_len) = {(batch, kv_len)}, "
+                f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    if sliding_window is not None:
+        if not causal:
+            raise ValueError("sliding_window is only supported with causal=True")
+        if int(sliding_window) != sliding_window or sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive integer or None, got {sliding_window}")
+    if not isinstance(degree, int) or isinstance(degree, bool) or not 0 <= degree <= MAX_DEGREE:
+        raise ValueError(f"degree must be an integer in [0, {MAX_DEGREE}], got {degree!r}")
+    if not threshold >= 0:  # also rejects NaN
+        raise ValueError(f"threshold must be >= 0 (0: every row exact, inf: no row exact), got {threshold}")
+    if scale is not None and not (scale > 0 and scale < float("inf")):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale}")
+    if check_finite:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{name} contains NaN or inf; attention of non-finite inputs is undefined")
+    return Shapes(batch, q_heads, kv_heads, q_heads // kv_heads, q_len, kv_len, head_dim, v.shape[-1])
+
+
+def large_rows(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """A row is large (computed exactly) when any ``|entry| > threshold``; threshold 0 makes every row large."""
+    if threshold == 0:
+        return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+    return x.abs().amax(dim=-1) > threshold
+
+
+def visible(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool, sliding_window: int | None
+) -> torch.Tensor:
+    """Which key positions each query position may attend to: ``(..., Lq) x (..., Lk) -> (..., Lq, Lk)``.
+
+    The one masking rule of the package (padding is applied by the callers through the key features
+    or an extra ``& key_valid``): causal ``k <= q``; with a window, also ``k > q - sliding_window``.
+    """
+    q_pos = q_pos[..., :, None]
+    k_pos = k_pos[..., None, :]
+    mask = torch.ones(torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool, device=q_pos.device)
+    if causal:
+        mask = mask & (k_pos <= q_pos)
+        if sliding_window is not None:
+            mask = mask & (k_pos > q_pos - sliding_window)
+    return mask
+
+
+def polynomial_shift(exact_max: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Per-row shift shared by the exact and the polynomial part.
+
+    The exact scores are shifted by their maximum as in softmax; polynomial values reach at most
+    about ``e^radius`` but are mostly near ``e^0``, so ``radius / 2`` keeps both ends inside fp32
+    for radii up to about 170 (a fit on a wider interval is meaningless anyway).
+    """
+    return torch.maximum(exact_max, radius / 2)
+
+
+def suspect_rows(den: torch.Tensor, out: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Rows whose approximate attention broke down: a non-positive row mass (the polynomial went
+    negative), or an output that is not finite in ``out_dtype``. These rows are recomputed exactly."""
+    limit = torch.finfo(out_dtype).max
+    finite = torch.isfinite(out).all(dim=-1) & (out.abs() <= limit).all(dim=-1)
+    return ~((den > 0) & finite)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim restricted to ``mask``; a row with no visible entry gives zeros."""
+    scores = torch.where(mask, scores, torch.full_like(scores, float("-inf")))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    den = weights.sum(dim=-1, keepdim=True)
+    return weights / torch.where(den > 0, den, torch.ones_like(den))

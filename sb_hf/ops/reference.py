@@ -1,0 +1,121 @@
+"""Naive, quadratic twins of the fast ops. They define the semantics; the fast ops must match them.
+
+Everything is explicit: the full score matrix, the full visibility mask, the exact/polynomial
+split per pair, and the polynomial evaluated directly on the scores (no feature map, no chunks,
+no gathering, no prefix scans).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import RADIUS_FLOOR, check_inputs, large_rows, masked_softmax, polynomial_shift, suspect_rows, visible
+from .polynomial import evaluate_polynomial, exp_fit_coefficients
+
+
+def support_basis_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    threshold: float,
+    degree: int,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    radius: float | None = None,
+    **_unused,
+) -> torch.Tensor:
+    """Support-basis attention computed densely. See :func:`sb_hf.ops.support_basis_attention`."""
+    shapes = check_inputs(
+        q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
+        degree=degree, threshold=threshold, scale=scale,
+    )
+    out_dtype = q.dtype
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    scale = shapes.head_dim**-0.5 if scale is None else scale
+    groups = shapes.groups
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+
+    q_pos = torch.arange(shapes.q_len, device=q.device) + (shapes.kv_len - shapes.q_len)
+    k_pos = torch.arange(shapes.kv_len, device=q.device)
+    key_valid = (
+        torch.ones(shapes.batch, shapes.kv_len, dtype=torch.bool, device=q.device)
+        if key_padding_mask is None
+        else key_padding_mask
+    )
+    mask = visible(q_pos, k_pos, causal=causal, sliding_window=sliding_window) & key_valid[:, None, None, :]
+
+    q_large = large_rows(q, threshold)  # (B, H, Lq)
+    k_large = large_rows(k, threshold)  # (B, H, Lk)
+    exact_pair = q_large[..., :, None] | k_large[..., None, :]
+    scores = scale * q @ k.transpose(-1, -2)
+
+    # Interval of query i: scale * |q_i| * max |k_j| over the small real keys at or before it
+    # (all small real keys when not causal). The window is ignored here on purpose: a wider
+    # interval still covers every small-small score, and it keeps the fast path a prefix scan.
+    small_key = ~k_large & key_valid[:, None, :]
+    reach = visible(q_pos, k_pos, causal=causal, sliding_window=None) & small_key[..., None, :]
+    k_norm = k.norm(dim=-1)[..., None, :].expand_as(reach)
+    k_max = torch.where(reach, k_norm, torch.zeros_like(k_norm)).amax(dim=-1)
+    if radius is None:
+        row_radius = (scale * q.norm(dim=-1) * k_max).clamp_min(RADIUS_FLOOR)
+    else:
+        row_radius = torch.full_like(k_max, float(radius))
+    row_radius = torch.where(q_large, torch.full_like(row_radius, RADIUS_FLOOR), row_radius)  # unused there
+
+    exact_scores = torch.where(mask & exact_pair, scores, torch.full_like(scores, float("-inf")))
+    shift = polynomial_shift(exact_scores.amax(dim=-1), row_radius)
+    coefficients = exp_fit_coefficients(row_radius, shift, degree)
+    # Each branch only sees the scores it is meant for, so no inf appears even where it is discarded
+    # (an inf in a discarded branch of torch.where still turns gradients into NaN).
+    exact_in = torch.where(mask & exact_pair, scores, shift[..., None].expand_as(scores))
+    poly_in = torch.where(mask & ~exact_pair, scores / row_radius[..., None], torch.zeros_like(scores))
+    poly = evaluate_polynomial(coefficients[..., None, :], poly_in)
+    weights = torch.where(exact_pair, torch.exp(exact_in - shift[..., None]), poly)
+    weights = torch.where(mask, weights, torch.zeros_like(weights))
+    den = weights.sum(dim=-1)
+    out = (weights @ v) / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+
+    # Large query rows, and rows where the approximation broke down, are plain exact attention.
+    exact_rows = q_large | suspect_rows(den, out, out_dtype)
+    exact = masked_softmax(scores, mask) @ v
+    out = torch.where(exact_rows[..., None], exact, out)
+    return out.to(out_dtype)
+
+
+def as23_attention(q, k, v, *, degree: int, causal: bool = True, scale: float | None = None, **kwargs) -> torch.Tensor:
+    """AS23a (bounded entries): the polynomial everywhere, no exact part."""
+    return support_basis_attention(q, k, v, threshold=float("inf"), degree=degree, causal=causal, scale=scale, **kwargs)
+
+
+def exact_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Plain softmax attention with the package's masking conventions (rows with no visible key give 0)."""
+    shapes = check_inputs(
+        q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
+        degree=0, threshold=0.0, scale=scale,
+    )
+    out_dtype = q.dtype
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    scale = shapes.head_dim**-0.5 if scale is None else scale
+    k = k.repeat_interleave(shapes.groups, dim=1)
+    v = v.repeat_interleave(shapes.groups, dim=1)
+    q_pos = torch.arange(shapes.q_len, device=q.device) + (shapes.kv_len - shapes.q_len)
+    k_pos = torch.arange(shapes.kv_len, device=q.device)
+    mask = visible(q_pos, k_pos, causal=causal, sliding_window=sliding_window)
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]
+    return (masked_softmax(scale * q @ k.transpose(-1, -2), mask) @ v).to(out_dtype)

@@ -1,0 +1,332 @@
+"""Support-basis attention (arXiv 2510.01643, single threshold), the fast path.
+
+Split the rows: a query/key row is *large* when one of its entries exceeds the threshold.
+- Exact part: large query rows attend to every visible key exactly; small queries attend
+  exactly to the (few) large keys, gathered into a dense block.
+- Polynomial part: the remaining small-small pairs get ``exp`` replaced by a Chebyshev fit on
+  the interval their scores can occupy, factorized through monomial features, so the causal sum
+  is a running state (linear attention), computed chunk by chunk. Never an ``n x n`` matrix.
+Both parts share a per-row shift; the output is their summed numerators over their summed masses.
+``sb_hf.ops.reference.support_basis_attention`` is the quadratic twin that defines the result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .common import (
+    RADIUS_FLOOR,
+    Shapes,
+    check_inputs,
+    large_rows,
+    masked_softmax,
+    polynomial_shift,
+    suspect_rows,
+    visible,
+)
+from .polynomial import exp_fit_coefficients, feature_degrees, feature_dim, monomial_features
+
+DEFAULT_CHUNK_SIZE = 64
+DEFAULT_MAX_FEATURE_BYTES = 8 * 2**30
+EXACT_ROW_BLOCK = 128  # gathered exact query rows handled per block: bounds the (rows x keys) score block
+
+
+def support_basis_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    threshold: float,
+    degree: int,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    radius: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """Support-basis attention of ``q (B, Hq, Lq, d)`` over ``k, v (B, Hk, Lk, d)``, returns ``(B, Hq, Lq, dv)``.
+
+    Args:
+        threshold: a row is large (exact) when any ``|entry| > threshold``; 0: all exact, inf: none (AS23a).
+        degree: degree of the polynomial that replaces ``exp`` on small-small pairs.
+        causal: causal mask, queries aligned to the last ``Lq`` key positions (KV-cache style).
+        scale: score scale, default ``1/sqrt(d)``.
+        key_padding_mask: ``(B, Lk)`` bool, True for real keys; padded keys never influence anything.
+        sliding_window: with ``causal``, query ``p`` sees keys ``p - sliding_window < j <= p``.
+        radius: fixed interval ``[-radius, radius]`` for the fit; default (None): per query,
+            ``scale * |q_i| * max |k_j|`` over the small real keys up to it, floored at 1.
+        chunk_size: block length of the causal scan.
+        max_feature_bytes: refuse (ValueError with the estimate) when the polynomial part would need more.
+        stats: optional dict; receives tensors ``exact_pairs``, ``pairs``, ``exact_rows``, ``rows``.
+
+    Rows whose approximate mass is not positive, or whose output is not finite, are recomputed
+    exactly (see :func:`sb_hf.ops.common.suspect_rows`). Computation runs in fp32 (fp64 for fp64).
+    """
+    shapes = check_inputs(
+        q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
+        degree=degree, threshold=threshold, scale=scale,
+    )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if radius is not None and not (0 < radius < float("inf")):
+        raise ValueError(f"radius must be a positive finite number or None, got {radius}")
+    requires_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    check_memory(shapes, degree, chunk_size, sliding_window, requires_grad, max_feature_bytes, q.dtype)
+
+    out_dtype = q.dtype
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    scale = shapes.head_dim**-0.5 if scale is None else float(scale)
+    s = shapes
+    offset = s.kv_len - s.q_len  # key position of query 0
+    window = sliding_window if (causal and sliding_window is not None and sliding_window < s.kv_len) else None
+
+    qg = q.view(s.batch, s.kv_heads, s.groups, s.q_len, s.head_dim)  # query head h = kv_head * groups + g
+    key_valid = (
+        torch.ones(s.batch, s.kv_len, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
+    )
+    q_large = large_rows(qg, threshold)  # (B, Hk, G, Lq)
+    k_large = large_rows(k, threshold)  # (B, Hk, Lk)
+    k_small = ~k_large & key_valid[:, None, :]
+
+    if bool(q_large.all()):  # every row exact: skip the polynomial part entirely
+        out = qg.new_zeros(s.batch, s.kv_heads, s.groups, s.q_len, s.value_dim)
+        exact_rows = q_large
+    else:
+        if radius is None:
+            k_norm = torch.where(k_small, k.norm(dim=-1), torch.zeros((), dtype=compute, device=q.device))
+            k_max = k_norm.cummax(dim=-1).values[..., offset:] if causal else k_norm.amax(dim=-1, keepdim=True)
+            row_radius = (scale * qg.norm(dim=-1) * k_max[:, :, None, :]).clamp_min(RADIUS_FLOOR)
+        else:
+            row_radius = torch.full_like(qg[..., 0], float(radius))
+        row_radius = torch.where(q_large, torch.full_like(row_radius, RADIUS_FLOOR), row_radius)  # unused there
+        large_keys = _gather_rows(k_large & key_valid[:, None, :], (k, v))
+        rows = _RowAttention(scale, degree, causal, window, large_keys, s.head_dim, q.device)
+        key_features = _KeyFeatures(k, v, k_small, degree)
+        scan = _causal_scan if causal else _global_sum
+        num, den = scan(rows, key_features, qg, row_radius, q_large, offset, chunk_size, window)
+        out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+        exact_rows = q_large | suspect_rows(den, out, out_dtype)
+
+    out = _exact_rows(qg, k, v, out, exact_rows, scale, causal, window, key_valid, offset)
+    if stats is not None:
+        _count_pairs(stats, exact_rows, k_large & key_valid[:, None, :], key_valid, causal, window, offset)
+    return out.reshape(s.batch, s.q_heads, s.q_len, s.value_dim).to(out_dtype)
+
+
+def as23_attention(q, k, v, *, degree: int, causal: bool = True, scale: float | None = None, **kwargs) -> torch.Tensor:
+    """AS23a, the bounded-entry baseline: the polynomial on every pair, no exact part."""
+    return support_basis_attention(q, k, v, threshold=float("inf"), degree=degree, causal=causal, scale=scale, **kwargs)
+
+
+def estimate_feature_bytes(
+    shapes: Shapes, degree: int, chunk_size: int, windowed: bool, requires_grad: bool, dtype: torch.dtype
+) -> int:
+    """Rough peak bytes of the polynomial part: running states, chunk features, saved tensors for backward."""
+    s = shapes
+    r = feature_dim(s.head_dim, degree)
+    item = 8 if dtype == torch.float64 else 4
+    states = (4 if windowed else 2) * s.batch * s.kv_heads * r * (s.value_dim + 1)
+    chunk = 2 * (s.batch * s.q_heads + 3 * s.batch * s.kv_heads) * min(chunk_size, s.kv_len) * r
+    total = states + chunk
+    if requires_grad:
+        chunks = math.ceil(s.kv_len / chunk_size)
+        total += s.batch * s.q_heads * s.q_len * r + (2 if windowed else 1) * s.batch * s.kv_heads * s.kv_len * r
+        total += chunks * (2 if windowed else 1) * s.batch * s.kv_heads * r * (s.value_dim + 1)
+    return total * item
+
+
+def check_memory(shapes, degree, chunk_size, sliding_window, requires_grad, max_feature_bytes, dtype) -> None:
+    need = estimate_feature_bytes(shapes, degree, chunk_size, sliding_window is not None, requires_grad, dtype)
+    if need > max_feature_bytes:
+        r = feature_dim(shapes.head_dim, degree)
+        raise ValueError(
+            f"degree {degree} with head_dim {shapes.head_dim} has {r} features per row; the polynomial part would "
+            f"need about {need / 2**30:.2f} GiB (max_feature_bytes={max_feature_bytes / 2**30:.2f} GiB). "
+            "Lower the degree, the chunk_size or the batch, or raise max_feature_bytes."
+        )
+
+
+class _KeyFeatures:
+    """Features of key ranges, zeroed for large and padded keys (those pairs belong to the exact part)."""
+
+    def __init__(self, k, v, k_small, degree):
+        self.k, self.v, self.k_small, self.degree = k, v, k_small, degree
+
+    def __call__(self, start: int, end: int):
+        features = monomial_features(self.k[:, :, start:end], self.degree)
+        features = features * self.k_small[:, :, start:end, None]
+        positions = torch.arange(start, end, device=self.k.device)
+        return features, self.v[:, :, start:end], positions
+
+
+class _RowAttention:
+    """Numerator and mass of a block of query rows: exact vs large keys, polynomial vs small keys."""
+
+    def __init__(self, scale, degree, causal, window, large_keys, head_dim, device):
+        self.scale, self.degree, self.causal, self.window = scale, degree, causal, window
+        self.large_keys = large_keys
+        self.degrees = feature_degrees(head_dim, degree).to(device)
+
+    def __call__(self, q_rows, q_pos, row_radius, q_large, state, blocks):
+        """``q_rows (B, Hk, G, c, d)`` at positions ``q_pos (c,)``; ``state`` = (S, z) running sums of
+        ``phi(k) v^T`` and ``phi(k)`` over keys fully visible to every row; ``blocks`` = key feature
+        blocks that need the positional mask. Returns ``num (B, Hk, G, c, dv)``, ``den (B, Hk, G, c)``."""
+        num = den = 0
+        exact_max = torch.full_like(row_radius, float("-inf"))
+        if self.large_keys is not None:
+            (k_large, v_large), k_pos, slot_valid = self.large_keys
+            scores = self.scale * q_rows @ k_large[:, :, None].transpose(-1, -2)  # (B, Hk, G, c, n)
+            mask = visible(q_pos, k_pos[:, :, None], causal=self.causal, sliding_window=self.window)
+            mask = mask & slot_valid[:, :, None, None, :]
+            exact_max = torch.where(mask, scores, torch.full_like(scores, float("-inf"))).amax(dim=-1)
+        shift = polynomial_shift(exact_max, row_radius)
+        if self.large_keys is not None:
+            shifted = torch.where(mask, scores, shift[..., None].expand_as(scores)) - shift[..., None]
+            weights = torch.where(mask, torch.exp(shifted), torch.zeros_like(scores))
+            num = weights @ v_large[:, :, None]
+            den = weights.sum(dim=-1)
+
+        coefficients = exp_fit_coefficients(row_radius, shift, self.degree)
+        per_feature = coefficients[..., self.degrees] * (self.scale / row_radius[..., None]) ** self.degrees
+        per_feature = torch.where(q_large[..., None], torch.zeros_like(per_feature), per_feature)
+        q_features = monomial_features(q_rows, self.degree) * per_feature  # (B, Hk, G, c, r)
+        if state is not None:
+            kv_state, k_state = state
+            num = num + q_features @ kv_state[:, :, None]
+            den = den + (q_features @ k_state[:, :, None, :, None]).squeeze(-1)
+        for k_features, v_block, k_pos in blocks:
+            pair = q_features @ k_features[:, :, None].transpose(-1, -2)  # (B, Hk, G, c, n)
+            pair = pair * visible(q_pos, k_pos, causal=self.causal, sliding_window=self.window)
+            num = num + pair @ v_block[:, :, None]
+            den = den + pair.sum(dim=-1)
+        return num, den
+
+
+def _causal_scan(rows, key_features, qg, row_radius, q_large, offset, chunk, window):
+    """Chunked causal scan over key positions. For the query chunk ``[a, b)`` the keys ``[f, a)`` are
+    visible to every row (running state minus a trailing state when windowed), the keys
+    ``[a, b)`` and, with a window, ``[a - window + 1, f)`` need the explicit positional mask."""
+    kv_len = key_features.k.shape[2]
+    kv_state = k_state = trail_kv = trail_k = None
+    trail_end = 0
+    nums, dens = [], []
+    for a in range(0, kv_len, chunk):
+        b = min(a + chunk, kv_len)
+        features, v_block, k_pos = key_features(a, b)
+        if b > offset:
+            i0, i1 = max(a, offset) - offset, b - offset
+            blocks = [(features, v_block, k_pos)]
+            state = None if kv_state is None else (kv_state, k_state)
+            if window is not None:
+                first_full = min(max(-((window - a - chunk) // chunk) * chunk, 0), a)  # ceil to the grid
+                while trail_end < first_full:
+                    f, vb, _ = key_features(trail_end, trail_end + chunk)
+                    trail_kv, trail_k = _add(trail_kv, trail_k, f, vb)
+                    trail_end += chunk
+                if state is not None and trail_kv is not None:
+                    state = (kv_state - trail_kv, k_state - trail_k)
+                if first_full == a:
+                    state = None
+                low = max(a - window + 1, 0)
+                if low < first_full:
+                    blocks.append(key_features(low, first_full))
+            q_pos = torch.arange(i0, i1, device=qg.device) + offset
+            num, den = rows(
+                qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1], q_large[..., i0:i1], state, blocks
+            )
+            nums.append(num)
+            dens.append(den)
+        kv_state, k_state = _add(kv_state, k_state, features, v_block)
+    return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
+
+
+def _global_sum(rows, key_features, qg, row_radius, q_large, offset, chunk, window):
+    """Non-causal: one state over all keys, then the query rows chunk by chunk."""
+    kv_len, q_len = key_features.k.shape[2], qg.shape[3]
+    kv_state = k_state = None
+    for a in range(0, kv_len, chunk):
+        features, v_block, _ = key_features(a, min(a + chunk, kv_len))
+        kv_state, k_state = _add(kv_state, k_state, features, v_block)
+    nums, dens = [], []
+    for i0 in range(0, q_len, chunk):
+        i1 = min(i0 + chunk, q_len)
+        q_pos = torch.arange(i0, i1, device=qg.device)  # unused without a causal mask
+        num, den = rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1], q_large[..., i0:i1], (kv_state, k_state), [])
+        nums.append(num)
+        dens.append(den)
+    return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
+
+
+def _add(kv_state, k_state, features, v_block):
+    kv = features.transpose(-1, -2) @ v_block
+    kk = features.sum(dim=-2)
+    if kv_state is None:
+        return kv, kk
+    return kv_state + kv, k_state + kk
+
+
+def _gather_rows(flags: torch.Tensor, tensors: tuple[torch.Tensor, ...]):
+    """Gather the flagged rows (last dim of ``flags``) of each tensor into a dense block padded to the
+    largest count. Returns ``(gathered, index, slot_valid)`` or None when nothing is flagged.
+    One host sync (the count), the price of a static block shape."""
+    count = int(flags.sum(dim=-1).max())
+    if count == 0:
+        return None
+    index = torch.sort(flags.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :count]
+    slot_valid = torch.gather(flags, -1, index)
+    gathered = tuple(torch.gather(t, -2, index[..., None].expand(*index.shape, t.shape[-1])) for t in tensors)
+    return gathered, index, slot_valid
+
+
+def _exact_rows(qg, k, v, out, rows, scale, causal, window, key_valid, offset):
+    """Overwrite the flagged query rows of ``out`` with exact attention, in blocks of gathered rows."""
+    gathered = _gather_rows(rows, ())
+    if gathered is None:
+        return out
+    _, index, slot_valid = gathered
+    k_pos = torch.arange(k.shape[2], device=k.device)
+    for s0 in range(0, index.shape[-1], EXACT_ROW_BLOCK):
+        idx = index[..., s0 : s0 + EXACT_ROW_BLOCK]  # (B, Hk, G, n)
+        q_block = torch.gather(qg, 3, idx[..., None].expand(*idx.shape, qg.shape[-1]))
+        scores = scale * q_block @ k[:, :, None].transpose(-1, -2)  # (B, Hk, G, n, Lk)
+        mask = visible(idx + offset, k_pos, causal=causal, sliding_window=window)
+        mask = mask & key_valid[:, None, None, None, :]
+        exact = masked_softmax(scores, mask) @ v[:, :, None]
+        idx_out = idx[..., None].expand(*idx.shape, out.shape[-1])
+        keep = slot_valid[..., s0 : s0 + EXACT_ROW_BLOCK, None]
+        out = out.scatter(3, idx_out, torch.where(keep, exact, torch.gather(out, 3, idx_out)))
+    return out
+
+
+def _count_pairs(stats, exact_rows, exact_keys, key_valid, causal, window, offset):
+    """Visible pairs and pairs computed exactly, from prefix counts (linear time)."""
+    kv_len = key_valid.shape[-1]
+    q_len = exact_rows.shape[-1]
+    zero = key_valid.new_zeros(key_valid.shape[0], 1, dtype=torch.long)
+    cum_valid = torch.cat([zero, key_valid.long().cumsum(-1)], dim=-1)[:, None, :]  # (B, 1, Lk + 1)
+    cum_exact = torch.cat([zero[:, None].expand(-1, exact_keys.shape[1], 1), exact_keys.long().cumsum(-1)], dim=-1)
+    if causal:
+        end = torch.arange(q_len, device=key_valid.device) + offset + 1
+        start = (end - window).clamp_min(0) if window is not None else torch.zeros_like(end)
+    else:
+        end = torch.full((q_len,), kv_len, device=key_valid.device)
+        start = torch.zeros_like(end)
+
+    def span(cum):
+        return cum[..., end] - cum[..., start]  # (B, H, Lq)
+
+    pairs = span(cum_valid)[:, :, None, :]  # (B, 1, 1, Lq)
+    exact = torch.where(exact_rows, pairs, span(cum_exact)[:, :, None, :])
+    for key, value in (
+        ("exact_pairs", exact.sum()),
+        ("pairs", pairs.expand_as(exact).sum()),
+        ("exact_rows", exact_rows.sum()),
+        ("rows", torch.tensor(exact_rows.numel(), device=exact_rows.device)),
+    ):
+        stats[key] = stats.get(key, 0) + value
