@@ -9,7 +9,8 @@ would hand us no mask at all, silently dropping padding.
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from transformers import AttentionInterface
@@ -23,6 +24,19 @@ from ..config import SupportBasisConfig
 from ..ops import as23_attention, support_basis_attention
 
 IMPLEMENTATIONS = {"support_basis": support_basis_attention, "as23": as23_attention}
+_active_stats: list[dict] = []  # innermost `attention_stats()` context receives the pair counts
+
+
+@contextlib.contextmanager
+def attention_stats() -> Iterator[dict]:
+    """Count, over every support-basis attention call inside the block, the visible (query, key)
+    pairs and those computed exactly: ``{"exact_pairs", "pairs", "exact_rows", "rows"}`` (tensors)."""
+    stats: dict = {}
+    _active_stats.append(stats)
+    try:
+        yield stats
+    finally:
+        _active_stats.remove(stats)
 
 
 def _make_attention_forward(name: str):
@@ -68,7 +82,8 @@ def _make_attention_forward(name: str):
         settings = settings_for(module)
         out = op(
             query, key, value, causal=causal, scale=scaling, key_padding_mask=key_padding_mask,
-            sliding_window=sliding_window, **_op_kwargs(settings, name),
+            sliding_window=sliding_window, stats=_active_stats[-1] if _active_stats else None,
+            **_op_kwargs(settings, name),
         )
         return out.transpose(1, 2).contiguous(), None
 

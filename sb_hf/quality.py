@@ -1,0 +1,121 @@
+"""End-to-end quality of an attention method against exact attention on the same tokens:
+perplexity, mean next-token KL divergence from exact, top-1 agreement, share of pairs computed exactly."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .integrations.hf import IMPLEMENTATIONS, apply_support_basis, attention_stats
+
+EXACT = "exact"
+
+
+@dataclass
+class MethodResult:
+    method: str
+    settings: dict
+    perplexity: float
+    kl_from_exact: float
+    top1_agreement: float
+    exact_pair_share: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def next_token_metrics(logits: torch.Tensor, exact_logits: torch.Tensor, input_ids: torch.Tensor) -> dict:
+    """Sums over the predicted positions (token ``t+1`` from prefix ``..t``): NLL, KL(exact || method),
+    top-1 agreement, and the count, so that several blocks can be pooled exactly."""
+    log_p = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    log_q = torch.log_softmax(exact_logits[:, :-1].double(), dim=-1)
+    target = input_ids[:, 1:]
+    nll = -log_p.gather(-1, target[..., None]).squeeze(-1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    agree = log_p.argmax(-1) == log_q.argmax(-1)
+    return {"nll": nll.sum().item(), "kl": kl.sum().item(), "agree": agree.sum().item(), "count": target.numel()}
+
+
+def token_blocks(tokenizer, text: str, tokens: int, sequences: int) -> list[torch.Tensor]:
+    """Consecutive non-overlapping blocks of ``tokens`` tokens from the start of ``text``."""
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() < tokens * sequences:
+        raise ValueError(
+            f"the text has {ids.numel()} tokens, fewer than tokens x sequences = {tokens} x {sequences}; "
+            "lower --tokens/--sequences or give a longer --text"
+        )
+    return [ids[i * tokens : (i + 1) * tokens][None] for i in range(sequences)]
+
+
+@torch.no_grad()
+def compare_methods(
+    model, blocks: list[torch.Tensor], methods: list[tuple[str, dict]], progress: bool = True
+) -> list[MethodResult]:
+    """Run every method on every block; ``methods`` lists (name, settings) pairs, the name one of
+    ``"support_basis"``, ``"as23"``. Exact attention (``sdpa``) always runs first as the reference."""
+    for name, _ in methods:
+        if name != EXACT and name not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown method {name!r}; choose from {[EXACT, *IMPLEMENTATIONS]}")
+    model.set_attn_implementation("sdpa")
+    start = time.perf_counter()
+    exact_logits = [model(input_ids=ids).logits.float() for ids in tqdm(blocks, desc=EXACT, disable=not progress)]
+    exact_seconds = time.perf_counter() - start
+
+    results = []
+    for name, settings in [(EXACT, {}), *methods]:
+        if name == EXACT:
+            totals = _pool(exact_logits, exact_logits, blocks)
+            results.append(_result(EXACT, {}, totals, 1.0, exact_seconds))
+            continue
+        apply_support_basis(model, settings, method=name)
+        start = time.perf_counter()
+        with attention_stats() as stats:
+            logits = [model(input_ids=ids).logits.float() for ids in tqdm(blocks, desc=name, disable=not progress)]
+        seconds = time.perf_counter() - start
+        share = (stats["exact_pairs"] / stats["pairs"]).item() if stats else float("nan")
+        results.append(_result(name, model.config.support_basis, _pool(logits, exact_logits, blocks), share, seconds))
+    model.set_attn_implementation("sdpa")
+    return results
+
+
+def _pool(logits, exact_logits, blocks) -> dict:
+    totals: dict = {}
+    for lg, ex, ids in zip(logits, exact_logits, blocks):
+        for key, value in next_token_metrics(lg, ex, ids).items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
+
+
+def _result(name, settings, totals, share, seconds) -> MethodResult:
+    count = totals["count"]
+    return MethodResult(
+        method=name,
+        settings=settings,
+        perplexity=math.exp(totals["nll"] / count),
+        kl_from_exact=totals["kl"] / count,
+        top1_agreement=totals["agree"] / count,
+        exact_pair_share=share,
+        seconds=seconds,
+    )
+
+
+def markdown_table(results: list[MethodResult]) -> str:
+    exact_ppl = next(r.perplexity for r in results if r.method == EXACT)
+    lines = [
+        "| method | settings | perplexity | vs exact | KL from exact (nats) | top-1 agreement | pairs exact | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        settings = ", ".join(f"{k}={r.settings[k]}" for k in ("threshold", "degree") if k in r.settings and r.method != "as23")
+        if r.method == "as23":
+            settings = f"degree={r.settings.get('degree')}"
+        lines.append(
+            f"| {r.method} | {settings or '-'} | {r.perplexity:.3f} | {100 * (r.perplexity / exact_ppl - 1):+.1f}% "
+            f"| {r.kl_from_exact:.4f} | {100 * r.top1_agreement:.1f}% | {100 * r.exact_pair_share:.1f}% | {r.seconds:.1f} |"
+        )
+    return "\n".join(lines)
