@@ -22,7 +22,7 @@ class SupportBasisConfig:
             exactly) when any ``|entry| > threshold``. ``0``: every row exact; ``inf``: none.
         degree: degree of the Chebyshev fit of ``exp`` on the small-small pairs (0 to 12).
         interval: ``"query"`` fits each query on ``[-R_i, R_i]`` with
-            ``R_i = scale * |q_i| * max |k_j|`` over the small real keys up to it (causal, always
+            ``R_i = scale * |q_i| * max |k_j|`` over the small real keys visible to it (causal, always
             covers every small-small score); ``"fixed"`` uses ``[-radius, radius]`` for every query.
         radius: the interval half-width for ``interval="fixed"``.
         chunk_size: block length of the causal scan.

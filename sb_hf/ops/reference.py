@@ -54,11 +54,10 @@ def support_basis_attention(
     exact_pair = q_large[..., :, None] | k_large[..., None, :]
     scores = scale * q @ k.transpose(-1, -2)
 
-    # Interval of query i: scale * |q_i| * max |k_j| over the small real keys at or before it
-    # (all small real keys when not causal). The window is ignored here on purpose: a wider
-    # interval still covers every small-small score, and it keeps the fast path a prefix scan.
+    # Interval of query i: scale * |q_i| * max |k_j| over the small real keys visible to it, so
+    # every small-small score lies inside, and a KV cache that only keeps the window agrees.
     small_key = ~k_large & key_valid[:, None, :]
-    reach = visible(q_pos, k_pos, causal=causal, sliding_window=None) & small_key[..., None, :]
+    reach = visible(q_pos, k_pos, causal=causal, sliding_window=sliding_window) & small_key[..., None, :]
     k_norm = k.norm(dim=-1)[..., None, :].expand_as(reach)
     k_max = torch.where(reach, k_norm, torch.zeros_like(k_norm)).amax(dim=-1)
     if radius is None:

@@ -59,7 +59,7 @@ def support_basis_attention(
         key_padding_mask: ``(B, Lk)`` bool, True for real keys; padded keys never influence anything.
         sliding_window: with ``causal``, query ``p`` sees keys ``p - sliding_window < j <= p``.
         radius: fixed interval ``[-radius, radius]`` for the fit; default (None): per query,
-            ``scale * |q_i| * max |k_j|`` over the small real keys up to it, floored at 1.
+            ``scale * |q_i| * max |k_j|`` over the small real keys visible to it, floored at 1.
         chunk_size: block length of the causal scan.
         max_feature_bytes: refuse (ValueError with the estimate) when the polynomial part would need more.
         stats: optional dict; receives tensors ``exact_pairs``, ``pairs``, ``exact_rows``, ``rows``.
@@ -100,7 +100,7 @@ def support_basis_attention(
     else:
         if radius is None:
             k_norm = torch.where(k_small, k.norm(dim=-1), torch.zeros((), dtype=compute, device=q.device))
-            k_max = k_norm.cummax(dim=-1).values[..., offset:] if causal else k_norm.amax(dim=-1, keepdim=True)
+            k_max = _visible_max(k_norm, causal, window)[..., offset:]
             row_radius = (scale * qg.norm(dim=-1) * k_max[:, :, None, :]).clamp_min(RADIUS_FLOOR)
         else:
             row_radius = torch.full_like(qg[..., 0], float(radius))
@@ -261,6 +261,17 @@ def _global_sum(rows, key_features, qg, row_radius, q_large, offset, chunk, wind
         nums.append(num)
         dens.append(den)
     return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
+
+
+def _visible_max(values: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor:
+    """For every key position p, the max of ``values`` (>= 0) over the keys visible from p:
+    all of them (not causal), the prefix (causal), or the last ``window`` (sliding window)."""
+    if not causal:
+        return values.amax(dim=-1, keepdim=True).expand_as(values)
+    if window is None:
+        return values.cummax(dim=-1).values
+    flat = torch.nn.functional.pad(values.reshape(-1, 1, values.shape[-1]), (window - 1, 0))
+    return torch.nn.functional.max_pool1d(flat, kernel_size=window, stride=1).reshape(values.shape)
 
 
 def _add(kv_state, k_state, features, v_block):

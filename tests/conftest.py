@@ -1,0 +1,49 @@
+import os
+
+import pytest
+import torch
+
+import sb_hf  # noqa: F401  (registers the backends)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+VOCAB = 97
+
+
+def tiny_model(kind: str = "llama", *, seed: int = 0, dtype=torch.float32, **overrides):
+    """A tiny random Llama (GQA) or Mistral (sliding window 7) causal LM, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, head_dim=8,
+    )
+    common.update(overrides)
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif kind == "mistral":
+        common.setdefault("sliding_window", 7)
+        model = MistralForCausalLM(MistralConfig(**common))
+    else:
+        raise ValueError(kind)
+    # Scale q/k projections up so post-RoPE entries spread over ~[-3, 3]: thresholds then split rows.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+            layer.self_attn.k_proj.weight.mul_(6.0)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture
+def require_assets():
+    """Real-model tests skip without the packaged assets, unless SB_HF_REQUIRE_ASSETS=1 (CI) makes that a failure."""
+    from sb_hf.assets import smollm2_path
+
+    try:
+        return smollm2_path()
+    except FileNotFoundError as err:
+        if os.environ.get("SB_HF_REQUIRE_ASSETS") == "1":
+            raise
+        pytest.skip(str(err))
