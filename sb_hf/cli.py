@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--model", default=None, help="local model folder or .gguf file (default: packaged SmolLM2-135M)")
     compare.add_argument("--text", default=None, help="UTF-8 text file (default: gensim's lee_background.cor)")
-    compare.add_argument("--tokens", type=int, default=1024, help="tokens per sequence (default 1024)")
+    compare.add_argument("--tokens", type=int, default=512, help="tokens per sequence (default 512)")
     compare.add_argument("--sequences", type=int, default=1, help="number of consecutive sequences (default 1)")
     compare.add_argument("--methods", default="support_basis,as23", help="comma list of support_basis, as23")
     compare.add_argument("--threshold", type=_floats, default=[4.0, 8.0], help="support_basis thresholds, comma list")

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .ops.common import RADIUS_LIMIT
 from .ops.polynomial import MAX_DEGREE
 from .ops.support_basis import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_FEATURE_BYTES
 
@@ -59,15 +60,13 @@ class SupportBasisConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (``inf`` threshold as the string ``"inf"``, layer keys as strings)."""
-        out = dataclasses.asdict(self)
-        if math.isinf(self.threshold):
-            out["threshold"] = "inf"
-        out["layers"] = {str(i): dict(o) for i, o in self.layers.items()}
+        out = _json_threshold(dataclasses.asdict(self))
+        out["layers"] = {str(i): _json_threshold(dict(o)) for i, o in self.layers.items()}
         return out
 
     def for_layer(self, layer_index: int | None) -> SupportBasisConfig:
         """The settings of one layer: the defaults merged with that layer's overrides."""
-        overrides = self.layers.get(layer_index, {}) if layer_index is not None else {}
+        overrides = self.layers.get(_layer_index(layer_index), {}) if layer_index is not None else {}
         return dataclasses.replace(self, layers={}, **overrides)
 
     def op_kwargs(self) -> dict[str, Any]:
@@ -79,6 +78,13 @@ class SupportBasisConfig:
             chunk_size=self.chunk_size,
             max_feature_bytes=self.max_feature_bytes,
         )
+
+
+def _json_threshold(settings: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no infinity: an infinite threshold is stored as the string "inf"."""
+    if isinstance(settings.get("threshold"), float) and math.isinf(settings["threshold"]):
+        settings["threshold"] = "inf"
+    return settings
 
 
 _LAYER_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size"}
@@ -105,8 +111,8 @@ def _validate(c: SupportBasisConfig) -> None:
     if c.interval not in INTERVALS:
         raise ValueError(f"interval must be one of {INTERVALS}, got {c.interval!r}")
     if c.interval == "fixed":
-        if isinstance(c.radius, bool) or not isinstance(c.radius, (int, float)) or not 0 < c.radius < math.inf:
-            raise ValueError(f"radius must be a positive finite number when interval='fixed', got {c.radius!r}")
+        if isinstance(c.radius, bool) or not isinstance(c.radius, (int, float)) or not 0 < c.radius < RADIUS_LIMIT:
+            raise ValueError(f"radius must be a number in (0, {RADIUS_LIMIT}) when interval='fixed', got {c.radius!r}")
     elif c.radius is not None:
         raise ValueError(f"radius is only used with interval='fixed' (interval is {c.interval!r}); remove it or set interval='fixed'")
     if isinstance(c.chunk_size, bool) or not isinstance(c.chunk_size, int) or c.chunk_size < 1:

@@ -36,7 +36,7 @@ def tiny_model(kind: str = "llama", *, seed: int = 0, dtype=torch.float32, **ove
     return model.to(dtype).eval()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def require_assets():
     """Real-model tests skip without the packaged assets, unless SB_HF_REQUIRE_ASSETS=1 (CI) makes that a failure."""
     from sb_hf.assets import smollm2_path

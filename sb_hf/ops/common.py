@@ -16,6 +16,9 @@ import torch
 from .polynomial import MAX_DEGREE
 
 RADIUS_FLOOR = 1.0  # below this the fit is done on [-1, 1]: still covers every score, and stays well conditioned
+# Query rows whose interval is wider than this are computed exactly: a polynomial of any usable
+# degree is meaningless there, and exp(radius / 2) would overflow fp32 past about 176.
+RADIUS_LIMIT = 150.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ def check_inputs(
     degree: int,
     threshold: float,
     scale: float | None,
+    radius: float | None = None,
     check_finite: bool = True,
 ) -> Shapes:
     """Validate the arguments of an attention op; raise ``ValueError`` saying what to change."""
@@ -80,14 +84,16 @@ def check_inputs(
     if sliding_window is not None:
         if not causal:
             raise ValueError("sliding_window is only supported with causal=True")
-        if int(sliding_window) != sliding_window or sliding_window < 1:
-            raise ValueError(f"sliding_window must be a positive integer or None, got {sliding_window}")
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive integer or None, got {sliding_window!r}")
     if not isinstance(degree, int) or isinstance(degree, bool) or not 0 <= degree <= MAX_DEGREE:
         raise ValueError(f"degree must be an integer in [0, {MAX_DEGREE}], got {degree!r}")
     if not threshold >= 0:  # also rejects NaN
         raise ValueError(f"threshold must be >= 0 (0: every row exact, inf: no row exact), got {threshold}")
     if scale is not None and not (scale > 0 and scale < float("inf")):
         raise ValueError(f"scale must be a positive finite number or None, got {scale}")
+    if radius is not None and (isinstance(radius, bool) or not 0 < radius < RADIUS_LIMIT):
+        raise ValueError(f"radius must be a number in (0, {RADIUS_LIMIT}) or None, got {radius!r}")
     if check_finite:
         for name, x in (("q", q), ("k", k), ("v", v)):
             if not torch.isfinite(x).all():

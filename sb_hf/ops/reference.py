@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import RADIUS_FLOOR, check_inputs, large_rows, masked_softmax, polynomial_shift, suspect_rows, visible
+from .common import RADIUS_FLOOR, RADIUS_LIMIT, check_inputs, large_rows, masked_softmax, polynomial_shift, suspect_rows, visible
 from .polynomial import evaluate_polynomial, exp_fit_coefficients
 
 
@@ -30,7 +30,7 @@ def support_basis_attention(
     """Support-basis attention computed densely. See :func:`sb_hf.ops.support_basis_attention`."""
     shapes = check_inputs(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
-        degree=degree, threshold=threshold, scale=scale,
+        degree=degree, threshold=threshold, scale=scale, radius=radius,
     )
     out_dtype = q.dtype
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -51,7 +51,6 @@ def support_basis_attention(
 
     q_large = large_rows(q, threshold)  # (B, H, Lq)
     k_large = large_rows(k, threshold)  # (B, H, Lk)
-    exact_pair = q_large[..., :, None] | k_large[..., None, :]
     scores = scale * q @ k.transpose(-1, -2)
 
     # Interval of query i: scale * |q_i| * max |k_j| over the small real keys visible to it, so
@@ -64,7 +63,9 @@ def support_basis_attention(
         row_radius = (scale * q.norm(dim=-1) * k_max).clamp_min(RADIUS_FLOOR)
     else:
         row_radius = torch.full_like(k_max, float(radius))
+    q_large = q_large | (row_radius > RADIUS_LIMIT)  # too wide for any fit: exact
     row_radius = torch.where(q_large, torch.full_like(row_radius, RADIUS_FLOOR), row_radius)  # unused there
+    exact_pair = q_large[..., :, None] | k_large[..., None, :]
 
     exact_scores = torch.where(mask & exact_pair, scores, torch.full_like(scores, float("-inf")))
     shift = polynomial_shift(exact_scores.amax(dim=-1), row_radius)

@@ -18,6 +18,7 @@ import torch
 
 from .common import (
     RADIUS_FLOOR,
+    RADIUS_LIMIT,
     Shapes,
     check_inputs,
     large_rows,
@@ -69,12 +70,10 @@ def support_basis_attention(
     """
     shapes = check_inputs(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
-        degree=degree, threshold=threshold, scale=scale,
+        degree=degree, threshold=threshold, scale=scale, radius=radius,
     )
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if radius is not None and not (0 < radius < float("inf")):
-        raise ValueError(f"radius must be a positive finite number or None, got {radius}")
     requires_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     check_memory(shapes, degree, chunk_size, sliding_window, requires_grad, max_feature_bytes, q.dtype)
 
@@ -100,10 +99,11 @@ def support_basis_attention(
     else:
         if radius is None:
             k_norm = torch.where(k_small, k.norm(dim=-1), torch.zeros((), dtype=compute, device=q.device))
-            k_max = _visible_max(k_norm, causal, window)[..., offset:]
+            k_max = _visible_max(k_norm, window)[..., offset:] if causal else k_norm.amax(-1, keepdim=True)
             row_radius = (scale * qg.norm(dim=-1) * k_max[:, :, None, :]).clamp_min(RADIUS_FLOOR)
         else:
             row_radius = torch.full_like(qg[..., 0], float(radius))
+        q_large = q_large | (row_radius > RADIUS_LIMIT)  # a fit on such an interval is meaningless: exact
         row_radius = torch.where(q_large, torch.full_like(row_radius, RADIUS_FLOOR), row_radius)  # unused there
         large_keys = _gather_rows(k_large & key_valid[:, None, :], (k, v))
         rows = _RowAttention(scale, degree, causal, window, large_keys, s.head_dim, q.device)
@@ -263,11 +263,9 @@ def _global_sum(rows, key_features, qg, row_radius, q_large, offset, chunk, wind
     return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
 
 
-def _visible_max(values: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor:
-    """For every key position p, the max of ``values`` (>= 0) over the keys visible from p:
-    all of them (not causal), the prefix (causal), or the last ``window`` (sliding window)."""
-    if not causal:
-        return values.amax(dim=-1, keepdim=True).expand_as(values)
+def _visible_max(values: torch.Tensor, window: int | None) -> torch.Tensor:
+    """For every key position p, the max of ``values`` (>= 0) over the keys a causal query at p
+    sees: the prefix, or the last ``window`` positions."""
     if window is None:
         return values.cummax(dim=-1).values
     flat = torch.nn.functional.pad(values.reshape(-1, 1, values.shape[-1]), (window - 1, 0))

@@ -1,0 +1,98 @@
+"""Time and peak memory of the fast support-basis op vs sequence length, with a fixed number of
+large rows, next to causal SDPA. Each point runs in a fresh subprocess so peak RSS is its own.
+
+    python benchmarks/op_scaling.py                 # n = 512..4096
+    python benchmarks/op_scaling.py --lengths 1024,2048,4096,8192 --large-rows 64
+
+Prints a table and writes JSON (and a PNG when matplotlib is installed) to --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def measure(method: str, n: int, large_rows: int, degree: int, threads: int) -> dict:
+    import torch
+
+    from sb_hf.ops import support_basis_attention
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, d, threshold = 9, 3, 64, 3.0
+    q = (torch.randn(1, heads, n, d, generator=g) * 0.5).clamp(-2.5, 2.5)
+    k = (torch.randn(1, kv_heads, n, d, generator=g) * 0.5).clamp(-2.5, 2.5)
+    v = torch.randn(1, kv_heads, n, d, generator=g)
+    rows = torch.randperm(n, generator=g)[:large_rows]
+    q[:, :, rows, 0] = 6.0  # planted large rows: the exact part
+    k[:, :, rows, 1] = 6.0
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with torch.no_grad():
+        if method == "sdpa":
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            support_basis_attention(q, k, v, threshold=threshold, degree=degree)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+    return {"method": method, "n": n, "seconds": seconds, "peak_extra_mib": peak / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="512,1024,2048,4096")
+    parser.add_argument("--large-rows", type=int, default=64)
+    parser.add_argument("--degree", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default="runs/op_scaling")
+    parser.add_argument("--point", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.point:
+        method, n = args.point.split(":")
+        print(json.dumps(measure(method, int(n), args.large_rows, args.degree, args.threads)))
+        return
+
+    rows = []
+    for n in [int(x) for x in args.lengths.split(",")]:
+        for method in ("sdpa", "support_basis"):
+            cmd = [sys.executable, __file__, "--point", f"{method}:{n}", "--large-rows", str(args.large_rows),
+                   "--degree", str(args.degree), "--threads", str(args.threads)]
+            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads; "
+          f"9 q heads / 3 kv heads, head dim 64, {args.large_rows} planted large rows, degree {args.degree}")
+    print(f"{'n':>6} {'method':>14} {'seconds':>9} {'peak extra MiB':>15}")
+    for r in rows:
+        print(f"{r['n']:>6} {r['method']:>14} {r['seconds']:>9.3f} {r['peak_extra_mib']:>15.1f}")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "op_scaling.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in ("sdpa", "support_basis"):
+        pts = [r for r in rows if r["method"] == method]
+        axes[0].loglog([r["n"] for r in pts], [r["seconds"] for r in pts], "o-", label=method)
+        axes[1].loglog([r["n"] for r in pts], [max(r["peak_extra_mib"], 1e-1) for r in pts], "o-", label=method)
+    axes[0].set(xlabel="sequence length", ylabel="seconds", title="causal forward time")
+    axes[1].set(xlabel="sequence length", ylabel="peak extra MiB", title="peak memory")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "op_scaling.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()

