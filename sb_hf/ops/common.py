@@ -101,6 +101,11 @@ def check_inputs(
     return Shapes(batch, q_heads, kv_heads, q_heads // kv_heads, q_len, kv_len, head_dim, v.shape[-1])
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Attention is computed in fp32 (fp64 for fp64 inputs), whatever the input precision."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def large_rows(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """A row is large (computed exactly) when any ``|entry| > threshold``; threshold 0 makes every row large."""
     if threshold == 0:

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import torch
 
-from .common import RADIUS_FLOOR, RADIUS_LIMIT, check_inputs, large_rows, masked_softmax, polynomial_shift, suspect_rows, visible
+from .common import (
+    RADIUS_FLOOR,
+    RADIUS_LIMIT,
+    check_inputs,
+    compute_dtype,
+    large_rows,
+    masked_softmax,
+    polynomial_shift,
+    suspect_rows,
+    visible,
+)
 from .polynomial import evaluate_polynomial, exp_fit_coefficients
 
 
@@ -33,21 +43,7 @@ def support_basis_attention(
         degree=degree, threshold=threshold, scale=scale, radius=radius,
     )
     out_dtype = q.dtype
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q, k, v = q.to(compute), k.to(compute), v.to(compute)
-    scale = shapes.head_dim**-0.5 if scale is None else scale
-    groups = shapes.groups
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-
-    q_pos = torch.arange(shapes.q_len, device=q.device) + (shapes.kv_len - shapes.q_len)
-    k_pos = torch.arange(shapes.kv_len, device=q.device)
-    key_valid = (
-        torch.ones(shapes.batch, shapes.kv_len, dtype=torch.bool, device=q.device)
-        if key_padding_mask is None
-        else key_padding_mask
-    )
-    mask = visible(q_pos, k_pos, causal=causal, sliding_window=sliding_window) & key_valid[:, None, None, :]
+    q, k, v, scale, mask, key_valid = _dense(q, k, v, shapes, scale, key_padding_mask, causal, sliding_window)
 
     q_large = large_rows(q, threshold)  # (B, H, Lq)
     k_large = large_rows(k, threshold)  # (B, H, Lk)
@@ -56,7 +52,7 @@ def support_basis_attention(
     # Interval of query i: scale * |q_i| * max |k_j| over the small real keys visible to it, so
     # every small-small score lies inside, and a KV cache that only keeps the window agrees.
     small_key = ~k_large & key_valid[:, None, :]
-    reach = visible(q_pos, k_pos, causal=causal, sliding_window=sliding_window) & small_key[..., None, :]
+    reach = mask & small_key[..., None, :]
     k_norm = k.norm(dim=-1)[..., None, :].expand_as(reach)
     k_max = torch.where(reach, k_norm, torch.zeros_like(k_norm)).amax(dim=-1)
     if radius is None:
@@ -108,14 +104,24 @@ def exact_attention(
         degree=0, threshold=0.0, scale=scale,
     )
     out_dtype = q.dtype
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v, scale, mask, _ = _dense(q, k, v, shapes, scale, key_padding_mask, causal, sliding_window)
+    return (masked_softmax(scale * q @ k.transpose(-1, -2), mask) @ v).to(out_dtype)
+
+
+def _dense(q, k, v, shapes, scale, key_padding_mask, causal, sliding_window):
+    """Inputs in the compute dtype with k/v repeated to the query heads, the scale, the full
+    ``(B, 1, Lq, Lk)`` visibility mask (padding included) and the key validity ``(B, Lk)``."""
+    compute = compute_dtype(q.dtype)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     scale = shapes.head_dim**-0.5 if scale is None else scale
     k = k.repeat_interleave(shapes.groups, dim=1)
     v = v.repeat_interleave(shapes.groups, dim=1)
     q_pos = torch.arange(shapes.q_len, device=q.device) + (shapes.kv_len - shapes.q_len)
     k_pos = torch.arange(shapes.kv_len, device=q.device)
-    mask = visible(q_pos, k_pos, causal=causal, sliding_window=sliding_window)
-    if key_padding_mask is not None:
-        mask = mask & key_padding_mask[:, None, None, :]
-    return (masked_softmax(scale * q @ k.transpose(-1, -2), mask) @ v).to(out_dtype)
+    key_valid = (
+        torch.ones(shapes.batch, shapes.kv_len, dtype=torch.bool, device=q.device)
+        if key_padding_mask is None
+        else key_padding_mask
+    )
+    mask = visible(q_pos, k_pos, causal=causal, sliding_window=sliding_window) & key_valid[:, None, None, :]
+    return q, k, v, scale, mask, key_valid

@@ -21,6 +21,7 @@ from .common import (
     RADIUS_LIMIT,
     Shapes,
     check_inputs,
+    compute_dtype,
     large_rows,
     masked_softmax,
     polynomial_shift,
@@ -78,7 +79,7 @@ def support_basis_attention(
     check_memory(shapes, degree, chunk_size, sliding_window, requires_grad, max_feature_bytes, q.dtype)
 
     out_dtype = q.dtype
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(q.dtype)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     scale = shapes.head_dim**-0.5 if scale is None else float(scale)
     s = shapes
