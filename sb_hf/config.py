@@ -16,7 +16,7 @@ INTERVALS = ("query", "fixed")
 
 @dataclass
 class SupportBasisConfig:
-    """Settings of the ``support_basis`` / ``as23`` attention implementations.
+    """Settings of the ``support_basis`` / ``as23`` / ``sink_window`` attention implementations.
 
     Attributes:
         threshold: absolute magnitude on post-RoPE query/key entries; a row is large (computed
@@ -28,6 +28,8 @@ class SupportBasisConfig:
         radius: the interval half-width for ``interval="fixed"``.
         chunk_size: block length of the causal scan.
         max_feature_bytes: refuse settings whose polynomial part would need more memory.
+        sinks: ``sink_window``: every query also attends to the first ``sinks`` real tokens (>= 0).
+        local_window: ``sink_window``: query ``p`` attends to the keys ``p - local_window < j <= p`` (>= 1).
         layers: per-layer overrides, ``{layer_index: {field: value}}``.
     """
 
@@ -37,6 +39,8 @@ class SupportBasisConfig:
     radius: float | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES
+    sinks: int = 4
+    local_window: int = 256
     layers: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -87,7 +91,7 @@ def _json_threshold(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-_LAYER_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size"}
+_LAYER_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size", "sinks", "local_window"}
 
 
 def _layer_index(key: Any) -> int:
@@ -119,3 +123,7 @@ def _validate(c: SupportBasisConfig) -> None:
         raise ValueError(f"chunk_size must be an integer >= 1, got {c.chunk_size!r}")
     if isinstance(c.max_feature_bytes, bool) or not isinstance(c.max_feature_bytes, int) or c.max_feature_bytes < 1:
         raise ValueError(f"max_feature_bytes must be an integer >= 1, got {c.max_feature_bytes!r}")
+    if isinstance(c.sinks, bool) or not isinstance(c.sinks, int) or c.sinks < 0:
+        raise ValueError(f"sinks must be an integer >= 0, got {c.sinks!r}")
+    if isinstance(c.local_window, bool) or not isinstance(c.local_window, int) or c.local_window < 1:
+        raise ValueError(f"local_window must be an integer >= 1, got {c.local_window!r}")

@@ -21,9 +21,15 @@ from transformers.masking_utils import (
 )
 
 from ..config import SupportBasisConfig
-from ..ops import as23_attention, support_basis_attention
+from ..ops import as23_attention, sink_window_attention, support_basis_attention
 
-IMPLEMENTATIONS = {"support_basis": support_basis_attention, "as23": as23_attention}
+IMPLEMENTATIONS = {"support_basis": support_basis_attention, "as23": as23_attention, "sink_window": sink_window_attention}
+# The settings (fields of SupportBasisConfig, as op keyword arguments) each implementation takes.
+OP_SETTINGS = {
+    "support_basis": ("threshold", "degree", "radius", "chunk_size", "max_feature_bytes"),
+    "as23": ("degree", "radius", "chunk_size", "max_feature_bytes"),
+    "sink_window": ("sinks", "local_window", "chunk_size"),
+}
 _active_stats: list[dict] = []  # innermost `attention_stats()` context receives the pair counts
 
 
@@ -67,7 +73,7 @@ def _make_attention_forward(name: str):
         if kwargs.get("s_aux") is not None:
             raise ValueError(f"`{name}` attention does not support learned attention sinks (s_aux)")
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        key_padding_mask = None
+        key_padding_mask, extra = None, {}
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
                 raise ValueError(
@@ -75,15 +81,18 @@ def _make_attention_forward(name: str):
                     "the 2-D padding mask that its registered mask function builds. Pass a 2-D attention_mask "
                     "(1 for tokens, 0 for padding) instead of a 4-D mask."
                 )
+            dropped = attention_mask.shape[-1] - key.shape[2]
+            if dropped > 0:  # leading keys that a sliding-window cache dropped (see `support_basis_mask`)
+                if name == "sink_window":  # their real tokens still hold the first sink ranks
+                    extra["dropped_real_keys"] = attention_mask[:, :dropped].sum(dim=-1)
+                attention_mask = attention_mask[:, dropped:]
             keys = attention_mask.shape[-1]
-            if keys > key.shape[2]:
-                raise ValueError(f"attention mask covers {keys} keys but only {key.shape[2]} were given")
             key, value, key_padding_mask = key[:, :, :keys], value[:, :, :keys], attention_mask
         settings = settings_for(module)
         out = op(
             query, key, value, causal=causal, scale=scaling, key_padding_mask=key_padding_mask,
             sliding_window=sliding_window, stats=_active_stats[-1] if _active_stats else None,
-            **_op_kwargs(settings, name),
+            **_op_kwargs(settings, name), **extra,
         )
         return out.transpose(1, 2).contiguous(), None
 
@@ -92,10 +101,8 @@ def _make_attention_forward(name: str):
 
 
 def _op_kwargs(settings: SupportBasisConfig, name: str) -> dict[str, Any]:
-    kwargs = settings.op_kwargs()
-    if name == "as23":
-        kwargs.pop("threshold")
-    return kwargs
+    available = {**settings.op_kwargs(), "sinks": settings.sinks, "local_window": settings.local_window}
+    return {field: available[field] for field in OP_SETTINGS[name]}
 
 
 def settings_for(module: torch.nn.Module) -> SupportBasisConfig:
@@ -115,15 +122,25 @@ def support_basis_mask(
     attention_mask: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> torch.Tensor | None:
-    """The compact mask for ``support_basis``/``as23``: ``(batch, keys)`` bool, or None.
+    """The compact mask of the implementations here: ``(batch, keys)`` bool, or None.
 
     ``keys`` is the number of leading cached keys that exist for these queries (fewer than
     ``kv_length`` only with a static cache that is not full); queries are the last ``q_length``
     of them. Causality and the sliding window are applied by the attention from positions.
+
+    When a sliding-window cache has dropped the first ``kv_offset`` keys (no query can see them),
+    the mask also covers them, in front: ``(batch, kv_offset + keys)``. The attention cuts them off;
+    ``sink_window`` counts their real tokens, which hold the first sink ranks.
     """
     _check_mask_function(mask_function)
     q_end = int(q_offset) + q_length  # position after the last query (a tensor for static caches)
     keys = min(kv_length, q_end - kv_offset)
+    if kv_offset > 0:
+        if keys != kv_length:
+            raise NotImplementedError(f"a cache that dropped {kv_offset} keys yet holds fewer than {kv_length} is not supported")
+        if attention_mask is None:
+            return torch.ones(batch_size, kv_offset + keys, dtype=torch.bool, device=kwargs.get("device"))
+        return prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, : kv_offset + keys]
     if attention_mask is None:
         if keys == kv_length:
             return None
@@ -158,7 +175,7 @@ def _check_mask_function(mask_function) -> None:
 
 
 def register() -> None:
-    """Register ``support_basis`` and ``as23`` with transformers' attention and mask interfaces."""
+    """Register ``support_basis``, ``as23`` and ``sink_window`` with transformers' attention and mask interfaces."""
     for name in IMPLEMENTATIONS:
         AttentionInterface.register(name, _make_attention_forward(name))
         AttentionMaskInterface.register(name, support_basis_mask)
@@ -175,7 +192,8 @@ def apply_support_basis(
 
     The settings are stored as a plain dict in ``model.config.support_basis`` (so
     ``save_pretrained``/``from_pretrained`` round-trip them); ``layers={i: {...}}`` overrides
-    single layers. ``method="as23"`` selects the bounded-entry baseline. Returns the model.
+    single layers. ``method="as23"`` selects the bounded-entry baseline, ``method="sink_window"``
+    the attention sinks + local window baseline (settings ``sinks``, ``local_window``). Returns the model.
     """
     if method not in IMPLEMENTATIONS:
         raise ValueError(f"method must be one of {sorted(IMPLEMENTATIONS)}, got {method!r}")

@@ -1,12 +1,14 @@
 """Attention ops on ``(batch, heads, seq, head_dim)`` tensors: pure torch, no transformers import.
 
-``support_basis_attention`` and ``as23_attention`` are the fast paths; ``reference`` holds their
-naive quadratic twins with the same signatures, which define the semantics.
+``support_basis_attention``, ``as23_attention`` and ``sink_window_attention`` (the sinks + local
+window baseline) are the fast paths; ``reference`` holds their naive quadratic twins with the same
+signatures, which define the semantics.
 """
 
 from . import reference
 from .common import large_rows, visible
 from .polynomial import exp_fit_coefficients, feature_dim, monomial_features
+from .sink_window import sink_window_attention
 from .support_basis import as23_attention, estimate_feature_bytes, support_basis_attention
 
 __all__ = [
@@ -17,6 +19,7 @@ __all__ = [
     "large_rows",
     "monomial_features",
     "reference",
+    "sink_window_attention",
     "support_basis_attention",
     "visible",
 ]

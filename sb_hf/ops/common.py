@@ -101,6 +101,31 @@ def check_inputs(
     return Shapes(batch, q_heads, kv_heads, q_heads // kv_heads, q_len, kv_len, head_dim, v.shape[-1])
 
 
+def check_sink_window(
+    sinks: int, local_window: int, causal: bool, dropped_real_keys: torch.Tensor | None, batch: int
+) -> None:
+    """Validate the settings of sink + local window attention; raise ``ValueError`` naming the field."""
+    if not causal:
+        raise ValueError("sink_window attention is causal only (sinks and a local window of past keys); pass causal=True")
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"sinks must be an integer >= 0 (the first real keys every query attends to), got {sinks!r}")
+    if isinstance(local_window, bool) or not isinstance(local_window, int) or local_window < 1:
+        raise ValueError(
+            f"local_window must be an integer >= 1 (query p attends to keys p - local_window < j <= p), got {local_window!r}"
+        )
+    if dropped_real_keys is not None:
+        integer = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+        if not isinstance(dropped_real_keys, torch.Tensor) or dropped_real_keys.dtype not in integer or (
+            tuple(dropped_real_keys.shape) != (batch,)
+        ):
+            raise ValueError(
+                f"dropped_real_keys must be an integer tensor of shape (batch,) = ({batch},), got "
+                f"{getattr(dropped_real_keys, 'dtype', type(dropped_real_keys))} {tuple(getattr(dropped_real_keys, 'shape', ()))}"
+            )
+        if bool((dropped_real_keys < 0).any()):
+            raise ValueError("dropped_real_keys must be >= 0")
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Attention is computed in fp32 (fp64 for fp64 inputs), whatever the input precision."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -129,6 +154,30 @@ def visible(
         if sliding_window is not None:
             mask = mask & (k_pos > q_pos - sliding_window)
     return mask
+
+
+def key_spans(q_len: int, kv_len: int, *, causal: bool, window: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(start, end)``, each ``(q_len,)``: the key range ``[start, end)`` each query sees under :func:`visible`
+    (before padding). Query ``i`` sits at key position ``kv_len - q_len + i``."""
+    if not causal:
+        end = torch.full((q_len,), kv_len, device=device)
+        return torch.zeros_like(end), end
+    end = torch.arange(q_len, device=device) + (kv_len - q_len) + 1
+    start = (end - window).clamp_min(0) if window is not None else torch.zeros_like(end)
+    return start, end
+
+
+def span_counts(flags: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """How many flagged keys lie in ``[start, end)`` for every query: ``(..., Lk) -> (..., Lq)``, by prefix sums."""
+    cum = torch.nn.functional.pad(flags.long().cumsum(-1), (1, 0))
+    return cum[..., end] - cum[..., start]
+
+
+def add_stats(stats: dict, *, exact_pairs, pairs, exact_rows, rows) -> None:
+    """Accumulate the pair counts of one call into ``stats`` (the keys of ``attention_stats``): (query, key)
+    pairs computed exactly, pairs visible under the model's mask, rows computed as exact attention, rows."""
+    for key, value in (("exact_pairs", exact_pairs), ("pairs", pairs), ("exact_rows", exact_rows), ("rows", rows)):
+        stats[key] = stats.get(key, 0) + value
 
 
 def polynomial_shift(exact_max: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:

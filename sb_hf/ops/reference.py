@@ -12,7 +12,9 @@ import torch
 from .common import (
     RADIUS_FLOOR,
     RADIUS_LIMIT,
+    add_stats,
     check_inputs,
+    check_sink_window,
     compute_dtype,
     large_rows,
     masked_softmax,
@@ -35,9 +37,16 @@ def support_basis_attention(
     key_padding_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
     radius: float | None = None,
-    **_unused,
+    chunk_size: int | None = None,
+    max_feature_bytes: int | None = None,
+    stats: dict | None = None,
+    return_weights: bool = False,
 ) -> torch.Tensor:
-    """Support-basis attention computed densely. See :func:`sb_hf.ops.support_basis_attention`."""
+    """Support-basis attention computed densely. See :func:`sb_hf.ops.support_basis_attention`.
+
+    ``chunk_size`` and ``max_feature_bytes`` only concern the fast path and are ignored here;
+    ``stats`` receives the same counts as the fast op, from the dense masks. With
+    ``return_weights`` the normalized attention weights ``(B, Hq, Lq, Lk)`` are returned instead."""
     shapes = check_inputs(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
         degree=degree, threshold=threshold, scale=scale, radius=radius,
@@ -78,8 +87,15 @@ def support_basis_attention(
 
     # Large query rows, and rows where the approximation broke down, are plain exact attention.
     exact_rows = q_large | suspect_rows(den, out, out_dtype)
-    exact = masked_softmax(scores, mask) @ v
-    out = torch.where(exact_rows[..., None], exact, out)
+    exact_weights = masked_softmax(scores, mask)
+    if stats is not None:
+        exact_pairs = mask & (exact_pair | exact_rows[..., None])
+        add_stats(stats, exact_pairs=exact_pairs.sum(), pairs=mask.expand_as(exact_pairs).sum(),
+                  exact_rows=exact_rows.sum(), rows=torch.tensor(exact_rows.numel(), device=q.device))
+    if return_weights:
+        approx = weights / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+        return torch.where(exact_rows[..., None], exact_weights, approx)
+    out = torch.where(exact_rows[..., None], exact_weights @ v, out)
     return out.to(out_dtype)
 
 
@@ -97,15 +113,67 @@ def exact_attention(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    return_weights: bool = False,
 ) -> torch.Tensor:
-    """Plain softmax attention with the package's masking conventions (rows with no visible key give 0)."""
+    """Plain softmax attention with the package's masking conventions (rows with no visible key give 0).
+    With ``return_weights`` the attention weights ``(B, Hq, Lq, Lk)`` are returned instead."""
     shapes = check_inputs(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
         degree=0, threshold=0.0, scale=scale,
     )
     out_dtype = q.dtype
     q, k, v, scale, mask, _ = _dense(q, k, v, shapes, scale, key_padding_mask, causal, sliding_window)
-    return (masked_softmax(scale * q @ k.transpose(-1, -2), mask) @ v).to(out_dtype)
+    weights = masked_softmax(scale * q @ k.transpose(-1, -2), mask)
+    return weights if return_weights else (weights @ v).to(out_dtype)
+
+
+def sink_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sinks: int,
+    local_window: int,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    chunk_size: int = 64,
+    stats: dict | None = None,
+    dropped_real_keys: torch.Tensor | None = None,
+    return_weights: bool = False,
+) -> torch.Tensor:
+    """Sink + local window attention computed densely. See :func:`sb_hf.ops.sink_window_attention`.
+
+    ``chunk_size`` is unused; ``stats`` receives the same counts as the fast op, from the dense masks.
+    With ``return_weights`` the attention weights ``(B, Hq, Lq, Lk)`` are returned instead."""
+    shapes = check_inputs(
+        q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
+        degree=0, threshold=0.0, scale=scale,
+    )
+    check_sink_window(sinks, local_window, causal, dropped_real_keys, shapes.batch)
+    out_dtype = q.dtype
+    q, k, v, scale, mask, key_valid = _dense(q, k, v, shapes, scale, key_padding_mask, causal, sliding_window)
+
+    # Rank of each key among the real keys of its sequence (after the dropped ones); sinks: rank < sinks.
+    rank = key_valid.long().cumsum(dim=-1) - 1
+    if dropped_real_keys is not None:
+        rank = rank + dropped_real_keys[:, None]
+    sink = key_valid & (rank < sinks)  # (B, Lk)
+    q_pos = torch.arange(shapes.q_len, device=q.device) + (shapes.kv_len - shapes.q_len)
+    k_pos = torch.arange(shapes.kv_len, device=q.device)
+    local = (q_pos[:, None] - k_pos[None, :]) < local_window  # (Lq, Lk)
+    attend = mask & (sink[:, None, None, :] | local)  # (B, 1, Lq, Lk)
+
+    if stats is not None:
+        heads = shapes.q_heads  # the masks are shared by all heads
+        add_stats(
+            stats, exact_pairs=attend.sum() * heads, pairs=mask.sum() * heads,
+            exact_rows=(attend == mask).all(dim=-1).sum() * heads,
+            rows=torch.tensor(shapes.batch * heads * shapes.q_len, device=q.device),
+        )
+    weights = masked_softmax(scale * q @ k.transpose(-1, -2), attend)
+    return weights if return_weights else (weights @ v).to(out_dtype)
 
 
 def _dense(q, k, v, shapes, scale, key_padding_mask, causal, sliding_window):

@@ -20,11 +20,14 @@ from .common import (
     RADIUS_FLOOR,
     RADIUS_LIMIT,
     Shapes,
+    add_stats,
     check_inputs,
     compute_dtype,
+    key_spans,
     large_rows,
     masked_softmax,
     polynomial_shift,
+    span_counts,
     suspect_rows,
     visible,
 )
@@ -116,7 +119,7 @@ def support_basis_attention(
 
     out = _exact_rows(qg, k, v, out, exact_rows, scale, causal, window, key_valid, offset)
     if stats is not None:
-        _count_pairs(stats, exact_rows, k_large & key_valid[:, None, :], key_valid, causal, window, offset)
+        _count_pairs(stats, exact_rows, k_large & key_valid[:, None, :], key_valid, causal, window)
     return out.reshape(s.batch, s.q_heads, s.q_len, s.value_dim).to(out_dtype)
 
 
@@ -314,29 +317,12 @@ def _exact_rows(qg, k, v, out, rows, scale, causal, window, key_valid, offset):
     return out
 
 
-def _count_pairs(stats, exact_rows, exact_keys, key_valid, causal, window, offset):
+def _count_pairs(stats, exact_rows, exact_keys, key_valid, causal, window):
     """Visible pairs and pairs computed exactly, from prefix counts (linear time)."""
-    kv_len = key_valid.shape[-1]
-    q_len = exact_rows.shape[-1]
-    zero = key_valid.new_zeros(key_valid.shape[0], 1, dtype=torch.long)
-    cum_valid = torch.cat([zero, key_valid.long().cumsum(-1)], dim=-1)[:, None, :]  # (B, 1, Lk + 1)
-    cum_exact = torch.cat([zero[:, None].expand(-1, exact_keys.shape[1], 1), exact_keys.long().cumsum(-1)], dim=-1)
-    if causal:
-        end = torch.arange(q_len, device=key_valid.device) + offset + 1
-        start = (end - window).clamp_min(0) if window is not None else torch.zeros_like(end)
-    else:
-        end = torch.full((q_len,), kv_len, device=key_valid.device)
-        start = torch.zeros_like(end)
-
-    def span(cum):
-        return cum[..., end] - cum[..., start]  # (B, H, Lq)
-
-    pairs = span(cum_valid)[:, :, None, :]  # (B, 1, 1, Lq)
-    exact = torch.where(exact_rows, pairs, span(cum_exact)[:, :, None, :])
-    for key, value in (
-        ("exact_pairs", exact.sum()),
-        ("pairs", pairs.expand_as(exact).sum()),
-        ("exact_rows", exact_rows.sum()),
-        ("rows", torch.tensor(exact_rows.numel(), device=exact_rows.device)),
-    ):
-        stats[key] = stats.get(key, 0) + value
+    start, end = key_spans(exact_rows.shape[-1], key_valid.shape[-1], causal=causal, window=window, device=key_valid.device)
+    pairs = span_counts(key_valid, start, end)[:, None, None, :]  # (B, 1, 1, Lq)
+    exact = torch.where(exact_rows, pairs, span_counts(exact_keys, start, end)[:, :, None, :])
+    add_stats(
+        stats, exact_pairs=exact.sum(), pairs=pairs.expand_as(exact).sum(), exact_rows=exact_rows.sum(),
+        rows=torch.tensor(exact_rows.numel(), device=exact_rows.device),
+    )

@@ -1,0 +1,129 @@
+"""Attention sinks + local window (StreamingLLM-style), computed exactly: the training-free baseline.
+
+Query ``p`` attends with an exact softmax to the keys ``j`` it may see under the model's mask (causal,
+the model's sliding window, padding) that are either *sinks*, the first ``sinks`` real keys of the
+sequence, or *local*, ``p - local_window < j <= p``. Ranks count real keys only, so left padding
+does not move the sinks. Per query chunk the op gathers the sink keys plus the local key range into
+one ``(c, sinks + local_window + c)`` block: ``O(n (sinks + local_window))`` time and memory, never an
+``n x n`` matrix. ``sb_hf.ops.reference.sink_window_attention`` is the dense twin that defines it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import (
+    add_stats,
+    check_inputs,
+    check_sink_window,
+    compute_dtype,
+    key_spans,
+    masked_softmax,
+    span_counts,
+    visible,
+)
+from .support_basis import DEFAULT_CHUNK_SIZE
+
+
+def sink_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sinks: int,
+    local_window: int,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    stats: dict | None = None,
+    dropped_real_keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sink + local window attention of ``q (B, Hq, Lq, d)`` over ``k, v (B, Hk, Lk, d)``, returns ``(B, Hq, Lq, dv)``.
+
+    Args:
+        sinks: every query also attends to the first ``sinks`` real keys (rank among keys with
+            ``key_padding_mask`` True), when the model's mask lets it see them.
+        local_window: query ``p`` attends to the keys ``p - local_window < j <= p``.
+        causal: must be True (a sink/window pattern is defined over past keys).
+        scale: score scale, default ``1/sqrt(d)``.
+        key_padding_mask: ``(B, Lk)`` bool, True for real keys; padded keys are never attended nor ranked.
+        sliding_window: the model's window: query ``p`` never sees keys ``j <= p - sliding_window``.
+        chunk_size: query rows per block.
+        stats: optional dict; receives tensors ``exact_pairs`` (pairs computed), ``pairs`` (pairs
+            visible under the model's mask), ``exact_rows`` (rows equal to exact attention), ``rows``.
+        dropped_real_keys: optional ``(B,)`` integer tensor, the real keys of each sequence that precede
+            ``k`` but are no longer given (a sliding-window KV cache dropped them). They hold the first
+            sink ranks and are attended by no query. Default: none.
+
+    Rows with no key to attend give zeros. Computation runs in fp32 (fp64 for fp64 inputs).
+    """
+    s = check_inputs(
+        q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
+        degree=0, threshold=0.0, scale=scale,
+    )
+    check_sink_window(sinks, local_window, causal, dropped_real_keys, s.batch)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    out_dtype = q.dtype
+    compute = compute_dtype(q.dtype)
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    scale = s.head_dim**-0.5 if scale is None else float(scale)
+    offset = s.kv_len - s.q_len  # key position of query 0
+    device = q.device
+    key_valid = torch.ones(s.batch, s.kv_len, dtype=torch.bool, device=device) if key_padding_mask is None else key_padding_mask
+    # Beyond the sinks a query p can only reach keys p - reach < j <= p.
+    reach = local_window if sliding_window is None else min(local_window, sliding_window)
+
+    # The sinks, in `slots` slots: slot r holds the real key of rank r (the first key where the count
+    # of real keys reaches r + 1), a sink while its rank in the sequence (after the dropped keys) < sinks.
+    slots = min(sinks, s.kv_len)
+    real_count = key_valid.long().cumsum(dim=-1)  # (B, Lk)
+    rank = torch.arange(slots, device=device).expand(s.batch, slots)
+    sink_pos = torch.searchsorted(real_count, (rank + 1).contiguous()).clamp_max(s.kv_len - 1)  # (B, S)
+    sink_valid = rank < real_count[:, -1:]
+    if dropped_real_keys is not None:  # the dropped real keys held the first ranks
+        sink_valid = sink_valid & (rank < sinks - dropped_real_keys.to(device)[:, None])
+    is_sink = torch.zeros_like(key_valid).scatter(1, sink_pos, sink_valid)  # (B, Lk)
+    sink_k = torch.gather(k, 2, sink_pos[:, None, :, None].expand(-1, s.kv_heads, -1, s.head_dim))
+    sink_v = torch.gather(v, 2, sink_pos[:, None, :, None].expand(-1, s.kv_heads, -1, s.value_dim))
+
+    qg = q.view(s.batch, s.kv_heads, s.groups, s.q_len, s.head_dim)  # query head h = kv_head * groups + g
+    outs = []
+    for i0 in range(0, s.q_len, chunk_size):
+        i1 = min(i0 + chunk_size, s.q_len)
+        q_pos = torch.arange(i0, i1, device=device) + offset
+        lo, hi = max(i0 + offset - reach + 1, 0), i1 + offset  # local key range of the chunk
+        k_pos = torch.arange(lo, hi, device=device)
+        # Local copy: visible, real, and local to the row or a sink. Sink copy: only sinks before `lo`
+        # (a sink inside the range is already in the local copy).
+        local = (q_pos[:, None] - k_pos[None, :]) < local_window
+        local_mask = visible(q_pos, k_pos, causal=True, sliding_window=sliding_window) & key_valid[:, None, lo:hi]
+        local_mask = local_mask & (local | is_sink[:, None, lo:hi])  # (B, c, n)
+        sink_mask = visible(q_pos, sink_pos[:, None, :], causal=True, sliding_window=sliding_window)[:, 0]
+        sink_mask = sink_mask & (sink_valid & (sink_pos < lo))[:, None, :]  # (B, c, S)
+        keys = torch.cat([sink_k, k[:, :, lo:hi]], dim=2)[:, :, None]  # (B, Hk, 1, S + n, d)
+        values = torch.cat([sink_v, v[:, :, lo:hi]], dim=2)[:, :, None]
+        mask = torch.cat([sink_mask, local_mask], dim=-1)[:, None, None]  # (B, 1, 1, c, S + n)
+        scores = scale * qg[:, :, :, i0:i1] @ keys.transpose(-1, -2)  # (B, Hk, G, c, S + n)
+        outs.append(masked_softmax(scores, mask) @ values)
+    out = torch.cat(outs, dim=3)
+
+    if stats is not None:
+        _count_pairs(stats, s, key_valid, is_sink, local_window, sliding_window)
+    return out.reshape(s.batch, s.q_heads, s.q_len, s.value_dim).to(out_dtype)
+
+
+def _count_pairs(stats, s, key_valid, is_sink, local_window, sliding_window):
+    """Pairs visible under the model's mask, and those computed (the local real keys plus the
+    visible sinks before the local range), from prefix counts (linear time)."""
+    start, end = key_spans(s.q_len, s.kv_len, causal=True, window=sliding_window, device=key_valid.device)
+    local_start = torch.maximum(start, end - local_window)
+    pairs = span_counts(key_valid, start, end)  # (B, Lq)
+    computed = span_counts(key_valid, local_start, end) + span_counts(is_sink, start, local_start)
+    add_stats(
+        stats, exact_pairs=computed.sum() * s.q_heads, pairs=pairs.sum() * s.q_heads,
+        exact_rows=(computed == pairs).sum() * s.q_heads,
+        rows=torch.tensor(s.batch * s.q_heads * s.q_len, device=key_valid.device),
+    )
