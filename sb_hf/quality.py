@@ -56,8 +56,9 @@ def token_blocks(tokenizer, text: str, tokens: int, sequences: int) -> list[torc
 def compare_methods(
     model, blocks: list[torch.Tensor], methods: list[tuple[str, dict]], progress: bool = True
 ) -> list[MethodResult]:
-    """Run every method on every block; ``methods`` lists (name, settings) pairs, the name one of
-    ``"support_basis"``, ``"as23"``. Exact attention (``sdpa``) always runs first as the reference."""
+    """Run every method on every block; ``methods`` lists (name, settings) pairs, the name a
+    registered implementation (``"support_basis"``, ``"as23"``, ``"sink_window"``), the settings
+    those of :class:`sb_hf.SupportBasisConfig`. Exact attention (``sdpa``) runs first as the reference."""
     for name, _ in methods:
         if name != EXACT and name not in IMPLEMENTATIONS:
             raise ValueError(f"unknown method {name!r}; choose from {[EXACT, *IMPLEMENTATIONS]}")
@@ -78,7 +79,7 @@ def compare_methods(
             logits = [model(input_ids=ids).logits.float() for ids in tqdm(blocks, desc=name, disable=not progress)]
         seconds = time.perf_counter() - start
         share = (stats["exact_pairs"] / stats["pairs"]).item() if stats else float("nan")
-        results.append(_result(name, model.config.support_basis, _pool(logits, exact_logits, blocks), share, seconds))
+        results.append(_result(name, dict(settings), _pool(logits, exact_logits, blocks), share, seconds))
     model.set_attn_implementation("sdpa")
     return results
 
@@ -111,9 +112,7 @@ def markdown_table(results: list[MethodResult]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        settings = ", ".join(f"{k}={r.settings[k]}" for k in ("threshold", "degree") if k in r.settings and r.method != "as23")
-        if r.method == "as23":
-            settings = f"degree={r.settings.get('degree')}"
+        settings = ", ".join(f"{k}={v}" for k, v in r.settings.items())
         lines.append(
             f"| {r.method} | {settings or '-'} | {r.perplexity:.3f} | {100 * (r.perplexity / exact_ppl - 1):+.1f}% "
             f"| {r.kl_from_exact:.4f} | {100 * r.top1_agreement:.1f}% | {100 * r.exact_pair_share:.1f}% | {r.seconds:.1f} |"

@@ -1,0 +1,103 @@
+"""The error/cost sweep on captured activations, against independent dense computations."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from sb_hf.analysis.capture import Capture
+from sb_hf.analysis.sweep import grid, modelled_flops, sweep_capture, write_results
+from sb_hf.ops import reference, support_basis_attention
+from sb_hf.ops.polynomial import feature_dim
+
+
+def synthetic_capture(n=45, heads=2, d=8, layers=(0, 3), window="none", seed=0, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    data = {
+        i: {name: torch.randn(1, heads, n, d, generator=g) * spread for name in ("q", "k", "v")} for i in layers
+    }
+    meta = {"scale": str(d**-0.5), "sliding_window": window, "tokens": str(n), "layers": ",".join(map(str, layers))}
+    return Capture(layers=data, meta=meta)
+
+
+def run(capture, method, settings, rows=8):
+    return sweep_capture(capture, [(method, settings)], matrix_rows=rows, progress=False)[0]
+
+
+def test_exact_settings_have_zero_error_and_full_cost():
+    capture = synthetic_capture()
+    for method, settings in [("support_basis", {"threshold": 0.0, "degree": 2}),
+                             ("sink_window", {"sinks": 0, "local_window": 1000})]:
+        result = run(capture, method, settings)
+        assert result.output_error < 1e-5 and result.matrix_error < 1e-6
+        assert result.exact_pair_share == 1.0
+        assert result.flops_ratio == pytest.approx(1.0)
+        assert len(result.per_layer) == 2
+
+
+def test_errors_match_a_dense_computation():
+    """Output and attention-matrix errors equal those computed directly from the full dense matrices
+    (all rows sampled), pooled over layers as sqrt(sum of squares / sum of squares)."""
+    capture = synthetic_capture(n=30, spread=1.3)
+    settings = {"threshold": 1.5, "degree": 2}
+    result = run(capture, "support_basis", settings, rows=30)
+    scale = float(capture.meta["scale"])
+    err = ref = merr = mref = 0.0
+    for layer in capture.layers.values():
+        q, k, v = layer["q"], layer["k"], layer["v"]
+        exact_w = reference.exact_attention(q, k, v, scale=scale, return_weights=True)
+        approx_w = reference.support_basis_attention(q, k, v, scale=scale, return_weights=True, **settings)
+        out = support_basis_attention(q, k, v, scale=scale, **settings)
+        exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        err += float((out - exact).pow(2).sum())
+        ref += float(exact.pow(2).sum())
+        merr += float((approx_w - exact_w).double().pow(2).sum())
+        mref += float(exact_w.double().pow(2).sum())
+    assert result.output_error == pytest.approx(math.sqrt(err / ref), rel=1e-4)
+    assert result.matrix_error == pytest.approx(math.sqrt(merr / mref), rel=1e-4)
+    assert 0 < result.exact_pair_share < 1 and result.output_error > 1e-4
+
+
+def test_error_falls_with_degree_for_bounded_entries():
+    capture = synthetic_capture(spread=0.5)
+    errors = [run(capture, "as23", {"degree": g}).output_error for g in (1, 3, 6)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_sliding_window_capture_uses_the_window():
+    capture = synthetic_capture(window="7")
+    result = run(capture, "sink_window", {"sinks": 0, "local_window": 7})
+    assert result.output_error < 1e-5  # the model's own window, computed exactly
+    wider = run(synthetic_capture(window="none"), "sink_window", {"sinks": 0, "local_window": 7})
+    assert wider.output_error > 1e-2
+
+
+def test_modelled_flops_by_hand():
+    n, d = 10, 4
+    q = torch.zeros(1, 1, n, d)
+    k = torch.zeros(1, 1, n, d)
+    k[0, 0, :3, 0] = 5.0  # three large keys at threshold 1
+    stats = {"pairs": torch.tensor(55), "exact_pairs": torch.tensor(20), "rows": torch.tensor(10), "exact_rows": torch.tensor(2)}
+    cost, exact = modelled_flops("support_basis", {"threshold": 1.0, "degree": 2, "chunk_size": 4}, q=q, k=k, stats=stats)
+    r = feature_dim(d, 2)
+    small_q, small_k = 8, 7
+    assert exact == 4 * d * 55
+    assert cost == 4 * d * 20 + (small_q + small_k) * r * (1 + 2 * (d + 1)) + small_q * 2 * 4 * (r + d + 1)
+    cost, _ = modelled_flops("sink_window", {"sinks": 1, "local_window": 2}, q=q, k=k, stats=stats)
+    assert cost == 4 * d * 20
+
+
+def test_grid_and_outputs(tmp_path):
+    points = grid(["support_basis", "as23", "sink_window"], [1.0, 2.0], [2], 4, [8])
+    assert points == [("support_basis", {"threshold": 1.0, "degree": 2}), ("support_basis", {"threshold": 2.0, "degree": 2}),
+                      ("as23", {"degree": 2}), ("sink_window", {"sinks": 4, "local_window": 8})]
+    with pytest.raises(ValueError, match="unknown method"):
+        grid(["bogus"], [1.0], [2], 4, [8])
+    capture = synthetic_capture()
+    results = sweep_capture(capture, points, matrix_rows=4, progress=False)
+    write_results(results, capture.meta, tmp_path)
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["method"] for r in saved["results"]] == ["support_basis", "support_basis", "as23", "sink_window"]
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
+    assert "| support_basis | threshold=1.0, degree=2 |" in (tmp_path / "sweep.md").read_text()
