@@ -1,8 +1,6 @@
 """Measurements on real activations: capture post-RoPE queries/keys/values from a Transformers
 model (``capture``) and test the paper's sub-Gaussian assumption on their entries (``distributions``).
-
-matplotlib is imported only inside :func:`sb_hf.analysis.distributions.plot_grid` (install it with
-``pip install -e ".[analysis]"``).
+and measure every method's error and cost over its settings on those activations (``sweep``).
 """
 
 from .capture import Capture, capture_activations, capture_text, capturing, load_capture, save_capture

@@ -303,17 +303,23 @@ def _exact_rows(qg, k, v, out, rows, scale, causal, window, key_valid, offset):
     if gathered is None:
         return out
     _, index, slot_valid = gathered
-    k_pos = torch.arange(k.shape[2], device=k.device)
     for s0 in range(0, index.shape[-1], EXACT_ROW_BLOCK):
-        idx = index[..., s0 : s0 + EXACT_ROW_BLOCK]  # (B, Hk, G, n)
+        idx = index[..., s0 : s0 + EXACT_ROW_BLOCK]  # (B, Hk, G, n), ascending among the flagged
+        keep = slot_valid[..., s0 : s0 + EXACT_ROW_BLOCK]
+        lo, hi = 0, k.shape[2]
+        if causal:  # only the keys some row of the block can see (one host sync per block)
+            pos = idx + offset
+            hi = int(torch.where(keep, pos, -1).max()) + 1
+            if window is not None:
+                lo = max(int(torch.where(keep, pos, hi).min()) - window + 1, 0)
+        k_pos = torch.arange(lo, hi, device=k.device)
         q_block = torch.gather(qg, 3, idx[..., None].expand(*idx.shape, qg.shape[-1]))
-        scores = scale * q_block @ k[:, :, None].transpose(-1, -2)  # (B, Hk, G, n, Lk)
+        scores = scale * q_block @ k[:, :, None, lo:hi].transpose(-1, -2)  # (B, Hk, G, n, hi - lo)
         mask = visible(idx + offset, k_pos, causal=causal, sliding_window=window)
-        mask = mask & key_valid[:, None, None, None, :]
-        exact = masked_softmax(scores, mask) @ v[:, :, None]
+        mask = mask & key_valid[:, None, None, None, lo:hi]
+        exact = masked_softmax(scores, mask) @ v[:, :, None, lo:hi]
         idx_out = idx[..., None].expand(*idx.shape, out.shape[-1])
-        keep = slot_valid[..., s0 : s0 + EXACT_ROW_BLOCK, None]
-        out = out.scatter(3, idx_out, torch.where(keep, exact, torch.gather(out, 3, idx_out)))
+        out = out.scatter(3, idx_out, torch.where(keep[..., None], exact, torch.gather(out, 3, idx_out)))
     return out
 
 
