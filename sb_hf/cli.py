@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     compare = sub.add_parser(
-        "compare", help="end-to-end quality: perplexity, KL from exact, top-1 agreement, share of exact pairs",
+        "compare", aliases=["ppl"], help="end-to-end quality: perplexity, KL from exact, top-1 agreement, share of exact pairs",
         description="Run exact attention and each method on the same tokens of a text and compare "
         "(offline; defaults: the packaged SmolLM2-135M and news text).",
     )
@@ -174,7 +174,7 @@ def run_sweep(args) -> int:
     return 0
 
 
-COMMANDS = {"compare": run_compare, "capture": run_capture, "inspect": run_inspect, "sweep": run_sweep}
+COMMANDS = {"compare": run_compare, "ppl": run_compare, "capture": run_capture, "inspect": run_inspect, "sweep": run_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
