@@ -79,6 +79,7 @@ SETTINGS = [
     dict(implementation="support_basis", threshold=SPLIT, degree=3, chunk_size=5),
     dict(implementation="support_basis"),  # defaults
     dict(implementation="as23", degree=2),
+    dict(implementation="sink_window", sinks=2, local_window=5),
 ]
 
 
