@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     _method_arguments(sweep, "support_basis,as23,sink_window", "2.5,4,6,8,12", "64,256,1024")
     sweep.add_argument("--matrix-rows", type=int, default=32, help="query rows sampled for the attention-matrix error")
     sweep.add_argument("--output", default="runs/sweep")
+
+    from sb_hf.evaluation import add_eval_arguments
+
+    add_eval_arguments(sub.add_parser(
+        "eval", help="GSM8K and MMLU (lm-eval, offline): accuracy and agreement with exact, per method"))
+    sub.add_parser("lm-eval", add_help=False, help="lm-eval's own command line with the sb-hf backends registered")
     return parser
 
 
@@ -174,17 +180,29 @@ def run_sweep(args) -> int:
     return 0
 
 
-COMMANDS = {"compare": run_compare, "ppl": run_compare, "capture": run_capture, "inspect": run_inspect, "sweep": run_sweep}
+def run_eval(args) -> int:
+    from sb_hf.evaluation import run_eval as evaluate
+
+    return evaluate(args)
+
+
+COMMANDS = {"compare": run_compare, "ppl": run_compare, "capture": run_capture, "inspect": run_inspect,
+            "sweep": run_sweep, "eval": run_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # every other argument belongs to lm-eval
+        from sb_hf.evaluation import run_lm_eval
+
+        return run_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
     import sb_hf  # noqa: F401  (registers the backends)
 
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"sb-hf {args.command}: error: {err}", file=sys.stderr)
         return 2
 
