@@ -282,6 +282,10 @@ def compare_records(records: dict, exact: dict, leaves: list[str]) -> dict[str, 
         accuracy, stderr = _mean_stderr(scores)
         row: dict[str, Any] = {"filter": flt, "metric": records[keys[0]]["metric"], "n": len(keys),
                                "accuracy": accuracy, "stderr": stderr}
+        if all(isinstance(records[k]["prediction"], str) for k in keys):
+            # generation: the share of answers the filter found (lm-eval writes "[invalid]" otherwise);
+            # two "[invalid]" count as the same answer in the agreement
+            row["answered"] = sum(records[k]["prediction"] != "[invalid]" for k in keys) / len(keys)
         paired = [k for k in keys if k in exact]
         if paired:
             change, change_stderr = _mean_stderr([records[k]["score"] - exact[k]["score"] for k in paired])
@@ -332,56 +336,10 @@ def check_attention_interface(model, methods: list[str]) -> str:
     return exact
 
 
-def evaluate_methods(
-    model,
-    tokenizer,
-    *,
-    tasks: list[str],
-    methods: list[str],
-    settings: dict[str, Any],
-    limits: dict[str, int] | None = None,
-    output: str | os.PathLike | None = None,
-    include_path: str | os.PathLike | None = None,
-    max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
-    batch_size: int = 1,
-    model_name: str = "",
-    progress=print,
-) -> dict:
-    """Run ``tasks`` for every method on one loaded model; returns the summary (and writes it to ``output``)."""
-    _require_lm_eval()
-    import torch
+def _run_methods(model, lm, manager, methods, names, plan, settings, exact_impl, out, max_gen_toks, batch_size, progress):
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
 
     from sb_hf.integrations.hf import apply_support_basis, attention_stats
-
-    quiet_lm_eval_logs()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from sb_hf.config import SupportBasisConfig
-
-    methods = check_methods(methods)
-    settings = SupportBasisConfig.from_dict(settings).to_dict()
-    names = [TASK_ALIASES.get(t, t) for t in dict.fromkeys(tasks)]
-    if not names:
-        raise ValueError("no task given; e.g. --tasks gsm8k,mmlu")
-    include = tasks_dir(include_path)
-    manager = make_task_manager(include, names)
-    limits = {TASK_ALIASES.get(k, k): v for k, v in (limits or {}).items()}
-
-    # Load the tasks once up front: data errors surface before any model time, and the question subset is fixed.
-    plan = {}
-    for name in names:
-        loaded = manager.load([name])
-        limit = limits.get(name, limits.get("*", DEFAULT_LIMITS.get(name, DEFAULT_LIMIT)))
-        plan[name] = {"leaves": leaf_tasks(loaded, name), "subgroups": {g: leaf_tasks(loaded, g) for g in subgroups(loaded, name)},
-                      "samples": select_samples(loaded, name, limit), "limit": limit}
-
-    exact_impl = check_attention_interface(model, methods)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = Path(output) if output else None
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
 
     records: dict[str, dict] = {}
     seconds: dict[tuple[str, str], float] = {}
@@ -415,7 +373,71 @@ def evaluate_methods(
                             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         if out:
             (out / method / "results.json").write_text(json.dumps(_json_safe(method_results), indent=2, ensure_ascii=False))
-    model.set_attn_implementation(exact_impl)
+    return records, seconds, pair_share
+
+
+def evaluate_methods(
+    model,
+    tokenizer,
+    *,
+    tasks: list[str],
+    methods: list[str],
+    settings: dict[str, Any],
+    limits: dict[str, int] | None = None,
+    output: str | os.PathLike | None = None,
+    include_path: str | os.PathLike | None = None,
+    max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+    batch_size: int = 1,
+    model_name: str = "",
+    progress=print,
+) -> dict:
+    """Run ``tasks`` for every method on one loaded model; returns the summary (and writes it to ``output``)."""
+    _require_lm_eval()
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    quiet_lm_eval_logs()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from sb_hf.config import SupportBasisConfig
+
+    methods = check_methods(methods)
+    settings = SupportBasisConfig.from_dict(settings).to_dict()
+    names = [TASK_ALIASES.get(t, t) for t in dict.fromkeys(tasks)]
+    if not names:
+        raise ValueError("no task given; e.g. --tasks gsm8k,mmlu")
+    include = tasks_dir(include_path)
+    manager = make_task_manager(include, names)
+    limits = {TASK_ALIASES.get(k, k): v for k, v in (limits or {}).items()}
+
+    # Load the tasks once up front: data errors surface before any model time, and the question subset is fixed.
+    plan = {}
+    for name in names:
+        loaded = manager.load([name])
+        limit = limits.get(name, limits.get("*", DEFAULT_LIMITS.get(name, DEFAULT_LIMIT)))
+        plan[name] = {"leaves": leaf_tasks(loaded, name), "subgroups": {g: leaf_tasks(loaded, g) for g in subgroups(loaded, name)},
+                      "samples": select_samples(loaded, name, limit), "limit": limit}
+
+    exact_impl = check_attention_interface(model, methods)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = Path(output) if output else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # simple_evaluate collects the environment (torch's collect_env: subprocesses, seconds) on every
+    # call; collect it once and reuse it, so the per-method times measure the evaluation.
+    import lm_eval.evaluator as lm_evaluator
+
+    env_info: dict[str, Any] = {}
+    lm_evaluator.add_env_info(env_info)
+    add_env_info = lm_evaluator.add_env_info
+    lm_evaluator.add_env_info = lambda results: results.update(env_info)
+    try:
+        records, seconds, pair_share = _run_methods(
+            model, lm, manager, methods, names, plan, settings, exact_impl, out, max_gen_toks, batch_size, progress)
+    finally:
+        lm_evaluator.add_env_info = add_env_info
+        model.set_attn_implementation(exact_impl)
 
     rows, group_rows = [], []
     for method in methods:

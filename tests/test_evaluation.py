@@ -281,6 +281,7 @@ def test_end_to_end_summary(tiny_run):
         sb = by[("support_basis", task, flt)]
         assert sb["agreement"] == 1.0 and sb["accuracy"] == by[("exact", task, flt)]["accuracy"]
         assert sb["exact_pair_share"] == 1.0 and sb["settings"]["threshold"] == 0.0
+        assert ("answered" in sb) == (task == "gsm8k")
     assert by[("as23", "sb_mmlu_anatomy", "none")]["exact_pair_share"] < 1.0
     md = (out / "summary.md").read_text()
     assert "| support_basis | threshold=0.0, degree=2 | sb_mmlu_anatomy | acc | 3 |" in md
