@@ -168,7 +168,7 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     CASES.append(_case(f"{name}-deg3-chunk64", dtype=dtype, degree=3, chunk_size=64, seed=10))
 
 
-def _run_case(case, fast_fn, ref_fn, with_threshold=True):
+def _run_case(case, fast_fn, ref_fn, with_threshold=True, evaluation="features"):
     c = dict(case)
     q, k, v = make_qkv(
         batch=c["batch"], q_heads=c["q_heads"], kv_heads=c["kv_heads"], q_len=c["q_len"], kv_len=c["kv_len"],
@@ -180,14 +180,17 @@ def _run_case(case, fast_fn, ref_fn, with_threshold=True):
     )
     if with_threshold:
         kwargs["threshold"] = c["threshold"]
-    out = fast_fn(q, k, v, chunk_size=c["chunk_size"], **kwargs)
+    out = fast_fn(q, k, v, chunk_size=c["chunk_size"], evaluation=evaluation, **kwargs)
     expected = ref_fn(q, k, v, **kwargs)
     return q, k, v, out, expected
 
 
+@pytest.mark.parametrize("evaluation", ["features", "scores"])
 @pytest.mark.parametrize("case", CASES)
-def test_fast_matches_reference(case):
-    q, k, v, out, expected = _run_case(case, support_basis_attention, reference.support_basis_attention)
+def test_fast_matches_reference(case, evaluation):
+    q, k, v, out, expected = _run_case(
+        case, support_basis_attention, reference.support_basis_attention, evaluation=evaluation
+    )
     assert out.dtype == q.dtype
     assert expected.dtype == q.dtype
     assert out.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
@@ -207,8 +210,11 @@ def test_fast_matches_reference(case):
         _case("bfloat16", dtype=torch.bfloat16, chunk_size=8),
     ],
 )
-def test_as23_matches_reference(case):
-    q, k, v, out, expected = _run_case(case, as23_attention, reference.as23_attention, with_threshold=False)
+@pytest.mark.parametrize("evaluation", ["features", "scores"])
+def test_as23_matches_reference(case, evaluation):
+    q, k, v, out, expected = _run_case(
+        case, as23_attention, reference.as23_attention, with_threshold=False, evaluation=evaluation
+    )
     assert out.dtype == q.dtype
     assert_matches(out, expected, q.dtype)
     # AS23 is support-basis attention with no large rows
@@ -275,14 +281,15 @@ def test_non_contiguous_inputs():
 # --------------------------------------------------------------------------- gradients
 
 
+@pytest.mark.parametrize("evaluation", ["features", "scores"])
 @pytest.mark.parametrize("sliding_window", [None, 5])
 @pytest.mark.parametrize("threshold", [2.0, INF])
-def test_gradients_match_reference(sliding_window, threshold):
+def test_gradients_match_reference(sliding_window, threshold, evaluation):
     q, k, v = make_qkv(batch=3, q_heads=4, kv_heads=2, q_len=29, seed=20)
     mask = padding_mask(3, 29, "left", pad=4)
     weights = torch.randn(3, 4, 29, 8, dtype=F64, generator=torch.Generator().manual_seed(21))
     grads = []
-    for fn, extra in ((support_basis_attention, dict(chunk_size=8)), (reference.support_basis_attention, {})):
+    for fn, extra in ((support_basis_attention, dict(chunk_size=8, evaluation=evaluation)), (reference.support_basis_attention, {})):
         inputs = [x.clone().requires_grad_() for x in (q, k, v)]
         out = fn(*inputs, threshold=threshold, degree=2, causal=True, key_padding_mask=mask,
                  sliding_window=sliding_window, **extra)
@@ -293,14 +300,15 @@ def test_gradients_match_reference(sliding_window, threshold):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-8)
 
 
-def test_gradients_non_causal_match_reference():
+@pytest.mark.parametrize("evaluation", ["features", "scores"])
+def test_gradients_non_causal_match_reference(evaluation):
     q, k, v = make_qkv(batch=2, q_heads=6, kv_heads=2, q_len=13, kv_len=21, seed=22)
     mask = padding_mask(2, 21, "right", pad=3)
     weights = torch.randn(2, 6, 13, 8, dtype=F64, generator=torch.Generator().manual_seed(23))
     grads = []
-    for fn in (support_basis_attention, reference.support_basis_attention):
+    for fn, extra in ((support_basis_attention, dict(evaluation=evaluation, chunk_size=5)), (reference.support_basis_attention, {})):
         inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = fn(*inputs, threshold=1.5, degree=3, causal=False, key_padding_mask=mask)
+        out = fn(*inputs, threshold=1.5, degree=3, causal=False, key_padding_mask=mask, **extra)
         grads.append(torch.autograd.grad((out * weights).sum(), inputs))
     for g_fast, g_ref in zip(*grads):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-8)
@@ -451,13 +459,15 @@ def test_stats_accumulate():
 # --------------------------------------------------------------------------- decoding consistency, causality, padding
 
 
+@pytest.mark.parametrize("evaluation", ["auto", "features", "scores"])
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("pad", [None, "left", "right"])
 @pytest.mark.parametrize("threshold", [2.0, INF])
-def test_decoding_matches_full_sequence(window, pad, threshold):
+def test_decoding_matches_full_sequence(window, pad, threshold, evaluation):
     q, k, v = make_qkv(batch=3, q_heads=6, kv_heads=2, q_len=37, seed=50)
     mask = padding_mask(3, 37, pad)
-    kw = dict(threshold=threshold, degree=2, causal=True, sliding_window=window, key_padding_mask=mask, chunk_size=8)
+    kw = dict(threshold=threshold, degree=2, causal=True, sliding_window=window, key_padding_mask=mask, chunk_size=8,
+              evaluation=evaluation)
     full = support_basis_attention(q, k, v, **kw)
     last = support_basis_attention(q[:, :, -1:], k, v, **kw)
     torch.testing.assert_close(last, full[:, :, -1:], rtol=1e-10, atol=1e-10)
@@ -542,12 +552,13 @@ def test_right_padding_invariance(causal):
     torch.testing.assert_close(padded[:, :, :length], alone, rtol=1e-10, atol=1e-10)
 
 
-def test_chunk_size_does_not_change_the_result():
+def test_chunk_size_and_evaluation_do_not_change_the_result():
     q, k, v = make_qkv(batch=2, q_heads=6, kv_heads=2, q_len=45, seed=65)
     mask = padding_mask(2, 45, "left", pad=9)
     for window in (None, 7):
         kw = dict(threshold=1.5, degree=3, sliding_window=window, key_padding_mask=mask)
-        outs = [support_basis_attention(q, k, v, chunk_size=c, **kw) for c in (1, 3, 8, 45, 100)]
+        outs = [support_basis_attention(q, k, v, chunk_size=c, evaluation=e, **kw)
+                for c in (1, 3, 8, 45, 100) for e in ("features", "scores")]
         for out in outs[1:]:
             torch.testing.assert_close(out, outs[0], rtol=1e-10, atol=1e-10)
 
@@ -609,6 +620,7 @@ def _bad_inputs():
     fast_only = [
         ("chunk-0", (q, k, v), dict(ok, chunk_size=0), r"chunk_size must be a positive integer"),
         ("chunk-float", (q, k, v), dict(ok, chunk_size=8.0), r"chunk_size must be a positive integer"),
+        ("evaluation", (q, k, v), dict(ok, evaluation="dense"), r"evaluation must be one of"),
     ]
     return cases, fast_only
 
@@ -639,9 +651,12 @@ def test_bad_input_as23():
 def test_feature_map_too_big_raises_with_estimate():
     q, k, v = make_qkv(batch=1, q_heads=1, kv_heads=1, q_len=4, head_dim=64, dtype=torch.float32, seed=71)
     with pytest.raises(ValueError, match=r"degree 6 with head_dim 64 .*GiB"):
-        support_basis_attention(q, k, v, threshold=2.0, degree=6, max_feature_bytes=2**20)
+        support_basis_attention(q, k, v, threshold=2.0, degree=6, max_feature_bytes=2**20, evaluation="features")
     with pytest.raises(ValueError, match="GiB"):
-        support_basis_attention(q, k, v, threshold=2.0, degree=3, max_feature_bytes=1000)
+        support_basis_attention(q, k, v, threshold=2.0, degree=3, max_feature_bytes=1000, evaluation="features")
+    # the score form needs no features: 4 queries are cheaper on their scores
+    out = support_basis_attention(q, k, v, threshold=2.0, degree=6, max_feature_bytes=2**20)
+    assert torch.isfinite(out).all()
     # the same shapes at degree 1 fit
     out = support_basis_attention(q, k, v, threshold=2.0, degree=1, max_feature_bytes=2**20)
     assert out.shape == (1, 1, 4, 64)

@@ -6,6 +6,9 @@ Split the rows: a query/key row is *large* when one of its entries exceeds the t
 - Polynomial part: the remaining small-small pairs get ``exp`` replaced by a Chebyshev fit on
   the interval their scores can occupy, factorized through monomial features, so the causal sum
   is a running state (linear attention), computed chunk by chunk. Never an ``n x n`` matrix.
+  When there are fewer query rows than features (decoding, short prompts), the same polynomial
+  is cheaper evaluated on the scores of each query chunk (``Lq x Lk x d`` instead of
+  ``Lk x features x d``); ``evaluation`` picks the form, the result is the same.
 Both parts share a per-row shift; the output is their summed numerators over their summed masses.
 ``sb_hf.ops.reference.support_basis_attention`` is the quadratic twin that defines the result.
 """
@@ -31,11 +34,12 @@ from .common import (
     suspect_rows,
     visible,
 )
-from .polynomial import exp_fit_coefficients, feature_degrees, feature_dim, monomial_features
+from .polynomial import evaluate_polynomial, exp_fit_coefficients, feature_degrees, feature_dim, monomial_features
 
 DEFAULT_CHUNK_SIZE = 64
 DEFAULT_MAX_FEATURE_BYTES = 8 * 2**30
 EXACT_ROW_BLOCK = 128  # gathered exact query rows handled per block: bounds the (rows x keys) score block
+EVALUATIONS = ("auto", "features", "scores")
 
 
 def support_basis_attention(
@@ -52,6 +56,7 @@ def support_basis_attention(
     radius: float | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
+    evaluation: str = "auto",
     stats: dict | None = None,
 ) -> torch.Tensor:
     """Support-basis attention of ``q (B, Hq, Lq, d)`` over ``k, v (B, Hk, Lk, d)``, returns ``(B, Hq, Lq, dv)``.
@@ -66,7 +71,10 @@ def support_basis_attention(
         radius: fixed interval ``[-radius, radius]`` for the fit; default (None): per query,
             ``scale * |q_i| * max |k_j|`` over the small real keys visible to it, floored at 1.
         chunk_size: block length of the causal scan.
-        max_feature_bytes: refuse (ValueError with the estimate) when the polynomial part would need more.
+        max_feature_bytes: refuse (ValueError with the estimate) when the feature form would need more.
+        evaluation: ``"features"``: the factorized form (time and memory linear in ``Lk``);
+            ``"scores"``: the polynomial on the scores, query chunk by query chunk (``Lq x Lk``);
+            ``"auto"``: scores when ``Lq`` is below the feature dimension (decoding), else features.
         stats: optional dict; receives tensors ``exact_pairs``, ``pairs``, ``exact_rows``, ``rows``.
 
     Rows whose approximate mass is not positive, or whose output is not finite, are recomputed
@@ -78,8 +86,13 @@ def support_basis_attention(
     )
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    requires_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    check_memory(shapes, degree, chunk_size, sliding_window, requires_grad, max_feature_bytes, q.dtype)
+    if evaluation not in EVALUATIONS:
+        raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {evaluation!r}")
+    if evaluation == "auto":
+        evaluation = "scores" if shapes.q_len < feature_dim(shapes.head_dim, degree) else "features"
+    if evaluation == "features":
+        requires_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        check_memory(shapes, degree, chunk_size, sliding_window, requires_grad, max_feature_bytes, q.dtype)
 
     out_dtype = q.dtype
     compute = compute_dtype(q.dtype)
@@ -111,9 +124,12 @@ def support_basis_attention(
         row_radius = torch.where(q_large, torch.full_like(row_radius, RADIUS_FLOOR), row_radius)  # unused there
         large_keys = _gather_rows(k_large & key_valid[:, None, :], (k, v))
         rows = _RowAttention(scale, degree, causal, window, large_keys, s.head_dim, q.device)
-        key_features = _KeyFeatures(k, v, k_small, degree)
-        scan = _causal_scan if causal else _global_sum
-        num, den = scan(rows, key_features, qg, row_radius, q_large, offset, chunk_size, window)
+        if evaluation == "scores":
+            num, den = _score_chunks(rows, k, v, k_small, qg, row_radius, q_large, offset, chunk_size, causal, window)
+        else:
+            key_features = _KeyFeatures(k, v, k_small, degree)
+            scan = _causal_scan if causal else _global_sum
+            num, den = scan(rows, key_features, qg, row_radius, q_large, offset, chunk_size, window)
         out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
         exact_rows = q_large | suspect_rows(den, out, out_dtype)
 
@@ -177,10 +193,11 @@ class _RowAttention:
         self.large_keys = large_keys
         self.degrees = feature_degrees(head_dim, degree).to(device)
 
-    def __call__(self, q_rows, q_pos, row_radius, q_large, state, blocks):
+    def __call__(self, q_rows, q_pos, row_radius, q_large, state, blocks, key_rows=None):
         """``q_rows (B, Hk, G, c, d)`` at positions ``q_pos (c,)``; ``state`` = (S, z) running sums of
         ``phi(k) v^T`` and ``phi(k)`` over keys fully visible to every row; ``blocks`` = key feature
-        blocks that need the positional mask. Returns ``num (B, Hk, G, c, dv)``, ``den (B, Hk, G, c)``."""
+        blocks that need the positional mask; or ``key_rows`` = ``(k, v, positions, small)`` of raw
+        keys, the polynomial then evaluated on the scores. Returns ``num (B, Hk, G, c, dv)``, ``den (B, Hk, G, c)``."""
         num = den = 0
         exact_max = torch.full_like(row_radius, float("-inf"))
         if self.large_keys is not None:
@@ -197,6 +214,15 @@ class _RowAttention:
             den = weights.sum(dim=-1)
 
         coefficients = exp_fit_coefficients(row_radius, shift, self.degree)
+        if key_rows is not None:
+            k_rows, v_rows, k_pos, k_small = key_rows
+            keep = visible(q_pos, k_pos, causal=self.causal, sliding_window=self.window)
+            keep = keep & k_small[:, :, None, None, :] & ~q_large[..., None]
+            t = self.scale * q_rows @ k_rows[:, :, None].transpose(-1, -2) / row_radius[..., None]
+            t = torch.where(keep, t, torch.zeros_like(t))  # no overflow in discarded pairs (NaN gradients)
+            pair = evaluate_polynomial(coefficients[..., None, :], t)
+            pair = torch.where(keep, pair, torch.zeros_like(pair))
+            return num + pair @ v_rows[:, :, None], den + pair.sum(dim=-1)
         per_feature = coefficients[..., self.degrees] * (self.scale / row_radius[..., None]) ** self.degrees
         per_feature = torch.where(q_large[..., None], torch.zeros_like(per_feature), per_feature)
         q_features = monomial_features(q_rows, self.degree) * per_feature  # (B, Hk, G, c, r)
@@ -247,6 +273,25 @@ def _causal_scan(rows, key_features, qg, row_radius, q_large, offset, chunk, win
             nums.append(num)
             dens.append(den)
         kv_state, k_state = _add(kv_state, k_state, features, v_block)
+    return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
+
+
+def _score_chunks(rows, k, v, k_small, qg, row_radius, q_large, offset, chunk, causal, window):
+    """The polynomial on the scores: each query chunk against the key range it can see."""
+    kv_len, q_len = k.shape[2], qg.shape[3]
+    nums, dens = [], []
+    for i0 in range(0, q_len, chunk):
+        i1 = min(i0 + chunk, q_len)
+        lo, hi = 0, kv_len
+        if causal:
+            hi = offset + i1
+            if window is not None:
+                lo = max(offset + i0 - window + 1, 0)
+        key_rows = (k[:, :, lo:hi], v[:, :, lo:hi], torch.arange(lo, hi, device=k.device), k_small[:, :, lo:hi])
+        q_pos = torch.arange(i0, i1, device=qg.device) + offset
+        num, den = rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1], q_large[..., i0:i1], None, [], key_rows)
+        nums.append(num)
+        dens.append(den)
     return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
 
 
