@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +84,28 @@ class SupportBasisConfig:
             chunk_size=self.chunk_size,
             max_feature_bytes=self.max_feature_bytes,
         )
+
+
+def load_settings(config_file: str | Path | None = None, **flags: Any) -> dict[str, Any]:
+    """Validated settings (a dict) from a JSON file and flags (``None`` flags are ignored; flags win).
+
+    The file holds SupportBasisConfig fields, or is a model's ``config.json`` with a ``support_basis`` entry."""
+    settings: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path}: no such file")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config {path} is not valid JSON: {err}") from None
+        if isinstance(data, dict) and isinstance(data.get("support_basis"), dict):
+            data = data["support_basis"]  # a model's config.json
+        if not isinstance(data, dict):
+            raise ValueError(f"--config {path} must hold a JSON object of SupportBasisConfig settings")
+        settings.update(data)
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    return SupportBasisConfig.from_dict(settings).to_dict()
 
 
 def _json_threshold(settings: dict[str, Any]) -> dict[str, Any]:

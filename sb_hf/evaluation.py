@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,8 +43,9 @@ DEFAULT_METHODS = "exact,support_basis,as23"
 # Questions per task by default: a few minutes on 2 CPU cores. MMLU: one question of each subject.
 DEFAULT_LIMITS = {"sb_gsm8k_cot": 2, "sb_mmlu": 57}
 DEFAULT_LIMIT = 20  # tasks without an entry above
-DEFAULT_MAX_GEN_TOKS = 64
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default; SmolLM2's chain of thought needs 60-200 tokens
 TASKS_DIR_ENV = "SB_HF_TASKS_DIR"
+SETTING_FLAGS = ("threshold", "degree", "sinks", "local_window")  # settings that have their own flag
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -132,27 +134,9 @@ def quiet_lm_eval_logs() -> None:
 
 def load_settings(args) -> dict[str, Any]:
     """SupportBasisConfig settings from ``--config`` and the flags, validated."""
-    from sb_hf.config import SupportBasisConfig
+    from sb_hf.config import load_settings as load
 
-    settings: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"--config {path}: no such file")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--config {path} is not valid JSON: {err}") from None
-        if isinstance(data, dict) and isinstance(data.get("support_basis"), dict):
-            data = data["support_basis"]  # a model's config.json
-        if not isinstance(data, dict):
-            raise ValueError(f"--config {path} must hold a JSON object of SupportBasisConfig settings")
-        settings.update(data)
-    for flag, field in (("threshold", "threshold"), ("degree", "degree"), ("sinks", "sinks"), ("local_window", "local_window")):
-        value = getattr(args, flag, None)
-        if value is not None:
-            settings[field] = value
-    return SupportBasisConfig.from_dict(settings).to_dict()
+    return load(getattr(args, "config", None), **{f: getattr(args, f, None) for f in SETTING_FLAGS})
 
 
 def method_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -242,8 +226,21 @@ def prediction(filtered_resp: Any) -> Any:
     if isinstance(resp, (list, tuple)) and resp and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in resp):
         return max(range(len(resp)), key=lambda i: float(resp[i]))
     if isinstance(resp, (list, tuple)) and len(resp) == 1:
-        return resp[0]
-    return resp
+        resp = resp[0]
+    return normalize_answer(resp) if isinstance(resp, str) else resp
+
+
+# What exact_match ignores in sb_gsm8k_cot.yaml (ignore_case, regexes_to_ignore), so "16." and "$16"
+# agree as the metric would score them.
+_IGNORED_IN_ANSWERS = [re.compile(p) for p in (",", r"\$", r"(?s).*#### ", r"\.$")]
+
+
+def normalize_answer(text: str) -> str:
+    """A generated answer as exact_match compares it: stripped, lower case, ``,``/``$``/trailing ``.`` removed."""
+    text = text.strip()
+    for pattern in _IGNORED_IN_ANSWERS:
+        text = pattern.sub("", text)
+    return text.lower()
 
 
 def sample_records(samples: dict[str, list[dict]]) -> dict[tuple[str, int, str], dict]:

@@ -198,6 +198,11 @@ def test_missing_data_package_is_named(monkeypatch, task_utils, manager):
 def test_prediction_and_comparison():
     assert evaluation.prediction([(-2.0, False), (-0.5, True), (-3.0, False), (-9.0, False)]) == 1
     assert evaluation.prediction(["42"]) == "42"
+    # generated answers compared as exact_match compares them (sb_gsm8k_cot.yaml's regexes_to_ignore)
+    assert evaluation.prediction(["16."]) == evaluation.prediction(["16"]) == "16"
+    assert evaluation.prediction([" $1,250. "]) == "1250"
+    assert evaluation.prediction(["so #### 7"]) == "7"
+    assert evaluation.prediction(["1.5"]) == "1.5" and evaluation.prediction(["[invalid]"]) == "[invalid]"
     exact = {("t", 0, "none"): {"metric": "acc", "score": 1.0, "prediction": 2},
              ("t", 1, "none"): {"metric": "acc", "score": 0.0, "prediction": 0},
              ("t", 2, "none"): {"metric": "acc", "score": 1.0, "prediction": 1},
