@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_arguments(sub.add_parser(
         "eval", help="GSM8K and MMLU (lm-eval, offline): accuracy and agreement with exact, per method"))
+    from sb_hf.patches.run import add_run_arguments
+
+    add_run_arguments(sub.add_parser(
+        "run", help="run an unmodified Python script with support-basis attention for every model it loads",
+        description="sb-hf run [options] [--] script.py args... | sb-hf run [options] -m module args...: "
+        "the script runs as __main__ with Llama/Mistral models from from_pretrained/from_config switched "
+        "to the chosen attention (explicit attn_implementation kept unless --force).",
+    ))
     sub.add_parser("lm-eval", add_help=False, help="lm-eval's own command line with the sb-hf backends registered")
     return parser
 
@@ -197,8 +205,21 @@ def main(argv: list[str] | None = None) -> int:
         from sb_hf.evaluation import run_lm_eval
 
         return run_lm_eval(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv[:1] == ["run"]:  # the target's arguments bypass our parser
+        from sb_hf.patches.run import split_argv
+
+        ours, target = split_argv(parser._subparsers._group_actions[0].choices["run"], argv[1:])
+        args = parser.parse_args(["run", *ours])
+        args.target = target
+    else:
+        args = parser.parse_args(argv)
     import sb_hf  # noqa: F401  (registers the backends)
+
+    if args.command == "run":  # the script's own errors keep their traceback
+        from sb_hf.patches.run import run
+
+        return run(args)
 
     try:
         return COMMANDS[args.command](args)

@@ -182,18 +182,25 @@ def register() -> None:
 
 
 def apply_support_basis(
-    model: torch.nn.Module,
+    model: torch.nn.Module | None = None,
     config: SupportBasisConfig | dict | None = None,
     *,
     method: str = "support_basis",
+    force: bool = False,
     **overrides: Any,
 ):
-    """Switch ``model`` to support-basis attention with the given settings.
+    """Switch ``model`` to support-basis attention, or, without a model, every supported model
+    loaded from now on (the one-line patch for existing scripts).
 
     The settings are stored as a plain dict in ``model.config.support_basis`` (so
     ``save_pretrained``/``from_pretrained`` round-trip them); ``layers={i: {...}}`` overrides
     single layers. ``method="as23"`` selects the bounded-entry baseline, ``method="sink_window"``
-    the attention sinks + local window baseline (settings ``sinks``, ``local_window``). Returns the model.
+    the attention sinks + local window baseline (settings ``sinks``, ``local_window``).
+
+    Without a model: ``from_pretrained``/``from_config`` switch the Llama and Mistral models they
+    return; a load with an explicit ``attn_implementation`` keeps it unless ``force=True``; with no
+    settings given, a model keeps the settings it was saved with. Undo with :func:`revert_support_basis`.
+    Returns the model (None without one).
     """
     if method not in IMPLEMENTATIONS:
         raise ValueError(f"method must be one of {sorted(IMPLEMENTATIONS)}, got {method!r}")
@@ -206,7 +213,35 @@ def apply_support_basis(
     else:
         raise ValueError(f"config must be a SupportBasisConfig, a dict or None, got {type(config).__name__}")
     settings.update(overrides)
-    validated = SupportBasisConfig.from_dict(settings)
-    model.config.support_basis = validated.to_dict()
+    validated = SupportBasisConfig.from_dict(settings).to_dict()
+    if model is None:
+        from ..patches import patch_loading
+
+        patch_loading(method, validated if (config is not None or overrides) else None, force)
+        return None
+    if not hasattr(model, "set_attn_implementation"):
+        raise ValueError(f"{type(model).__name__} is not a transformers PreTrainedModel; pass the model that from_pretrained returned")
+    previous = getattr(model.config, "_attn_implementation", None)
+    if previous not in IMPLEMENTATIONS:  # what revert_support_basis goes back to
+        model._sb_hf_previous_attn_implementation = previous
+    model.config.support_basis = validated
     model.set_attn_implementation(method)
+    return model
+
+
+def revert_support_basis(model: torch.nn.Module | None = None):
+    """Undo :func:`apply_support_basis`: give ``model`` back the attention implementation it had
+    (``sdpa`` if it was loaded with an sb-hf one) and drop its settings; without a model, stop
+    switching the models loaded from now on (models already switched stay switched). Returns the
+    model, or without one whether a patch was in effect."""
+    if model is None:
+        from ..patches import unpatch_loading
+
+        return unpatch_loading()
+    previous = getattr(model, "_sb_hf_previous_attn_implementation", None) or "sdpa"
+    model.set_attn_implementation(previous)
+    if hasattr(model.config, "support_basis"):
+        del model.config.support_basis
+    if hasattr(model, "_sb_hf_previous_attn_implementation"):
+        del model._sb_hf_previous_attn_implementation
     return model
