@@ -340,7 +340,6 @@ def test_run_lm_eval_stock_cli(saved_tiny, tmp_path, capsys):
     assert 0 <= data["results"]["sb_mmlu_anatomy"]["acc,none"] <= 1
 
 
-@pytest.mark.skipif(os.environ.get("SB_HF_SLOW_TESTS") != "1", reason="about 30 s: set SB_HF_SLOW_TESTS=1")
 def test_data_parallel_accelerate_two_cpu_processes(saved_tiny, tmp_path):
     """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m sb_hf.evaluation lm-eval ...`:
     two gloo processes, each scoring its rank's half of the questions, results gathered on rank 0."""

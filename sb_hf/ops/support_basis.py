@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 
 from .common import (
     RADIUS_FLOOR,
@@ -90,9 +91,9 @@ def support_basis_attention(
         raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {evaluation!r}")
     if evaluation == "auto":
         evaluation = "scores" if shapes.q_len < feature_dim(shapes.head_dim, degree) else "features"
+    recompute = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))  # training: see _step
     if evaluation == "features":
-        requires_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-        check_memory(shapes, degree, chunk_size, sliding_window, requires_grad, max_feature_bytes, q.dtype)
+        check_memory(shapes, degree, chunk_size, sliding_window, recompute, max_feature_bytes, q.dtype)
 
     out_dtype = q.dtype
     compute = compute_dtype(q.dtype)
@@ -125,15 +126,17 @@ def support_basis_attention(
         large_keys = _gather_rows(k_large & key_valid[:, None, :], (k, v))
         rows = _RowAttention(scale, degree, causal, window, large_keys, s.head_dim, q.device)
         if evaluation == "scores":
-            num, den = _score_chunks(rows, k, v, k_small, qg, row_radius, q_large, offset, chunk_size, causal, window)
+            num, den = _score_chunks(
+                rows, k, v, k_small, qg, row_radius, q_large, offset, chunk_size, causal, window, recompute
+            )
         else:
             key_features = _KeyFeatures(k, v, k_small, degree)
             scan = _causal_scan if causal else _global_sum
-            num, den = scan(rows, key_features, qg, row_radius, q_large, offset, chunk_size, window)
+            num, den = scan(rows, key_features, qg, row_radius, q_large, offset, chunk_size, window, recompute)
         out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
         exact_rows = q_large | suspect_rows(den, out, out_dtype)
 
-    out = _exact_rows(qg, k, v, out, exact_rows, scale, causal, window, key_valid, offset)
+    out = _exact_rows(qg, k, v, out, exact_rows, scale, causal, window, key_valid, offset, recompute)
     if stats is not None:
         _count_pairs(stats, exact_rows, k_large & key_valid[:, None, :], key_valid, causal, window)
     return out.reshape(s.batch, s.q_heads, s.q_len, s.value_dim).to(out_dtype)
@@ -147,7 +150,8 @@ def as23_attention(q, k, v, *, degree: int, causal: bool = True, scale: float | 
 def estimate_feature_bytes(
     shapes: Shapes, degree: int, chunk_size: int, windowed: bool, requires_grad: bool, dtype: torch.dtype
 ) -> int:
-    """Rough peak bytes of the polynomial part: running states, chunk features, saved tensors for backward."""
+    """Rough peak bytes of the polynomial part: running states, chunk features, and for backward the
+    states each chunk starts from (all else is recomputed chunk by chunk)."""
     s = shapes
     r = feature_dim(s.head_dim, degree)
     item = 8 if dtype == torch.float64 else 4
@@ -156,7 +160,6 @@ def estimate_feature_bytes(
     total = states + chunk
     if requires_grad:
         chunks = math.ceil(s.kv_len / chunk_size)
-        total += s.batch * s.q_heads * s.q_len * r + (2 if windowed else 1) * s.batch * s.kv_heads * s.kv_len * r
         total += chunks * (2 if windowed else 1) * s.batch * s.kv_heads * r * (s.value_dim + 1)
     return total * item
 
@@ -238,7 +241,16 @@ class _RowAttention:
         return num, den
 
 
-def _causal_scan(rows, key_features, qg, row_radius, q_large, offset, chunk, window):
+def _step(recompute: bool, fn, *args):
+    """``fn(*args)``; when training, under activation checkpointing, so backward keeps only the
+    chunk's inputs (running states, views of q/k/v) and recomputes the rest: no score or feature
+    block of any chunk stays alive, and attention memory grows linearly with the length."""
+    if recompute:
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def _causal_scan(rows, key_features, qg, row_radius, q_large, offset, chunk, window, recompute):
     """Chunked causal scan over key positions. For the query chunk ``[a, b)`` the keys ``[f, a)`` are
     visible to every row (running state minus a trailing state when windowed), the keys
     ``[a, b)`` and, with a window, ``[a - window + 1, f)`` need the explicit positional mask."""
@@ -248,17 +260,19 @@ def _causal_scan(rows, key_features, qg, row_radius, q_large, offset, chunk, win
     nums, dens = [], []
     for a in range(0, kv_len, chunk):
         b = min(a + chunk, kv_len)
-        features, v_block, k_pos = key_features(a, b)
-        if b > offset:
+        first_full = a
+        if window is not None:
+            first_full = min(max(-((window - a - chunk) // chunk) * chunk, 0), a)  # ceil to the grid
+            while trail_end < first_full:
+                trail_kv, trail_k = _step(recompute, _accumulate, key_features, trail_kv, trail_k, trail_end, trail_end + chunk)
+                trail_end += chunk
+
+        def chunk_rows(kv_state, k_state, trail_kv, trail_k, a=a, b=b, first_full=first_full):
+            features, v_block, k_pos = key_features(a, b)
             i0, i1 = max(a, offset) - offset, b - offset
             blocks = [(features, v_block, k_pos)]
             state = None if kv_state is None else (kv_state, k_state)
             if window is not None:
-                first_full = min(max(-((window - a - chunk) // chunk) * chunk, 0), a)  # ceil to the grid
-                while trail_end < first_full:
-                    f, vb, _ = key_features(trail_end, trail_end + chunk)
-                    trail_kv, trail_k = _add(trail_kv, trail_k, f, vb)
-                    trail_end += chunk
                 if state is not None and trail_kv is not None:
                     state = (kv_state - trail_kv, k_state - trail_k)
                 if first_full == a:
@@ -267,16 +281,27 @@ def _causal_scan(rows, key_features, qg, row_radius, q_large, offset, chunk, win
                 if low < first_full:
                     blocks.append(key_features(low, first_full))
             q_pos = torch.arange(i0, i1, device=qg.device) + offset
-            num, den = rows(
-                qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1], q_large[..., i0:i1], state, blocks
-            )
+            return rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1], q_large[..., i0:i1], state, blocks)
+
+        if b > offset:
+            num, den = _step(recompute, chunk_rows, kv_state, k_state, trail_kv, trail_k)
             nums.append(num)
             dens.append(den)
-        kv_state, k_state = _add(kv_state, k_state, features, v_block)
+        kv_state, k_state = _step(recompute, _accumulate, key_features, kv_state, k_state, a, b)
     return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
 
 
-def _score_chunks(rows, k, v, k_small, qg, row_radius, q_large, offset, chunk, causal, window):
+def _accumulate(key_features, kv_state, k_state, start, end):
+    """The running sums ``sum phi(k) v^T`` and ``sum phi(k)`` extended by the keys ``[start, end)``."""
+    features, v_block, _ = key_features(start, end)
+    kv = features.transpose(-1, -2) @ v_block
+    kk = features.sum(dim=-2)
+    if kv_state is None:
+        return kv, kk
+    return kv_state + kv, k_state + kk
+
+
+def _score_chunks(rows, k, v, k_small, qg, row_radius, q_large, offset, chunk, causal, window, recompute):
     """The polynomial on the scores: each query chunk against the key range it can see."""
     kv_len, q_len = k.shape[2], qg.shape[3]
     nums, dens = [], []
@@ -287,26 +312,33 @@ def _score_chunks(rows, k, v, k_small, qg, row_radius, q_large, offset, chunk, c
             hi = offset + i1
             if window is not None:
                 lo = max(offset + i0 - window + 1, 0)
-        key_rows = (k[:, :, lo:hi], v[:, :, lo:hi], torch.arange(lo, hi, device=k.device), k_small[:, :, lo:hi])
-        q_pos = torch.arange(i0, i1, device=qg.device) + offset
-        num, den = rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1], q_large[..., i0:i1], None, [], key_rows)
+
+        def chunk_rows(i0=i0, i1=i1, lo=lo, hi=hi):
+            key_rows = (k[:, :, lo:hi], v[:, :, lo:hi], torch.arange(lo, hi, device=k.device), k_small[:, :, lo:hi])
+            q_pos = torch.arange(i0, i1, device=qg.device) + offset
+            return rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1], q_large[..., i0:i1], None, [], key_rows)
+
+        num, den = _step(recompute, chunk_rows)
         nums.append(num)
         dens.append(den)
     return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
 
 
-def _global_sum(rows, key_features, qg, row_radius, q_large, offset, chunk, window):
+def _global_sum(rows, key_features, qg, row_radius, q_large, offset, chunk, window, recompute):
     """Non-causal: one state over all keys, then the query rows chunk by chunk."""
     kv_len, q_len = key_features.k.shape[2], qg.shape[3]
     kv_state = k_state = None
     for a in range(0, kv_len, chunk):
-        features, v_block, _ = key_features(a, min(a + chunk, kv_len))
-        kv_state, k_state = _add(kv_state, k_state, features, v_block)
+        kv_state, k_state = _step(recompute, _accumulate, key_features, kv_state, k_state, a, min(a + chunk, kv_len))
     nums, dens = [], []
     for i0 in range(0, q_len, chunk):
         i1 = min(i0 + chunk, q_len)
-        q_pos = torch.arange(i0, i1, device=qg.device)  # unused without a causal mask
-        num, den = rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1], q_large[..., i0:i1], (kv_state, k_state), [])
+
+        def chunk_rows(kv_state, k_state, i0=i0, i1=i1):
+            q_pos = torch.arange(i0, i1, device=qg.device)  # unused without a causal mask
+            return rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1], q_large[..., i0:i1], (kv_state, k_state), [])
+
+        num, den = _step(recompute, chunk_rows, kv_state, k_state)
         nums.append(num)
         dens.append(den)
     return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
@@ -319,14 +351,6 @@ def _visible_max(values: torch.Tensor, window: int | None) -> torch.Tensor:
         return values.cummax(dim=-1).values
     flat = torch.nn.functional.pad(values.reshape(-1, 1, values.shape[-1]), (window - 1, 0))
     return torch.nn.functional.max_pool1d(flat, kernel_size=window, stride=1).reshape(values.shape)
-
-
-def _add(kv_state, k_state, features, v_block):
-    kv = features.transpose(-1, -2) @ v_block
-    kk = features.sum(dim=-2)
-    if kv_state is None:
-        return kv, kk
-    return kv_state + kv, k_state + kk
 
 
 def _gather_rows(flags: torch.Tensor, tensors: tuple[torch.Tensor, ...]):
@@ -342,7 +366,7 @@ def _gather_rows(flags: torch.Tensor, tensors: tuple[torch.Tensor, ...]):
     return gathered, index, slot_valid
 
 
-def _exact_rows(qg, k, v, out, rows, scale, causal, window, key_valid, offset):
+def _exact_rows(qg, k, v, out, rows, scale, causal, window, key_valid, offset, recompute):
     """Overwrite the flagged query rows of ``out`` with exact attention, in blocks of gathered rows."""
     gathered = _gather_rows(rows, ())
     if gathered is None:
@@ -357,12 +381,16 @@ def _exact_rows(qg, k, v, out, rows, scale, causal, window, key_valid, offset):
             hi = int(torch.where(keep, pos, -1).max()) + 1
             if window is not None:
                 lo = max(int(torch.where(keep, pos, hi).min()) - window + 1, 0)
-        k_pos = torch.arange(lo, hi, device=k.device)
-        q_block = torch.gather(qg, 3, idx[..., None].expand(*idx.shape, qg.shape[-1]))
-        scores = scale * q_block @ k[:, :, None, lo:hi].transpose(-1, -2)  # (B, Hk, G, n, hi - lo)
-        mask = visible(idx + offset, k_pos, causal=causal, sliding_window=window)
-        mask = mask & key_valid[:, None, None, None, lo:hi]
-        exact = masked_softmax(scores, mask) @ v[:, :, None, lo:hi]
+
+        def block(idx=idx, lo=lo, hi=hi):
+            k_pos = torch.arange(lo, hi, device=k.device)
+            q_block = torch.gather(qg, 3, idx[..., None].expand(*idx.shape, qg.shape[-1]))
+            scores = scale * q_block @ k[:, :, None, lo:hi].transpose(-1, -2)  # (B, Hk, G, n, hi - lo)
+            mask = visible(idx + offset, k_pos, causal=causal, sliding_window=window)
+            mask = mask & key_valid[:, None, None, None, lo:hi]
+            return masked_softmax(scores, mask) @ v[:, :, None, lo:hi]
+
+        exact = _step(recompute, block)
         idx_out = idx[..., None].expand(*idx.shape, out.shape[-1])
         out = out.scatter(3, idx_out, torch.where(keep[..., None], exact, torch.gather(out, 3, idx_out)))
     return out
