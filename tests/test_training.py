@@ -1,7 +1,12 @@
 """Training with the sb-hf backends: memory saved for backward, gradient checkpointing, optimizer
 steps in fp32 / bf16 / autocast, and attention dropout. (Op gradients vs the naive twin: test_ops.py.)"""
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +136,63 @@ def test_attention_dropout_is_refused_in_training_only():
         model.eval()(input_ids=ids)  # eval: dropout is off, as with every backend
     with pytest.raises(ValueError, match=r"no attention dropout .*attention_dropout = 0.0"):
         model.train()(input_ids=ids)
+
+
+# ----------------------------------------------------------------------------- examples/finetune_trainer.py
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune_trainer.py"
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(require_assets, tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a plain checkpoint."""
+    from transformers import AutoTokenizer
+
+    folder, gguf = require_assets
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
+    out = tmp_path_factory.mktemp("tiny_smollm2_tok")
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _example_args(model, output):
+    from sb_hf.assets import news_text_path
+
+    return [str(EXAMPLE), "--model", str(model), "--text", str(news_text_path()), "--max-steps", "3",
+            "--block-size", "32", "--train-blocks", "12", "--eval-blocks", "4", "--batch-size", "2", "--lr", "1e-2",
+            "--output", str(output)]
+
+
+def _results(text):
+    return [json.loads(line[len("RESULT "):]) for line in text.splitlines() if line.startswith("RESULT ")]
+
+
+@pytest.mark.real_model
+def test_finetune_example_under_sb_hf_run(tiny_with_tokenizer, tmp_path, capsys):
+    from sb_hf import cli
+    from sb_hf.integrations.hf import attention_stats
+
+    with attention_stats() as stats:
+        code = cli.main(["run", "--threshold", "1.0", "--", *_example_args(tiny_with_tokenizer, tmp_path)])
+    (result,) = _results(capsys.readouterr().out)
+    assert code == 0 and int(stats["pairs"]) > 0
+    assert result["attn_implementation"] == "support_basis" and result["steps"] == 3 and result["finite"]
+    assert result["eval_loss_after"] < result["eval_loss_before"]
+
+
+@pytest.mark.real_model
+def test_finetune_example_data_parallel_two_cpu_processes(tiny_with_tokenizer, tmp_path):
+    """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m sb_hf run -- examples/finetune_trainer.py`."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sb_hf", "run", "--threshold", "1.0", "--",
+           *_example_args(tiny_with_tokenizer, tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted(_results(proc.stdout), key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == [0, 1]
+    for r in results:
+        assert r["attn_implementation"] == "support_basis" and r["world_size"] == 2 and r["steps"] == 3 and r["finite"]
+    # data parallel: both processes hold the same (synchronized) model, so they report the same eval loss
+    assert results[0]["eval_loss_after"] == pytest.approx(results[1]["eval_loss_after"], rel=1e-5)
