@@ -69,9 +69,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind):
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
     loss, plain = _grads(model, ids, mask)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     loss_ckpt, ckpt = _grads(model, ids, mask)
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     torch.testing.assert_close(loss_ckpt, loss)
     assert plain.keys() == ckpt.keys() and len(plain) > 0
     for name in plain:
