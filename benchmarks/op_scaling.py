@@ -1,6 +1,9 @@
 """Time and peak memory of the fast support-basis op vs sequence length, with a fixed number (or
 share) of large rows, next to causal SDPA and eager attention, forward or forward+backward.
-Each point runs in a fresh subprocess so peak RSS is its own.
+Each point runs in two fresh subprocesses: one for the time (the default allocator), one for
+the memory, with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks go back to the system and
+peak RSS follows the live tensors (with the default, glibc keeps freed blocks of growing sizes, and
+peak RSS measures the allocator's retention as much as the op).
 
     python benchmarks/op_scaling.py                 # forward, n = 512..4096
     python benchmarks/op_scaling.py --lengths 1024,2048,4096,8192 --large-rows 64
@@ -99,7 +102,10 @@ def main() -> None:
         for method in methods:
             cmd = [sys.executable, __file__, "--point", f"{method}:{n}", "--large-rows", str(large),
                    "--degree", str(args.degree), "--threads", str(args.threads)] + (["--backward"] if args.backward else [])
-            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+            timed = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+            sized = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+            rows.append({**timed, "peak_extra_mib": sized["peak_extra_mib"]})
     planted = f"{args.large_share:.0%} of rows" if args.large_share is not None else f"{args.large_rows} rows"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads; causal "
           f"{'forward+backward' if args.backward else 'forward'}; 9 q heads / 3 kv heads, head dim 64; "
