@@ -30,6 +30,9 @@ class SupportBasisConfig:
         radius: the interval half-width for ``interval="fixed"``.
         chunk_size: block length of the causal scan.
         max_feature_bytes: refuse settings whose polynomial part would need more memory.
+        sketch_dim: None: exact monomial features; ``r``: degree >= 2 features sketched to ``r`` each
+            (an unbiased estimate of the polynomial kernel, seeded by ``sketch_seed``).
+        sketch_seed: seed of the sketch (the same seed gives the same features everywhere).
         sinks: ``sink_window``: every query also attends to the first ``sinks`` real tokens (>= 0).
         local_window: ``sink_window``: query ``p`` attends to the keys ``p - local_window < j <= p`` (>= 1).
         layers: per-layer overrides, ``{layer_index: {field: value}}``.
@@ -41,6 +44,8 @@ class SupportBasisConfig:
     radius: float | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
     max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES
+    sketch_dim: int | None = None
+    sketch_seed: int = 0
     sinks: int = 4
     local_window: int = 256
     layers: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -83,6 +88,8 @@ class SupportBasisConfig:
             radius=self.radius if self.interval == "fixed" else None,
             chunk_size=self.chunk_size,
             max_feature_bytes=self.max_feature_bytes,
+            sketch_dim=self.sketch_dim,
+            sketch_seed=self.sketch_seed,
         )
 
 
@@ -115,7 +122,8 @@ def _json_threshold(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-_LAYER_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size", "sinks", "local_window"}
+_LAYER_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size", "sketch_dim", "sketch_seed", "sinks",
+                 "local_window"}
 
 
 def _layer_index(key: Any) -> int:
@@ -147,6 +155,10 @@ def _validate(c: SupportBasisConfig) -> None:
         raise ValueError(f"chunk_size must be an integer >= 1, got {c.chunk_size!r}")
     if isinstance(c.max_feature_bytes, bool) or not isinstance(c.max_feature_bytes, int) or c.max_feature_bytes < 1:
         raise ValueError(f"max_feature_bytes must be an integer >= 1, got {c.max_feature_bytes!r}")
+    if c.sketch_dim is not None and (isinstance(c.sketch_dim, bool) or not isinstance(c.sketch_dim, int) or c.sketch_dim < 1):
+        raise ValueError(f"sketch_dim must be an integer >= 1 or None (exact features), got {c.sketch_dim!r}")
+    if isinstance(c.sketch_seed, bool) or not isinstance(c.sketch_seed, int) or c.sketch_seed < 0:
+        raise ValueError(f"sketch_seed must be an integer >= 0, got {c.sketch_seed!r}")
     if isinstance(c.sinks, bool) or not isinstance(c.sinks, int) or c.sinks < 0:
         raise ValueError(f"sinks must be an integer >= 0, got {c.sinks!r}")
     if isinstance(c.local_window, bool) or not isinstance(c.local_window, int) or c.local_window < 1:

@@ -79,6 +79,7 @@ SETTINGS = [
     dict(implementation="support_basis", threshold=SPLIT, degree=3, chunk_size=5),
     dict(implementation="support_basis"),  # defaults
     dict(implementation="as23", degree=2),
+    dict(implementation="support_basis", threshold=SPLIT, degree=2, sketch_dim=16, sketch_seed=3),
     dict(implementation="sink_window", sinks=2, local_window=5),
 ]
 
@@ -107,12 +108,13 @@ def test_causality_padding_invariance_and_finiteness(kind, settings):
     assert not torch.allclose(out2[:, -3:], out[:, -3:])
 
 
+@pytest.mark.parametrize("sketch_dim", [None, 16])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cached_decoding_matches_full_recompute(kind):
+def test_cached_decoding_matches_full_recompute(kind, sketch_dim):
     """Greedy decoding with the KV cache gives, step by step, the logits of a full forward pass."""
     model = tiny_model(kind)
     ids, mask = padded_batch(lengths=(14, 10), total=14)
-    sb_hf.apply_support_basis(model, threshold=SPLIT, degree=2)
+    sb_hf.apply_support_basis(model, threshold=SPLIT, degree=2, sketch_dim=sketch_dim)
     generated = model.generate(
         ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
         output_logits=True, return_dict_in_generate=True,

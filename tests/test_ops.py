@@ -865,7 +865,8 @@ def test_config_for_layer_and_op_kwargs():
     two = c.for_layer(2)
     assert two.op_kwargs()["radius"] == 5.0 and two.degree == 2
     assert c.for_layer(None) == dataclasses.replace(c, layers={})
-    assert c.op_kwargs() == dict(threshold=2.0, degree=2, radius=None, chunk_size=c.chunk_size, max_feature_bytes=c.max_feature_bytes)
+    assert c.op_kwargs() == dict(threshold=2.0, degree=2, radius=None, chunk_size=c.chunk_size,
+                                 max_feature_bytes=c.max_feature_bytes, sketch_dim=None, sketch_seed=0)
     # op_kwargs drive the op
     q, k, v = make_qkv(q_len=9, seed=80)
     out = support_basis_attention(q, k, v, **one.op_kwargs())
@@ -882,3 +883,85 @@ def test_config_infinite_threshold_in_layers_is_json_and_string_layer_keys_work(
     assert again.for_layer(3).threshold == INF
     assert again.for_layer("3").threshold == INF and c.for_layer("3").threshold == INF
     assert again.for_layer(2).threshold == 2.0
+
+
+# --------------------------------------------------------------------------- sketched features
+
+
+SKETCH_CASES = [
+    _case("sketch-causal", degree=2, chunk_size=8),
+    _case("sketch-deg3-noncausal-rightpad", degree=3, causal=False, padding="right", batch=3, chunk_size=5),
+    _case("sketch-gqa6x2-window5-leftpad", q_heads=6, kv_heads=2, sliding_window=5, padding="left", batch=3, chunk_size=8),
+    _case("sketch-decode3", q_len=3, kv_len=37, padding="left", batch=3, chunk_size=8),
+    _case("sketch-as23-deg4", threshold=INF, degree=4, chunk_size=16),
+    _case("sketch-float32", dtype=torch.float32, degree=2, chunk_size=8),
+]
+
+
+@pytest.mark.parametrize("case", SKETCH_CASES)
+def test_sketched_fast_matches_reference(case):
+    """With the sketch seed fixed, the fast op and the dense twin compute the same sketched kernel."""
+    c = dict(case)
+    q, k, v = make_qkv(batch=c["batch"], q_heads=c["q_heads"], kv_heads=c["kv_heads"], q_len=c["q_len"],
+                       kv_len=c["kv_len"], head_dim=c["head_dim"], dtype=c["dtype"], seed=c["seed"])
+    kw = dict(threshold=c["threshold"], degree=c["degree"], causal=c["causal"], sliding_window=c["sliding_window"],
+              key_padding_mask=padding_mask(c["batch"], k.shape[2], c["padding"]), sketch_dim=24, sketch_seed=7)
+    out = support_basis_attention(q, k, v, chunk_size=c["chunk_size"], **kw)
+    expected = reference.support_basis_attention(q, k, v, **kw)
+    assert torch.isfinite(out).all()
+    assert_matches(out, expected, q.dtype)
+    # a sketch, not the exact kernel: another seed gives another result
+    other = support_basis_attention(q, k, v, chunk_size=c["chunk_size"], **{**kw, "sketch_seed": 8})
+    if c["dtype"] == F64:
+        assert (other - out).abs().max() > 1e-6
+
+
+def test_sketched_gradients_match_reference():
+    q, k, v = make_qkv(batch=2, q_heads=4, kv_heads=2, q_len=21, seed=90)
+    mask = padding_mask(2, 21, "left", pad=3)
+    weights = torch.randn(2, 4, 21, 8, dtype=F64, generator=torch.Generator().manual_seed(91))
+    kw = dict(threshold=2.0, degree=2, key_padding_mask=mask, sliding_window=6, sketch_dim=16, sketch_seed=3)
+    grads = []
+    for fn, extra in ((support_basis_attention, dict(chunk_size=8)), (reference.support_basis_attention, {})):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*inputs, **kw, **extra)
+        grads.append(torch.autograd.grad((out * weights).sum(), inputs))
+    for g_fast, g_ref in zip(*grads):
+        assert torch.isfinite(g_fast).all()
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-8)
+
+
+def test_sketched_decoding_matches_full_sequence():
+    q, k, v = make_qkv(batch=2, q_heads=6, kv_heads=2, q_len=30, seed=92)
+    kw = dict(threshold=2.0, degree=2, sketch_dim=20, sketch_seed=1, chunk_size=8)
+    full = support_basis_attention(q, k, v, **kw)
+    for t in (1, 9, 30):
+        step = support_basis_attention(q[:, :, t - 1 : t], k[:, :, :t], v[:, :, :t], **kw)
+        torch.testing.assert_close(step, full[:, :, t - 1 : t], rtol=1e-10, atol=1e-10)
+
+
+def test_large_sketch_approaches_exact_features():
+    """AS23a (every pair polynomial) with a wide sketch converges to the exact-feature result: the
+    error falls roughly as 1/sqrt(sketch_dim)."""
+    q, k, v = make_qkv(batch=1, q_heads=2, kv_heads=2, q_len=40, seed=93)
+    q, k = q * 0.3, k * 0.3  # bounded entries: the polynomial mass stays positive, no fallback rows
+    exact = as23_attention(q, k, v, degree=2, evaluation="features")
+    errors = {}
+    for r in (16, 256, 4096):
+        outs = [as23_attention(q, k, v, degree=2, sketch_dim=r, sketch_seed=s) for s in range(4)]
+        errors[r] = sum(((o - exact).norm() / exact.norm()).item() for o in outs) / len(outs)
+    assert errors[4096] < errors[256] < errors[16]
+    assert errors[4096] < 0.02, errors
+    assert errors[16] / errors[4096] > 8  # 16x the sqrt(r) ratio, allow noise
+
+
+def test_sketch_settings_bad_input():
+    q, k, v = make_qkv(q_len=5, seed=94)
+    with pytest.raises(ValueError, match="sketch_dim must be a positive integer"):
+        support_basis_attention(q, k, v, threshold=2.0, degree=2, sketch_dim=0)
+    with pytest.raises(ValueError, match="sketch_seed must be an integer"):
+        support_basis_attention(q, k, v, threshold=2.0, degree=2, sketch_dim=4, sketch_seed=-1)
+    with pytest.raises(ValueError, match="not a function of the scores"):
+        support_basis_attention(q, k, v, threshold=2.0, degree=2, sketch_dim=4, evaluation="scores")
+    with pytest.raises(ValueError, match="sketch_dim must be an integer >= 1 or None"):
+        SupportBasisConfig(sketch_dim=2.5)

@@ -206,3 +206,71 @@ def test_exp_fit_large_radius_finite(dtype):
     assert ((values - expected).abs() <= rtol * expected.abs().max()).all()
     # the top node value dominates; it must be reproduced relatively
     assert abs(values[0].item() / expected[0].item() - 1) < rtol
+
+
+# ----------------------------------------------------------------------------- sketched feature map
+
+
+def test_exact_feature_map_is_the_monomial_map():
+    from sb_hf.ops.polynomial import FeatureMap
+
+    x = torch.randn(3, 5, dtype=torch.float64)
+    fm = FeatureMap(5, 3)
+    torch.testing.assert_close(fm(x), monomial_features(x, 3))
+    assert fm.dim == feature_dim(5, 3) and torch.equal(fm.degrees(), feature_degrees(5, 3))
+
+
+@pytest.mark.parametrize("degree", [2, 3])
+def test_sketch_is_unbiased_per_degree(degree):
+    """Over independent seeds, each degree block's inner product averages to (q.k)^m: the mean of
+    400 sketches lies within 4 standard errors of the exact value; degrees 0 and 1 are exact."""
+    from sb_hf.ops.polynomial import FeatureMap
+
+    g = torch.Generator().manual_seed(degree)
+    q, k = torch.randn(6, dtype=torch.float64, generator=g), torch.randn(6, dtype=torch.float64, generator=g)
+    estimates = {m: [] for m in range(degree + 1)}
+    for seed in range(400):
+        fm = FeatureMap(6, degree, sketch_dim=8, seed=seed)
+        prod, degrees = fm(q) * fm(k), fm.degrees()
+        for m in range(degree + 1):
+            estimates[m].append(prod[degrees == m].sum())
+    for m in range(degree + 1):
+        values = torch.stack(estimates[m])
+        expected = (q @ k) ** m
+        if m <= 1:
+            torch.testing.assert_close(values, expected.expand_as(values))
+            continue
+        stderr = values.std() / len(values) ** 0.5
+        assert stderr > 0
+        assert (values.mean() - expected).abs() < 4 * stderr, (m, values.mean(), expected, stderr)
+
+
+def test_sketch_variance_falls_with_dimension():
+    """The variance of the degree-2 estimate is about 1/sketch_dim of a single projection's."""
+    from sb_hf.ops.polynomial import FeatureMap
+
+    g = torch.Generator().manual_seed(11)
+    q, k = torch.randn(8, dtype=torch.float64, generator=g), torch.randn(8, dtype=torch.float64, generator=g)
+
+    def variance(r):
+        vals = []
+        for seed in range(300):
+            fm = FeatureMap(8, 2, sketch_dim=r, seed=seed)
+            vals.append((fm(q) * fm(k))[fm.degrees() == 2].sum())
+        return torch.stack(vals).var()
+
+    ratio = variance(4) / variance(64)
+    assert 8 < ratio < 32, ratio  # 16 expected
+
+
+def test_sketch_is_seeded_and_deterministic():
+    from sb_hf.ops.polynomial import FeatureMap
+
+    x = torch.randn(4, 7, dtype=torch.float64)
+    a, b = FeatureMap(7, 3, sketch_dim=10, seed=5), FeatureMap(7, 3, sketch_dim=10, seed=5)
+    assert torch.equal(a(x), b(x))
+    assert not torch.allclose(a(x), FeatureMap(7, 3, sketch_dim=10, seed=6)(x))
+    assert a.dim == 1 + 7 + 10 + 10 and a(x).shape == (4, a.dim)
+    torch.testing.assert_close(a(x.float()), a(x).float(), rtol=1e-5, atol=1e-5)  # same sketch in every dtype
+    with pytest.raises(ValueError, match="sketch_dim"):
+        FeatureMap(7, 2, sketch_dim=0)

@@ -26,8 +26,8 @@ from ..ops import as23_attention, sink_window_attention, support_basis_attention
 IMPLEMENTATIONS = {"support_basis": support_basis_attention, "as23": as23_attention, "sink_window": sink_window_attention}
 # The settings (fields of SupportBasisConfig, as op keyword arguments) each implementation takes.
 OP_SETTINGS = {
-    "support_basis": ("threshold", "degree", "radius", "chunk_size", "max_feature_bytes"),
-    "as23": ("degree", "radius", "chunk_size", "max_feature_bytes"),
+    "support_basis": ("threshold", "degree", "radius", "chunk_size", "max_feature_bytes", "sketch_dim", "sketch_seed"),
+    "as23": ("degree", "radius", "chunk_size", "max_feature_bytes", "sketch_dim", "sketch_seed"),
     "sink_window": ("sinks", "local_window", "chunk_size"),
 }
 _active_stats: list[dict] = []  # innermost `attention_stats()` context receives the pair counts

@@ -7,6 +7,8 @@ scale the query-side features, so the factorization ``p(s q.k) = <phi_q(q), phi_
 
 The feature map uses the symmetric (deduplicated) monomials of each degree ``m``:
 ``<phi_m(q), phi_m(k)> = (q . k)^m`` with ``C(d+m-1, m)`` features instead of ``d^m``.
+:class:`FeatureMap` with a ``sketch_dim`` replaces each degree ``m >= 2`` block by a seeded random
+sketch of ``r`` features whose inner product is an unbiased estimate of ``(q . k)^m``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -88,3 +91,61 @@ def monomial_features(x: torch.Tensor, degree: int) -> torch.Tensor:
         weight = weight.to(device=x.device, dtype=x.dtype)
         parts.append(x[..., index].prod(dim=-1) * weight)
     return torch.cat(parts, dim=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _sketch_projections(head_dim: int, degree: int, sketch_dim: int, seed: int) -> torch.Tensor:
+    """``degree`` independent Gaussian ``(head_dim, sketch_dim)`` matrices, float64, from ``seed``
+    (a CPU generator, so every device and every run gets the same sketch)."""
+    generator = torch.Generator().manual_seed(seed * 1009 + degree)
+    return torch.randn(degree, head_dim, sketch_dim, generator=generator, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """The feature map of the polynomial part, degrees ``0..degree``: ``<phi(q), phi(k)>`` restricted
+    to the degree-``m`` block is ``(q . k)^m`` exactly (``sketch_dim=None``: symmetric monomials), or
+    an unbiased estimate of it (``sketch_dim=r``: for ``m >= 2``, the product of ``m`` independent
+    Gaussian projections, ``prod_j (x G_j) / sqrt(r)``, a tensor sketch; degrees 0 and 1 stay exact).
+    Seeded and deterministic: the same ``seed`` gives the same features on every call and device."""
+
+    head_dim: int
+    degree: int
+    sketch_dim: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sketch_dim is not None and (isinstance(self.sketch_dim, bool) or not isinstance(self.sketch_dim, int)
+                                            or self.sketch_dim < 1):
+            raise ValueError(f"sketch_dim must be a positive integer or None, got {self.sketch_dim!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"sketch_seed must be an integer >= 0, got {self.seed!r}")
+
+    def block_dim(self, m: int) -> int:
+        if m == 0:
+            return 1
+        if m == 1 or self.sketch_dim is None:
+            return math.comb(self.head_dim + m - 1, m)
+        return self.sketch_dim
+
+    @property
+    def dim(self) -> int:
+        return sum(self.block_dim(m) for m in range(self.degree + 1))
+
+    def degrees(self, device=None) -> torch.Tensor:
+        """The degree of every feature, shape ``(dim,)``."""
+        if self.sketch_dim is None:
+            return feature_degrees(self.head_dim, self.degree).to(device)
+        return torch.cat([torch.full((self.block_dim(m),), m, dtype=torch.long, device=device)
+                          for m in range(self.degree + 1)])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., d) -> (..., dim)``."""
+        if self.sketch_dim is None or self.degree < 2:
+            return monomial_features(x, self.degree)
+        parts = [monomial_features(x, 1)]
+        for m in range(2, self.degree + 1):
+            projections = _sketch_projections(self.head_dim, m, self.sketch_dim, self.seed).to(x.device, x.dtype)
+            projected = torch.einsum("...d,jdr->...jr", x, projections)  # (..., m, r)
+            parts.append(projected.prod(dim=-2) * self.sketch_dim**-0.5)
+        return torch.cat(parts, dim=-1)

@@ -22,7 +22,7 @@ from .common import (
     suspect_rows,
     visible,
 )
-from .polynomial import evaluate_polynomial, exp_fit_coefficients
+from .polynomial import FeatureMap, evaluate_polynomial, exp_fit_coefficients
 
 
 def support_basis_attention(
@@ -39,12 +39,17 @@ def support_basis_attention(
     radius: float | None = None,
     chunk_size: int | None = None,
     max_feature_bytes: int | None = None,
+    evaluation: str | None = None,
+    sketch_dim: int | None = None,
+    sketch_seed: int = 0,
     stats: dict | None = None,
     return_weights: bool = False,
 ) -> torch.Tensor:
     """Support-basis attention computed densely. See :func:`sb_hf.ops.support_basis_attention`.
 
-    ``chunk_size`` and ``max_feature_bytes`` only concern the fast path and are ignored here;
+    With ``sketch_dim`` the polynomial kernel is the sketched one: the dense ``(Lq, Lk)`` matrix of
+    ``sum_m b_m (s / R_i)^m <sketch_m(q_i), sketch_m(k_j)>`` with the same seeded sketch.
+    ``chunk_size``, ``max_feature_bytes`` and ``evaluation`` only concern the fast path and are ignored here;
     ``stats`` receives the same counts as the fast op, from the dense masks. With
     ``return_weights`` the normalized attention weights ``(B, Hq, Lq, Lk)`` are returned instead."""
     shapes = check_inputs(
@@ -79,7 +84,14 @@ def support_basis_attention(
     # (an inf in a discarded branch of torch.where still turns gradients into NaN).
     exact_in = torch.where(mask & exact_pair, scores, shift[..., None].expand_as(scores))
     poly_in = torch.where(mask & ~exact_pair, scores / row_radius[..., None], torch.zeros_like(scores))
-    poly = evaluate_polynomial(coefficients[..., None, :], poly_in)
+    if sketch_dim is None:
+        poly = evaluate_polynomial(coefficients[..., None, :], poly_in)
+    else:  # the kernel the sketch defines, as a dense matrix of per-degree inner products
+        feature_map = FeatureMap(q.shape[-1], degree, sketch_dim, sketch_seed)
+        degrees = feature_map.degrees(q.device)
+        per_feature = coefficients[..., degrees] * (scale / row_radius[..., None]) ** degrees
+        poly = (feature_map(q) * per_feature) @ feature_map(k).transpose(-1, -2)
+        poly = torch.where(mask & ~exact_pair, poly, torch.zeros_like(poly))
     weights = torch.where(exact_pair, torch.exp(exact_in - shift[..., None]), poly)
     weights = torch.where(mask, weights, torch.zeros_like(weights))
     den = weights.sum(dim=-1)

@@ -35,7 +35,7 @@ from .common import (
     suspect_rows,
     visible,
 )
-from .polynomial import evaluate_polynomial, exp_fit_coefficients, feature_degrees, feature_dim, monomial_features
+from .polynomial import FeatureMap, evaluate_polynomial, exp_fit_coefficients
 
 DEFAULT_CHUNK_SIZE = 64
 DEFAULT_MAX_FEATURE_BYTES = 8 * 2**30
@@ -58,6 +58,8 @@ def support_basis_attention(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
     evaluation: str = "auto",
+    sketch_dim: int | None = None,
+    sketch_seed: int = 0,
     stats: dict | None = None,
 ) -> torch.Tensor:
     """Support-basis attention of ``q (B, Hq, Lq, d)`` over ``k, v (B, Hk, Lk, d)``, returns ``(B, Hq, Lq, dv)``.
@@ -76,6 +78,9 @@ def support_basis_attention(
         evaluation: ``"features"``: the factorized form (time and memory linear in ``Lk``);
             ``"scores"``: the polynomial on the scores, query chunk by query chunk (``Lq x Lk``);
             ``"auto"``: scores when ``Lq`` is below the feature dimension (decoding), else features.
+        sketch_dim: None: exact monomial features; ``r``: each degree >= 2 block sketched to ``r``
+            features (:class:`sb_hf.ops.polynomial.FeatureMap`), an unbiased estimate of the
+            polynomial kernel; then always the feature form. ``sketch_seed`` fixes the sketch.
         stats: optional dict; receives tensors ``exact_pairs``, ``pairs``, ``exact_rows``, ``rows``.
 
     Rows whose approximate mass is not positive, or whose output is not finite, are recomputed
@@ -89,11 +94,14 @@ def support_basis_attention(
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if evaluation not in EVALUATIONS:
         raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {evaluation!r}")
+    feature_map = FeatureMap(shapes.head_dim, degree, sketch_dim, sketch_seed)
+    if sketch_dim is not None and evaluation == "scores":
+        raise ValueError("a sketched kernel is not a function of the scores: use evaluation='features' or 'auto'")
     if evaluation == "auto":
-        evaluation = "scores" if shapes.q_len < feature_dim(shapes.head_dim, degree) else "features"
+        evaluation = "scores" if sketch_dim is None and shapes.q_len < feature_map.dim else "features"
     recompute = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))  # training: see _step
     if evaluation == "features":
-        check_memory(shapes, degree, chunk_size, sliding_window, recompute, max_feature_bytes, q.dtype)
+        check_memory(shapes, feature_map, chunk_size, sliding_window, recompute, max_feature_bytes, q.dtype)
 
     out_dtype = q.dtype
     compute = compute_dtype(q.dtype)
@@ -124,13 +132,13 @@ def support_basis_attention(
         q_large = q_large | (row_radius > RADIUS_LIMIT)  # a fit on such an interval is meaningless: exact
         row_radius = torch.where(q_large, torch.full_like(row_radius, RADIUS_FLOOR), row_radius)  # unused there
         large_keys = _gather_rows(k_large & key_valid[:, None, :], (k, v))
-        rows = _RowAttention(scale, degree, causal, window, large_keys, s.head_dim, q.device)
+        rows = _RowAttention(scale, feature_map, causal, window, large_keys, q.device)
         if evaluation == "scores":
             num, den = _score_chunks(
                 rows, k, v, k_small, qg, row_radius, q_large, offset, chunk_size, causal, window, recompute
             )
         else:
-            key_features = _KeyFeatures(k, v, k_small, degree)
+            key_features = _KeyFeatures(k, v, k_small, feature_map)
             scan = _causal_scan if causal else _global_sum
             num, den = scan(rows, key_features, qg, row_radius, q_large, offset, chunk_size, window, recompute)
         out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
@@ -148,12 +156,12 @@ def as23_attention(q, k, v, *, degree: int, causal: bool = True, scale: float | 
 
 
 def estimate_feature_bytes(
-    shapes: Shapes, degree: int, chunk_size: int, windowed: bool, requires_grad: bool, dtype: torch.dtype
+    shapes: Shapes, feature_map: FeatureMap, chunk_size: int, windowed: bool, requires_grad: bool, dtype: torch.dtype
 ) -> int:
     """Rough peak bytes of the polynomial part: running states, chunk features, and for backward the
     states each chunk starts from (all else is recomputed chunk by chunk)."""
     s = shapes
-    r = feature_dim(s.head_dim, degree)
+    r = feature_map.dim
     item = 8 if dtype == torch.float64 else 4
     states = (4 if windowed else 2) * s.batch * s.kv_heads * r * (s.value_dim + 1)
     chunk = 2 * (s.batch * s.q_heads + 3 * s.batch * s.kv_heads) * min(chunk_size, s.kv_len) * r
@@ -164,25 +172,25 @@ def estimate_feature_bytes(
     return total * item
 
 
-def check_memory(shapes, degree, chunk_size, sliding_window, requires_grad, max_feature_bytes, dtype) -> None:
-    need = estimate_feature_bytes(shapes, degree, chunk_size, sliding_window is not None, requires_grad, dtype)
+def check_memory(shapes, feature_map, chunk_size, sliding_window, requires_grad, max_feature_bytes, dtype) -> None:
+    need = estimate_feature_bytes(shapes, feature_map, chunk_size, sliding_window is not None, requires_grad, dtype)
     if need > max_feature_bytes:
-        r = feature_dim(shapes.head_dim, degree)
+        r, degree = feature_map.dim, feature_map.degree
         raise ValueError(
             f"degree {degree} with head_dim {shapes.head_dim} has {r} features per row; the polynomial part would "
             f"need about {need / 2**30:.2f} GiB (max_feature_bytes={max_feature_bytes / 2**30:.2f} GiB). "
-            "Lower the degree, the chunk_size or the batch, or raise max_feature_bytes."
+            "Lower the degree, the chunk_size or the batch, sketch the features (sketch_dim), or raise max_feature_bytes."
         )
 
 
 class _KeyFeatures:
     """Features of key ranges, zeroed for large and padded keys (those pairs belong to the exact part)."""
 
-    def __init__(self, k, v, k_small, degree):
-        self.k, self.v, self.k_small, self.degree = k, v, k_small, degree
+    def __init__(self, k, v, k_small, feature_map):
+        self.k, self.v, self.k_small, self.feature_map = k, v, k_small, feature_map
 
     def __call__(self, start: int, end: int):
-        features = monomial_features(self.k[:, :, start:end], self.degree)
+        features = self.feature_map(self.k[:, :, start:end])
         features = features * self.k_small[:, :, start:end, None]
         positions = torch.arange(start, end, device=self.k.device)
         return features, self.v[:, :, start:end], positions
@@ -191,10 +199,11 @@ class _KeyFeatures:
 class _RowAttention:
     """Numerator and mass of a block of query rows: exact vs large keys, polynomial vs small keys."""
 
-    def __init__(self, scale, degree, causal, window, large_keys, head_dim, device):
-        self.scale, self.degree, self.causal, self.window = scale, degree, causal, window
+    def __init__(self, scale, feature_map, causal, window, large_keys, device):
+        self.scale, self.feature_map, self.causal, self.window = scale, feature_map, causal, window
+        self.degree = feature_map.degree
         self.large_keys = large_keys
-        self.degrees = feature_degrees(head_dim, degree).to(device)
+        self.degrees = feature_map.degrees(device)
 
     def __call__(self, q_rows, q_pos, row_radius, q_large, state, blocks, key_rows=None):
         """``q_rows (B, Hk, G, c, d)`` at positions ``q_pos (c,)``; ``state`` = (S, z) running sums of
@@ -228,7 +237,7 @@ class _RowAttention:
             return num + pair @ v_rows[:, :, None], den + pair.sum(dim=-1)
         per_feature = coefficients[..., self.degrees] * (self.scale / row_radius[..., None]) ** self.degrees
         per_feature = torch.where(q_large[..., None], torch.zeros_like(per_feature), per_feature)
-        q_features = monomial_features(q_rows, self.degree) * per_feature  # (B, Hk, G, c, r)
+        q_features = self.feature_map(q_rows) * per_feature  # (B, Hk, G, c, r)
         if state is not None:
             kv_state, k_state = state
             num = num + q_features @ kv_state[:, :, None]
