@@ -138,6 +138,36 @@ def large_rows(x: torch.Tensor, threshold: float) -> torch.Tensor:
     return x.abs().amax(dim=-1) > threshold
 
 
+def key_buckets(x: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """Bucket of each row for thresholds ``T1 > T2 > ... > Tm``: ``-1`` when large (an entry above
+    ``T1``), else ``b`` with ``T(b+2) < max |entry| <= T(b+1)`` (bucket 0 just below ``T1``, bucket
+    ``m - 1`` holds the smallest rows). One threshold: every small row is in bucket 0."""
+    top = x.abs().amax(dim=-1)
+    bucket = torch.zeros(top.shape, dtype=torch.long, device=x.device)
+    for lower in thresholds[1:]:
+        bucket = bucket + (top <= lower).long()
+    return torch.where(large_rows(x, thresholds[0]), torch.full_like(bucket, -1), bucket)
+
+
+def check_buckets(thresholds, degrees, sketch_dims) -> tuple[list[float], list[int], list[int | None]]:
+    """Validate multi-threshold settings; ``degrees``/``sketch_dims`` may be one value for every bucket."""
+    thresholds = [float(t) for t in (thresholds if isinstance(thresholds, (list, tuple)) else [thresholds])]
+    if not thresholds or any(not t >= 0 for t in thresholds):
+        raise ValueError(f"thresholds must be a non-empty list of numbers >= 0, got {thresholds!r}")
+    if any(a <= b for a, b in zip(thresholds, thresholds[1:])):
+        raise ValueError(f"thresholds must be strictly decreasing (T1 > T2 > ...), got {thresholds!r}")
+    m = len(thresholds)
+    degrees = list(degrees) if isinstance(degrees, (list, tuple)) else [degrees] * m
+    sketch_dims = list(sketch_dims) if isinstance(sketch_dims, (list, tuple)) else [sketch_dims] * m
+    if len(degrees) != m or len(sketch_dims) != m:
+        raise ValueError(f"give one degree and one sketch_dim per threshold ({m}), or one for all; "
+                         f"got degrees={degrees!r}, sketch_dims={sketch_dims!r}")
+    for degree in degrees:
+        if not isinstance(degree, int) or isinstance(degree, bool) or not 0 <= degree <= MAX_DEGREE:
+            raise ValueError(f"degree must be an integer in [0, {MAX_DEGREE}], got {degree!r}")
+    return thresholds, degrees, sketch_dims
+
+
 def visible(
     q_pos: torch.Tensor, k_pos: torch.Tensor, *, causal: bool, sliding_window: int | None
 ) -> torch.Tensor:

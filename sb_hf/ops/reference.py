@@ -11,6 +11,8 @@ import torch
 
 from .common import (
     RADIUS_FLOOR,
+    check_buckets,
+    key_buckets,
     RADIUS_LIMIT,
     add_stats,
     check_inputs,
@@ -52,48 +54,91 @@ def support_basis_attention(
     ``chunk_size``, ``max_feature_bytes`` and ``evaluation`` only concern the fast path and are ignored here;
     ``stats`` receives the same counts as the fast op, from the dense masks. With
     ``return_weights`` the normalized attention weights ``(B, Hq, Lq, Lk)`` are returned instead."""
+    return _support_basis(
+        q, k, v, thresholds=[threshold], degrees=[degree], sketch_dims=[sketch_dim], sketch_seed=sketch_seed,
+        causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
+        stats=stats, return_weights=return_weights,
+    )
+
+
+def multi_threshold_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    thresholds: list[float],
+    degrees: int | list[int] = 2,
+    sketch_dim: int | None | list[int | None] = None,
+    sketch_seed: int = 0,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    radius: float | None = None,
+    chunk_size: int | None = None,
+    max_feature_bytes: int | None = None,
+    evaluation: str | None = None,
+    stats: dict | None = None,
+    return_weights: bool = False,
+) -> torch.Tensor:
+    """Multi-threshold support-basis attention computed densely. See :func:`sb_hf.ops.multi_threshold_attention`."""
+    thresholds, degrees, sketch_dims = check_buckets(thresholds, degrees, sketch_dim)
+    return _support_basis(
+        q, k, v, thresholds=thresholds, degrees=degrees, sketch_dims=sketch_dims, sketch_seed=sketch_seed,
+        causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
+        stats=stats, return_weights=return_weights,
+    )
+
+
+def _support_basis(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, causal, scale, key_padding_mask,
+                   sliding_window, radius, stats, return_weights):
+    threshold = thresholds[0]
     shapes = check_inputs(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
-        degree=degree, threshold=threshold, scale=scale, radius=radius,
+        degree=max(degrees), threshold=threshold, scale=scale, radius=radius,
     )
     out_dtype = q.dtype
     q, k, v, scale, mask, key_valid = _dense(q, k, v, shapes, scale, key_padding_mask, causal, sliding_window)
 
     q_large = large_rows(q, threshold)  # (B, H, Lq)
     k_large = large_rows(k, threshold)  # (B, H, Lk)
+    k_bucket = torch.where(key_valid[:, None, :], key_buckets(k, thresholds), -1)  # -1: large or padding
     scores = scale * q @ k.transpose(-1, -2)
 
-    # Interval of query i: scale * |q_i| * max |k_j| over the small real keys visible to it, so
-    # every small-small score lies inside, and a KV cache that only keeps the window agrees.
-    small_key = ~k_large & key_valid[:, None, :]
-    reach = mask & small_key[..., None, :]
-    k_norm = k.norm(dim=-1)[..., None, :].expand_as(reach)
-    k_max = torch.where(reach, k_norm, torch.zeros_like(k_norm)).amax(dim=-1)
+    # Interval of query i for bucket b: scale * |q_i| * max |k_j| over the keys of bucket b visible to
+    # it, so every score of the block lies inside, and a KV cache that only keeps the window agrees.
+    k_norm = k.norm(dim=-1)[..., None, :].expand_as(scores)
+    radii = []
+    for b in range(len(thresholds)):
+        reach = mask & (k_bucket == b)[..., None, :]
+        k_max = torch.where(reach, k_norm, torch.zeros_like(k_norm)).amax(dim=-1)
+        radii.append(scale * q.norm(dim=-1) * k_max if radius is None else torch.full_like(k_max, float(radius)))
+    row_radius = torch.stack(radii, dim=-1)
     if radius is None:
-        row_radius = (scale * q.norm(dim=-1) * k_max).clamp_min(RADIUS_FLOOR)
-    else:
-        row_radius = torch.full_like(k_max, float(radius))
-    q_large = q_large | (row_radius > RADIUS_LIMIT)  # too wide for any fit: exact
-    row_radius = torch.where(q_large, torch.full_like(row_radius, RADIUS_FLOOR), row_radius)  # unused there
+        row_radius = row_radius.clamp_min(RADIUS_FLOOR)
+    q_large = q_large | (row_radius.amax(dim=-1) > RADIUS_LIMIT)  # too wide for any fit: exact
+    row_radius = torch.where(q_large[..., None], torch.full_like(row_radius, RADIUS_FLOOR), row_radius)  # unused there
     exact_pair = q_large[..., :, None] | k_large[..., None, :]
 
     exact_scores = torch.where(mask & exact_pair, scores, torch.full_like(scores, float("-inf")))
-    shift = polynomial_shift(exact_scores.amax(dim=-1), row_radius)
-    coefficients = exp_fit_coefficients(row_radius, shift, degree)
+    shift = polynomial_shift(exact_scores.amax(dim=-1), row_radius.amax(dim=-1))
     # Each branch only sees the scores it is meant for, so no inf appears even where it is discarded
     # (an inf in a discarded branch of torch.where still turns gradients into NaN).
     exact_in = torch.where(mask & exact_pair, scores, shift[..., None].expand_as(scores))
-    poly_in = torch.where(mask & ~exact_pair, scores / row_radius[..., None], torch.zeros_like(scores))
-    if sketch_dim is None:
-        poly = evaluate_polynomial(coefficients[..., None, :], poly_in)
-    else:  # the kernel the sketch defines, as a dense matrix of per-degree inner products
-        feature_map = FeatureMap(q.shape[-1], degree, sketch_dim, sketch_seed)
-        degrees = feature_map.degrees(q.device)
-        per_feature = coefficients[..., degrees] * (scale / row_radius[..., None]) ** degrees
-        poly = (feature_map(q) * per_feature) @ feature_map(k).transpose(-1, -2)
-        poly = torch.where(mask & ~exact_pair, poly, torch.zeros_like(poly))
-    weights = torch.where(exact_pair, torch.exp(exact_in - shift[..., None]), poly)
-    weights = torch.where(mask, weights, torch.zeros_like(weights))
+    weights = torch.where(mask & exact_pair, torch.exp(exact_in - shift[..., None]), torch.zeros_like(scores))
+    for b, (degree, sketch_dim) in enumerate(zip(degrees, sketch_dims)):
+        block = mask & ~exact_pair & (k_bucket == b)[..., None, :]
+        radius_b = row_radius[..., b]
+        coefficients = exp_fit_coefficients(radius_b, shift, degree)
+        if sketch_dim is None:
+            poly_in = torch.where(block, scores / radius_b[..., None], torch.zeros_like(scores))
+            poly = evaluate_polynomial(coefficients[..., None, :], poly_in)
+        else:  # the kernel the sketch defines, as a dense matrix of per-degree inner products
+            feature_map = FeatureMap(q.shape[-1], degree, sketch_dim, sketch_seed + b)
+            degrees_b = feature_map.degrees(q.device)
+            per_feature = coefficients[..., degrees_b] * (scale / radius_b[..., None]) ** degrees_b
+            poly = (feature_map(q) * per_feature) @ feature_map(k).transpose(-1, -2)
+        weights = weights + torch.where(block, poly, torch.zeros_like(poly))
     den = weights.sum(dim=-1)
     out = (weights @ v) / torch.where(den > 0, den, torch.ones_like(den))[..., None]
 

@@ -22,6 +22,8 @@ import torch.utils.checkpoint
 
 from .common import (
     RADIUS_FLOOR,
+    check_buckets,
+    key_buckets,
     RADIUS_LIMIT,
     Shapes,
     add_stats,
@@ -86,22 +88,71 @@ def support_basis_attention(
     Rows whose approximate mass is not positive, or whose output is not finite, are recomputed
     exactly (see :func:`sb_hf.ops.common.suspect_rows`). Computation runs in fp32 (fp64 for fp64).
     """
+    return _attention(
+        q, k, v, thresholds=[threshold], degrees=[degree], sketch_dims=[sketch_dim], sketch_seed=sketch_seed,
+        causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
+        chunk_size=chunk_size, max_feature_bytes=max_feature_bytes, evaluation=evaluation, stats=stats,
+    )
+
+
+def multi_threshold_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    thresholds: list[float],
+    degrees: int | list[int] = 2,
+    sketch_dim: int | None | list[int | None] = None,
+    sketch_seed: int = 0,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    radius: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
+    evaluation: str = "auto",
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """Multi-threshold support-basis attention: thresholds ``T1 > T2 > ... > Tm``.
+
+    Rows with an entry above ``T1`` are exact, as in :func:`support_basis_attention`. The other keys
+    fall into buckets by their largest entry (``(T2, T1]``, ``(T3, T2]``, ..., ``[0, Tm]``); the
+    small-query x bucket-``b`` block gets its own polynomial of degree ``degrees[b]`` on its own
+    interval ``R_ib = scale |q_i| max |k_j|`` over the visible keys of bucket ``b`` (narrower for the
+    smaller buckets), with features sketched to ``sketch_dim[b]`` (seed ``sketch_seed + b``). The
+    attention is the exact part plus the sum of the buckets' polynomial attentions, over the sum of
+    their masses. One threshold is :func:`support_basis_attention`. ``radius`` (fixed interval)
+    applies to every bucket.
+    """
+    thresholds, degrees, sketch_dims = check_buckets(thresholds, degrees, sketch_dim)
+    return _attention(
+        q, k, v, thresholds=thresholds, degrees=degrees, sketch_dims=sketch_dims, sketch_seed=sketch_seed,
+        causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
+        chunk_size=chunk_size, max_feature_bytes=max_feature_bytes, evaluation=evaluation, stats=stats,
+    )
+
+
+def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, causal, scale, key_padding_mask,
+               sliding_window, radius, chunk_size, max_feature_bytes, evaluation, stats):
+    threshold = thresholds[0]
     shapes = check_inputs(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
-        degree=degree, threshold=threshold, scale=scale, radius=radius,
+        degree=max(degrees), threshold=threshold, scale=scale, radius=radius,
     )
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if evaluation not in EVALUATIONS:
         raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {evaluation!r}")
-    feature_map = FeatureMap(shapes.head_dim, degree, sketch_dim, sketch_seed)
-    if sketch_dim is not None and evaluation == "scores":
+    feature_maps = [FeatureMap(shapes.head_dim, g, r, sketch_seed + b) for b, (g, r) in enumerate(zip(degrees, sketch_dims))]
+    sketched = any(r is not None for r in sketch_dims)
+    if sketched and evaluation == "scores":
         raise ValueError("a sketched kernel is not a function of the scores: use evaluation='features' or 'auto'")
     if evaluation == "auto":
-        evaluation = "scores" if sketch_dim is None and shapes.q_len < feature_map.dim else "features"
+        evaluation = "scores" if not sketched and shapes.q_len < sum(f.dim for f in feature_maps) else "features"
     recompute = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))  # training: see _step
     if evaluation == "features":
-        check_memory(shapes, feature_map, chunk_size, sliding_window, recompute, max_feature_bytes, q.dtype)
+        check_memory(shapes, feature_maps, chunk_size, sliding_window, recompute, max_feature_bytes, q.dtype)
 
     out_dtype = q.dtype
     compute = compute_dtype(q.dtype)
@@ -117,28 +168,32 @@ def support_basis_attention(
     )
     q_large = large_rows(qg, threshold)  # (B, Hk, G, Lq)
     k_large = large_rows(k, threshold)  # (B, Hk, Lk)
-    k_small = ~k_large & key_valid[:, None, :]
+    k_bucket = torch.where(key_valid[:, None, :], key_buckets(k, thresholds), -1)  # -1: no polynomial
 
     if bool(q_large.all()):  # every row exact: skip the polynomial part entirely
         out = qg.new_zeros(s.batch, s.kv_heads, s.groups, s.q_len, s.value_dim)
         exact_rows = q_large
     else:
-        if radius is None:
-            k_norm = torch.where(k_small, k.norm(dim=-1), torch.zeros((), dtype=compute, device=q.device))
-            k_max = _visible_max(k_norm, window)[..., offset:] if causal else k_norm.amax(-1, keepdim=True)
-            row_radius = (scale * qg.norm(dim=-1) * k_max[:, :, None, :]).clamp_min(RADIUS_FLOOR)
+        if radius is None:  # per bucket: scale |q_i| max |k_j| over the visible keys of the bucket
+            k_norm = k.norm(dim=-1)
+            radii = []
+            for b in range(len(thresholds)):
+                norms = torch.where(k_bucket == b, k_norm, torch.zeros_like(k_norm))
+                k_max = _visible_max(norms, window)[..., offset:] if causal else norms.amax(-1, keepdim=True)
+                radii.append(scale * qg.norm(dim=-1) * k_max[:, :, None, :])
+            row_radius = torch.stack(radii, dim=-1).clamp_min(RADIUS_FLOOR)  # (B, Hk, G, Lq, m)
         else:
-            row_radius = torch.full_like(qg[..., 0], float(radius))
-        q_large = q_large | (row_radius > RADIUS_LIMIT)  # a fit on such an interval is meaningless: exact
-        row_radius = torch.where(q_large, torch.full_like(row_radius, RADIUS_FLOOR), row_radius)  # unused there
+            row_radius = torch.full((*qg.shape[:-1], len(thresholds)), float(radius), dtype=compute, device=q.device)
+        q_large = q_large | (row_radius.amax(dim=-1) > RADIUS_LIMIT)  # a fit on such an interval is meaningless
+        row_radius = torch.where(q_large[..., None], torch.full_like(row_radius, RADIUS_FLOOR), row_radius)
         large_keys = _gather_rows(k_large & key_valid[:, None, :], (k, v))
-        rows = _RowAttention(scale, feature_map, causal, window, large_keys, q.device)
+        rows = _RowAttention(scale, feature_maps, causal, window, large_keys, q.device)
         if evaluation == "scores":
             num, den = _score_chunks(
-                rows, k, v, k_small, qg, row_radius, q_large, offset, chunk_size, causal, window, recompute
+                rows, k, v, k_bucket, qg, row_radius, q_large, offset, chunk_size, causal, window, recompute
             )
         else:
-            key_features = _KeyFeatures(k, v, k_small, feature_map)
+            key_features = _KeyFeatures(k, v, k_bucket, feature_maps)
             scan = _causal_scan if causal else _global_sum
             num, den = scan(rows, key_features, qg, row_radius, q_large, offset, chunk_size, window, recompute)
         out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
@@ -156,12 +211,12 @@ def as23_attention(q, k, v, *, degree: int, causal: bool = True, scale: float | 
 
 
 def estimate_feature_bytes(
-    shapes: Shapes, feature_map: FeatureMap, chunk_size: int, windowed: bool, requires_grad: bool, dtype: torch.dtype
+    shapes: Shapes, feature_maps: list[FeatureMap], chunk_size: int, windowed: bool, requires_grad: bool, dtype: torch.dtype
 ) -> int:
     """Rough peak bytes of the polynomial part: running states, chunk features, and for backward the
     states each chunk starts from (all else is recomputed chunk by chunk)."""
     s = shapes
-    r = feature_map.dim
+    r = sum(f.dim for f in feature_maps)
     item = 8 if dtype == torch.float64 else 4
     states = (4 if windowed else 2) * s.batch * s.kv_heads * r * (s.value_dim + 1)
     chunk = 2 * (s.batch * s.q_heads + 3 * s.batch * s.kv_heads) * min(chunk_size, s.kv_len) * r
@@ -172,10 +227,10 @@ def estimate_feature_bytes(
     return total * item
 
 
-def check_memory(shapes, feature_map, chunk_size, sliding_window, requires_grad, max_feature_bytes, dtype) -> None:
-    need = estimate_feature_bytes(shapes, feature_map, chunk_size, sliding_window is not None, requires_grad, dtype)
+def check_memory(shapes, feature_maps, chunk_size, sliding_window, requires_grad, max_feature_bytes, dtype) -> None:
+    need = estimate_feature_bytes(shapes, feature_maps, chunk_size, sliding_window is not None, requires_grad, dtype)
     if need > max_feature_bytes:
-        r, degree = feature_map.dim, feature_map.degree
+        r, degree = sum(f.dim for f in feature_maps), max(f.degree for f in feature_maps)
         raise ValueError(
             f"degree {degree} with head_dim {shapes.head_dim} has {r} features per row; the polynomial part would "
             f"need about {need / 2**30:.2f} GiB (max_feature_bytes={max_feature_bytes / 2**30:.2f} GiB). "
@@ -184,26 +239,27 @@ def check_memory(shapes, feature_map, chunk_size, sliding_window, requires_grad,
 
 
 class _KeyFeatures:
-    """Features of key ranges, zeroed for large and padded keys (those pairs belong to the exact part)."""
+    """Features of key ranges: one block per bucket, zero unless the key is in that bucket (large
+    and padded keys are in none: their pairs belong to the exact part)."""
 
-    def __init__(self, k, v, k_small, feature_map):
-        self.k, self.v, self.k_small, self.feature_map = k, v, k_small, feature_map
+    def __init__(self, k, v, k_bucket, feature_maps):
+        self.k, self.v, self.k_bucket, self.feature_maps = k, v, k_bucket, feature_maps
 
     def __call__(self, start: int, end: int):
-        features = self.feature_map(self.k[:, :, start:end])
-        features = features * self.k_small[:, :, start:end, None]
+        keys, bucket = self.k[:, :, start:end], self.k_bucket[:, :, start:end, None]
+        features = torch.cat([f(keys) * (bucket == b) for b, f in enumerate(self.feature_maps)], dim=-1)
         positions = torch.arange(start, end, device=self.k.device)
         return features, self.v[:, :, start:end], positions
 
 
 class _RowAttention:
-    """Numerator and mass of a block of query rows: exact vs large keys, polynomial vs small keys."""
+    """Numerator and mass of a block of query rows: exact vs large keys, each bucket's polynomial
+    vs its keys. ``row_radius (..., c, m)`` holds each row's interval per bucket."""
 
-    def __init__(self, scale, feature_map, causal, window, large_keys, device):
-        self.scale, self.feature_map, self.causal, self.window = scale, feature_map, causal, window
-        self.degree = feature_map.degree
+    def __init__(self, scale, feature_maps, causal, window, large_keys, device):
+        self.scale, self.feature_maps, self.causal, self.window = scale, feature_maps, causal, window
         self.large_keys = large_keys
-        self.degrees = feature_map.degrees(device)
+        self.degrees = [f.degrees(device) for f in feature_maps]
 
     def __call__(self, q_rows, q_pos, row_radius, q_large, state, blocks, key_rows=None):
         """``q_rows (B, Hk, G, c, d)`` at positions ``q_pos (c,)``; ``state`` = (S, z) running sums of
@@ -211,33 +267,37 @@ class _RowAttention:
         blocks that need the positional mask; or ``key_rows`` = ``(k, v, positions, small)`` of raw
         keys, the polynomial then evaluated on the scores. Returns ``num (B, Hk, G, c, dv)``, ``den (B, Hk, G, c)``."""
         num = den = 0
-        exact_max = torch.full_like(row_radius, float("-inf"))
+        exact_max = torch.full_like(row_radius[..., 0], float("-inf"))
         if self.large_keys is not None:
             (k_large, v_large), k_pos, slot_valid = self.large_keys
             scores = self.scale * q_rows @ k_large[:, :, None].transpose(-1, -2)  # (B, Hk, G, c, n)
             mask = visible(q_pos, k_pos[:, :, None], causal=self.causal, sliding_window=self.window)
             mask = mask & slot_valid[:, :, None, None, :]
             exact_max = torch.where(mask, scores, torch.full_like(scores, float("-inf"))).amax(dim=-1)
-        shift = polynomial_shift(exact_max, row_radius)
+        shift = polynomial_shift(exact_max, row_radius.amax(dim=-1))
         if self.large_keys is not None:
             shifted = torch.where(mask, scores, shift[..., None].expand_as(scores)) - shift[..., None]
             weights = torch.where(mask, torch.exp(shifted), torch.zeros_like(scores))
             num = weights @ v_large[:, :, None]
             den = weights.sum(dim=-1)
 
-        coefficients = exp_fit_coefficients(row_radius, shift, self.degree)
+        coefficients = [exp_fit_coefficients(row_radius[..., b], shift, f.degree) for b, f in enumerate(self.feature_maps)]
         if key_rows is not None:
-            k_rows, v_rows, k_pos, k_small = key_rows
-            keep = visible(q_pos, k_pos, causal=self.causal, sliding_window=self.window)
-            keep = keep & k_small[:, :, None, None, :] & ~q_large[..., None]
-            t = self.scale * q_rows @ k_rows[:, :, None].transpose(-1, -2) / row_radius[..., None]
-            t = torch.where(keep, t, torch.zeros_like(t))  # no overflow in discarded pairs (NaN gradients)
-            pair = evaluate_polynomial(coefficients[..., None, :], t)
-            pair = torch.where(keep, pair, torch.zeros_like(pair))
-            return num + pair @ v_rows[:, :, None], den + pair.sum(dim=-1)
-        per_feature = coefficients[..., self.degrees] * (self.scale / row_radius[..., None]) ** self.degrees
-        per_feature = torch.where(q_large[..., None], torch.zeros_like(per_feature), per_feature)
-        q_features = self.feature_map(q_rows) * per_feature  # (B, Hk, G, c, r)
+            k_rows, v_rows, k_pos, k_bucket = key_rows
+            seen = visible(q_pos, k_pos, causal=self.causal, sliding_window=self.window) & ~q_large[..., None]
+            scores = self.scale * q_rows @ k_rows[:, :, None].transpose(-1, -2)  # (B, Hk, G, c, n)
+            for b, c in enumerate(coefficients):
+                keep = seen & (k_bucket == b)[:, :, None, None, :]
+                t = torch.where(keep, scores / row_radius[..., b, None], torch.zeros_like(scores))  # no overflow
+                pair = torch.where(keep, evaluate_polynomial(c[..., None, :], t), torch.zeros_like(t))  # (NaN grads)
+                num, den = num + pair @ v_rows[:, :, None], den + pair.sum(dim=-1)
+            return num, den
+        q_features = []
+        for b, (f, degrees, c) in enumerate(zip(self.feature_maps, self.degrees, coefficients)):
+            per_feature = c[..., degrees] * (self.scale / row_radius[..., b, None]) ** degrees
+            per_feature = torch.where(q_large[..., None], torch.zeros_like(per_feature), per_feature)
+            q_features.append(f(q_rows) * per_feature)
+        q_features = torch.cat(q_features, dim=-1)  # (B, Hk, G, c, r)
         if state is not None:
             kv_state, k_state = state
             num = num + q_features @ kv_state[:, :, None]
@@ -290,7 +350,7 @@ def _causal_scan(rows, key_features, qg, row_radius, q_large, offset, chunk, win
                 if low < first_full:
                     blocks.append(key_features(low, first_full))
             q_pos = torch.arange(i0, i1, device=qg.device) + offset
-            return rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1], q_large[..., i0:i1], state, blocks)
+            return rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1, :], q_large[..., i0:i1], state, blocks)
 
         if b > offset:
             num, den = _step(recompute, chunk_rows, kv_state, k_state, trail_kv, trail_k)
@@ -310,7 +370,7 @@ def _accumulate(key_features, kv_state, k_state, start, end):
     return kv_state + kv, k_state + kk
 
 
-def _score_chunks(rows, k, v, k_small, qg, row_radius, q_large, offset, chunk, causal, window, recompute):
+def _score_chunks(rows, k, v, k_bucket, qg, row_radius, q_large, offset, chunk, causal, window, recompute):
     """The polynomial on the scores: each query chunk against the key range it can see."""
     kv_len, q_len = k.shape[2], qg.shape[3]
     nums, dens = [], []
@@ -323,9 +383,9 @@ def _score_chunks(rows, k, v, k_small, qg, row_radius, q_large, offset, chunk, c
                 lo = max(offset + i0 - window + 1, 0)
 
         def chunk_rows(i0=i0, i1=i1, lo=lo, hi=hi):
-            key_rows = (k[:, :, lo:hi], v[:, :, lo:hi], torch.arange(lo, hi, device=k.device), k_small[:, :, lo:hi])
+            key_rows = (k[:, :, lo:hi], v[:, :, lo:hi], torch.arange(lo, hi, device=k.device), k_bucket[:, :, lo:hi])
             q_pos = torch.arange(i0, i1, device=qg.device) + offset
-            return rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1], q_large[..., i0:i1], None, [], key_rows)
+            return rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1, :], q_large[..., i0:i1], None, [], key_rows)
 
         num, den = _step(recompute, chunk_rows)
         nums.append(num)
@@ -345,7 +405,7 @@ def _global_sum(rows, key_features, qg, row_radius, q_large, offset, chunk, wind
 
         def chunk_rows(kv_state, k_state, i0=i0, i1=i1):
             q_pos = torch.arange(i0, i1, device=qg.device)  # unused without a causal mask
-            return rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1], q_large[..., i0:i1], (kv_state, k_state), [])
+            return rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1, :], q_large[..., i0:i1], (kv_state, k_state), [])
 
         num, den = _step(recompute, chunk_rows, kv_state, k_state)
         nums.append(num)
