@@ -33,6 +33,9 @@ class SupportBasisConfig:
         sketch_dim: None: exact monomial features; ``r``: degree >= 2 features sketched to ``r`` each
             (an unbiased estimate of the polynomial kernel, seeded by ``sketch_seed``).
         sketch_seed: seed of the sketch (the same seed gives the same features everywhere).
+        thresholds: ``support_basis_multi``: ``T1 > T2 > ... > Tm`` (None: ``threshold`` and two evenly
+            spaced below it, ``[T, 2T/3, T/3]``).
+        degrees: ``support_basis_multi``: one degree per bucket (None: ``degree`` for every bucket).
         sinks: ``sink_window``: every query also attends to the first ``sinks`` real tokens (>= 0).
         local_window: ``sink_window``: query ``p`` attends to the keys ``p - local_window < j <= p`` (>= 1).
         layers: per-layer overrides, ``{layer_index: {field: value}}``.
@@ -46,6 +49,8 @@ class SupportBasisConfig:
     max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES
     sketch_dim: int | None = None
     sketch_seed: int = 0
+    thresholds: list[float] | None = None
+    degrees: list[int] | None = None
     sinks: int = 4
     local_window: int = 256
     layers: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -79,6 +84,17 @@ class SupportBasisConfig:
         """The settings of one layer: the defaults merged with that layer's overrides."""
         overrides = self.layers.get(_layer_index(layer_index), {}) if layer_index is not None else {}
         return dataclasses.replace(self, layers={}, **overrides)
+
+    def bucket_settings(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`sb_hf.ops.multi_threshold_attention` (``support_basis_multi``)."""
+        thresholds = self.thresholds
+        if thresholds is None:
+            t = self.threshold
+            thresholds = [t] if t == 0 or math.isinf(t) else [t, 2 * t / 3, t / 3]
+        degrees = self.degrees if self.degrees is not None else [self.degree] * len(thresholds)
+        kwargs = self.op_kwargs()
+        del kwargs["threshold"], kwargs["degree"]
+        return dict(kwargs, thresholds=list(thresholds), degrees=list(degrees))
 
     def op_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`sb_hf.ops.support_basis_attention`."""
@@ -119,11 +135,13 @@ def _json_threshold(settings: dict[str, Any]) -> dict[str, Any]:
     """JSON has no infinity: an infinite threshold is stored as the string "inf"."""
     if isinstance(settings.get("threshold"), float) and math.isinf(settings["threshold"]):
         settings["threshold"] = "inf"
+    if settings.get("thresholds") is not None:
+        settings["thresholds"] = ["inf" if math.isinf(t) else t for t in settings["thresholds"]]
     return settings
 
 
-_LAYER_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size", "sketch_dim", "sketch_seed", "sinks",
-                 "local_window"}
+_LAYER_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size", "sketch_dim", "sketch_seed", "thresholds",
+                 "degrees", "sinks", "local_window"}
 
 
 def _layer_index(key: Any) -> int:
@@ -159,6 +177,14 @@ def _validate(c: SupportBasisConfig) -> None:
         raise ValueError(f"sketch_dim must be an integer >= 1 or None (exact features), got {c.sketch_dim!r}")
     if isinstance(c.sketch_seed, bool) or not isinstance(c.sketch_seed, int) or c.sketch_seed < 0:
         raise ValueError(f"sketch_seed must be an integer >= 0, got {c.sketch_seed!r}")
+    if c.thresholds is not None or c.degrees is not None:
+        from .ops.common import check_buckets
+
+        thresholds = c.thresholds if c.thresholds is not None else [c.threshold]
+        if c.degrees is not None and c.thresholds is None:
+            raise ValueError("degrees (one per bucket) needs thresholds; set thresholds=[T1, T2, ...] too")
+        thresholds = [math.inf if isinstance(t, str) and t.strip().lower() in ("inf", "infinity") else t for t in thresholds]
+        c.thresholds, c.degrees, _ = check_buckets(thresholds, c.degrees if c.degrees is not None else c.degree, None)
     if isinstance(c.sinks, bool) or not isinstance(c.sinks, int) or c.sinks < 0:
         raise ValueError(f"sinks must be an integer >= 0, got {c.sinks!r}")
     if isinstance(c.local_window, bool) or not isinstance(c.local_window, int) or c.local_window < 1:

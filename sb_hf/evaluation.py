@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 EXACT = "exact"
-METHODS = (EXACT, "support_basis", "as23", "sink_window")
+METHODS = (EXACT, "support_basis", "support_basis_multi", "as23", "sink_window")
 # Short names for the packaged tasks; any other task name lm-eval knows is accepted as well.
 TASK_ALIASES = {"gsm8k": "sb_gsm8k_cot", "mmlu": "sb_mmlu"}
 DEFAULT_TASKS = "gsm8k,mmlu"
@@ -143,7 +143,9 @@ def method_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The settings that matter for ``method`` (for the report)."""
     if method == EXACT:
         return {}
-    shown = {"support_basis": ("threshold", "degree", "interval", "radius"), "as23": ("degree", "interval", "radius"),
+    shown = {"support_basis": ("threshold", "degree", "interval", "radius"),
+             "support_basis_multi": ("thresholds", "degrees", "sketch_dim", "interval", "radius"),
+             "as23": ("degree", "interval", "radius"),
              "sink_window": ("sinks", "local_window")}[method]
     out = {k: settings[k] for k in shown if k in settings and settings[k] is not None}
     if out.get("interval") == "query":

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_causal_mask
 
 import sb_hf
+from sb_hf.config import SupportBasisConfig
 from sb_hf.integrations.hf import attention_stats, settings_for
 
 KINDS = ["llama", "mistral"]
@@ -80,6 +81,7 @@ SETTINGS = [
     dict(implementation="support_basis"),  # defaults
     dict(implementation="as23", degree=2),
     dict(implementation="support_basis", threshold=SPLIT, degree=2, sketch_dim=16, sketch_seed=3),
+    dict(implementation="support_basis_multi", thresholds=[SPLIT, 0.8, 0.6], degrees=[2, 3, 2], chunk_size=5),
     dict(implementation="sink_window", sinks=2, local_window=5),
 ]
 
@@ -108,13 +110,15 @@ def test_causality_padding_invariance_and_finiteness(kind, settings):
     assert not torch.allclose(out2[:, -3:], out[:, -3:])
 
 
-@pytest.mark.parametrize("sketch_dim", [None, 16])
+@pytest.mark.parametrize("method,settings", [("support_basis", {}), ("support_basis", {"sketch_dim": 16}),
+                                             ("support_basis_multi", {"thresholds": [SPLIT, 0.8, 0.6]})],
+                         ids=["exact-features", "sketched", "multi"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cached_decoding_matches_full_recompute(kind, sketch_dim):
+def test_cached_decoding_matches_full_recompute(kind, method, settings):
     """Greedy decoding with the KV cache gives, step by step, the logits of a full forward pass."""
     model = tiny_model(kind)
     ids, mask = padded_batch(lengths=(14, 10), total=14)
-    sb_hf.apply_support_basis(model, threshold=SPLIT, degree=2, sketch_dim=sketch_dim)
+    sb_hf.apply_support_basis(model, method=method, **{"threshold": SPLIT, "degree": 2, **settings})
     generated = model.generate(
         ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
         output_logits=True, return_dict_in_generate=True,
@@ -239,3 +243,20 @@ def test_apply_rejects_invalid_settings(settings, field):
 def test_apply_rejects_unknown_method():
     with pytest.raises(ValueError, match="method"):
         sb_hf.apply_support_basis(tiny_model("llama"), method="bogus")
+
+
+def test_support_basis_multi_model_matches_the_op_settings():
+    """The registered `support_basis_multi` runs multi_threshold_attention with the config's buckets:
+    one bucket equals `support_basis`, several differ; defaults split below `threshold` evenly."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch()
+    one = logits(model, ids, mask, "support_basis_multi", thresholds=[SPLIT], degrees=[3])
+    single = logits(model, ids, mask, "support_basis", threshold=SPLIT, degree=3)
+    torch.testing.assert_close(one, single, rtol=0, atol=0)
+    several = logits(model, ids, mask, "support_basis_multi", thresholds=[SPLIT, 0.8, 0.6], degrees=[3, 2, 2])
+    assert torch.isfinite(several).all() and (several - single).abs().max() > 1e-5
+    assert SupportBasisConfig(threshold=3.0).bucket_settings()["thresholds"] == [3.0, 2.0, 1.0]
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sb_hf.apply_support_basis(model, method="support_basis_multi", thresholds=[1.0, 2.0])
+    with pytest.raises(ValueError, match="needs thresholds"):
+        sb_hf.apply_support_basis(model, method="support_basis_multi", degrees=[2, 2])

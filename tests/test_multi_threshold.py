@@ -134,3 +134,19 @@ def test_bad_input(fn, kwargs, match):
     q, k, v = make_qkv(q_len=5, seed=9)
     with pytest.raises(ValueError, match=match):
         fn(q, k, v, **kwargs)
+
+
+def test_config_buckets_round_trip_through_json():
+    import json
+
+    from sb_hf.config import SupportBasisConfig
+
+    config = SupportBasisConfig(thresholds=[INF, 2.0, 1.0], degrees=[2, 3, 2], sketch_dim=32,
+                                layers={1: {"thresholds": [3.0], "degrees": [2]}})
+    again = SupportBasisConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again.thresholds == [INF, 2.0, 1.0] and again.degrees == [2, 3, 2]
+    assert again.bucket_settings()["thresholds"] == [INF, 2.0, 1.0]
+    assert again.for_layer(1).bucket_settings()["thresholds"] == [3.0]
+    assert again.for_layer(1).bucket_settings()["degrees"] == [2]
+    with pytest.raises(ValueError, match="one degree and one sketch_dim per threshold"):  # found when built
+        SupportBasisConfig(thresholds=[2.0, 1.0], degrees=[2, 2], layers={1: {"thresholds": [3.0]}})

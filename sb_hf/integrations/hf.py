@@ -21,12 +21,19 @@ from transformers.masking_utils import (
 )
 
 from ..config import SupportBasisConfig
-from ..ops import as23_attention, sink_window_attention, support_basis_attention
+from ..ops import as23_attention, multi_threshold_attention, sink_window_attention, support_basis_attention
 
-IMPLEMENTATIONS = {"support_basis": support_basis_attention, "as23": as23_attention, "sink_window": sink_window_attention}
+IMPLEMENTATIONS = {
+    "support_basis": support_basis_attention,
+    "support_basis_multi": multi_threshold_attention,
+    "as23": as23_attention,
+    "sink_window": sink_window_attention,
+}
 # The settings (fields of SupportBasisConfig, as op keyword arguments) each implementation takes.
 OP_SETTINGS = {
     "support_basis": ("threshold", "degree", "radius", "chunk_size", "max_feature_bytes", "sketch_dim", "sketch_seed"),
+    "support_basis_multi": ("thresholds", "degrees", "radius", "chunk_size", "max_feature_bytes", "sketch_dim",
+                            "sketch_seed"),
     "as23": ("degree", "radius", "chunk_size", "max_feature_bytes", "sketch_dim", "sketch_seed"),
     "sink_window": ("sinks", "local_window", "chunk_size"),
 }
@@ -101,7 +108,8 @@ def _make_attention_forward(name: str):
 
 
 def _op_kwargs(settings: SupportBasisConfig, name: str) -> dict[str, Any]:
-    available = {**settings.op_kwargs(), "sinks": settings.sinks, "local_window": settings.local_window}
+    available = {**settings.op_kwargs(), **settings.bucket_settings(), "sinks": settings.sinks,
+                 "local_window": settings.local_window}
     return {field: available[field] for field in OP_SETTINGS[name]}
 
 
@@ -175,7 +183,8 @@ def _check_mask_function(mask_function) -> None:
 
 
 def register() -> None:
-    """Register ``support_basis``, ``as23`` and ``sink_window`` with transformers' attention and mask interfaces."""
+    """Register ``support_basis``, ``support_basis_multi``, ``as23`` and ``sink_window`` with transformers'
+    attention and mask interfaces."""
     for name in IMPLEMENTATIONS:
         AttentionInterface.register(name, _make_attention_forward(name))
         AttentionMaskInterface.register(name, support_basis_mask)
@@ -194,7 +203,8 @@ def apply_support_basis(
 
     The settings are stored as a plain dict in ``model.config.support_basis`` (so
     ``save_pretrained``/``from_pretrained`` round-trip them); ``layers={i: {...}}`` overrides
-    single layers. ``method="as23"`` selects the bounded-entry baseline, ``method="sink_window"``
+    single layers. ``method="support_basis_multi"`` the multi-threshold variant (settings
+    ``thresholds``, ``degrees``), ``method="as23"`` the bounded-entry baseline, ``method="sink_window"``
     the attention sinks + local window baseline (settings ``sinks``, ``local_window``).
 
     Without a model: ``from_pretrained``/``from_config`` switch the Llama and Mistral models they

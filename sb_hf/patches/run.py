@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="support_basis", choices=["support_basis", "as23", "sink_window"],
+    parser.add_argument("--method", default="support_basis", choices=["support_basis", "support_basis_multi", "as23", "sink_window"],
                         help="attention implementation to switch to (default support_basis)")
     parser.add_argument("--config", default=None,
                         help="JSON file of SupportBasisConfig settings, or a model's config.json with support_basis")
