@@ -22,6 +22,10 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _sketch_dims(text: str) -> list[int | None]:
+    return [None if x.strip().lower() == "none" else int(x) for x in text.split(",") if x.strip()]
+
+
 def _layers(text: str) -> list[int] | None:
     return None if text == "all" else _ints(text)
 
@@ -34,10 +38,14 @@ def _model_arguments(parser: argparse.ArgumentParser, tokens: int) -> None:
 
 def _method_arguments(parser: argparse.ArgumentParser, methods: str, thresholds: str, windows: str) -> None:
     parser.add_argument("--methods", type=_names, default=_names(methods),
-                        help=f"comma list of support_basis, as23, sink_window (default {methods})")
+                        help=f"comma list of support_basis, support_basis_multi, as23, sink_window (default {methods}); "
+                        "support_basis_multi: each threshold T gives buckets T, 2T/3, T/3")
     parser.add_argument("--thresholds", "--threshold", type=_floats, default=_floats(thresholds),
                         help=f"support_basis thresholds (default {thresholds})")
     parser.add_argument("--degrees", "--degree", type=_ints, default=[2], help="polynomial degrees (default 2)")
+    parser.add_argument("--sketch-dims", type=_sketch_dims, default=[None],
+                        help="comma list of sketch dimensions for the polynomial features, 'none' = exact features "
+                        "(default none)")
     parser.add_argument("--sinks", type=int, default=4, help="sink tokens of sink_window (default 4)")
     parser.add_argument("--windows", type=_ints, default=_ints(windows),
                         help=f"local windows of sink_window (default {windows})")
@@ -100,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _method_points(args) -> list[tuple[str, dict]]:
     from sb_hf.analysis.sweep import grid
 
-    return grid(args.methods, args.thresholds, args.degrees, args.sinks, args.windows)
+    return grid(args.methods, args.thresholds, args.degrees, args.sinks, args.windows, args.sketch_dims)
 
 
 def _text(args) -> tuple[Path, str]:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sb_hf.analysis.capture import Capture
-from sb_hf.analysis.sweep import grid, modelled_flops, sweep_capture, write_results
-from sb_hf.ops import reference, support_basis_attention
+from sb_hf.analysis.sweep import features, grid, modelled_flops, sweep_capture, write_results
+from sb_hf.ops import multi_threshold_attention, reference, support_basis_attention
 from sb_hf.ops.polynomial import feature_dim
 
 
@@ -36,19 +36,27 @@ def test_exact_settings_have_zero_error_and_full_cost():
         assert len(result.per_layer) == 2
 
 
-def test_errors_match_a_dense_computation():
+@pytest.mark.parametrize(
+    "method,settings",
+    [("support_basis", {"threshold": 1.5, "degree": 2}),
+     ("support_basis", {"threshold": 1.5, "degree": 2, "sketch_dim": 6}),
+     ("support_basis_multi", {"thresholds": [1.5, 1.0, 0.5], "degrees": 2, "sketch_dim": 6})],
+    ids=["single", "sketched", "multi-sketched"],
+)
+def test_errors_match_a_dense_computation(method, settings):
     """Output and attention-matrix errors equal those computed directly from the full dense matrices
     (all rows sampled), pooled over layers as sqrt(sum of squares / sum of squares)."""
     capture = synthetic_capture(n=30, spread=1.3)
-    settings = {"threshold": 1.5, "degree": 2}
-    result = run(capture, "support_basis", settings, rows=30)
+    result = run(capture, method, settings, rows=30)
+    fast = support_basis_attention if method == "support_basis" else multi_threshold_attention
+    twin = reference.support_basis_attention if method == "support_basis" else reference.multi_threshold_attention
     scale = float(capture.meta["scale"])
     err = ref = merr = mref = 0.0
     for layer in capture.layers.values():
         q, k, v = layer["q"], layer["k"], layer["v"]
         exact_w = reference.exact_attention(q, k, v, scale=scale, return_weights=True)
-        approx_w = reference.support_basis_attention(q, k, v, scale=scale, return_weights=True, **settings)
-        out = support_basis_attention(q, k, v, scale=scale, **settings)
+        approx_w = twin(q, k, v, scale=scale, return_weights=True, **settings)
+        out = fast(q, k, v, scale=scale, **settings)
         exact = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         err += float((out - exact).pow(2).sum())
         ref += float(exact.pow(2).sum())
@@ -92,6 +100,12 @@ def test_grid_and_outputs(tmp_path):
     points = grid(["support_basis", "as23", "sink_window"], [1.0, 2.0], [2], 4, [8])
     assert points == [("support_basis", {"threshold": 1.0, "degree": 2}), ("support_basis", {"threshold": 2.0, "degree": 2}),
                       ("as23", {"degree": 2}), ("sink_window", {"sinks": 4, "local_window": 8})]
+    assert grid(["support_basis_multi", "as23"], [3.0], [2], 4, [8], sketch_dims=[None, 16]) == [
+        ("support_basis_multi", {"thresholds": [3.0, 2.0, 1.0], "degrees": 2}),
+        ("support_basis_multi", {"thresholds": [3.0, 2.0, 1.0], "degrees": 2, "sketch_dim": 16}),
+        ("as23", {"degree": 2}), ("as23", {"degree": 2, "sketch_dim": 16})]
+    assert features(64, {"degree": 2}) == 2145 and features(64, {"degree": 2, "sketch_dim": 100}) == 165
+    assert features(64, {"thresholds": [3.0, 2.0], "degrees": [2, 1], "sketch_dim": 100}) == 165 + 65
     with pytest.raises(ValueError, match="unknown method"):
         grid(["bogus"], [1.0], [2], 4, [8])
     capture = synthetic_capture()

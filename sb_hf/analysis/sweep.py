@@ -22,12 +22,13 @@ import torch
 
 from ..ops import reference
 from ..ops.common import large_rows
-from ..ops.polynomial import feature_dim
+from ..ops.polynomial import FeatureMap
 from ..ops.support_basis import DEFAULT_CHUNK_SIZE
 from .capture import Capture
 
 OPS = {
     "support_basis": ("support_basis_attention", ("threshold", "degree")),
+    "support_basis_multi": ("multi_threshold_attention", ("thresholds", "degrees")),
     "as23": ("as23_attention", ("degree",)),
     "sink_window": ("sink_window_attention", ("sinks", "local_window")),
 }
@@ -46,14 +47,23 @@ class SweepResult:
     per_layer: list[dict] = field(default_factory=list)
 
 
-def grid(methods, thresholds, degrees, sinks, windows) -> list[tuple[str, dict]]:
-    """The (method, settings) pairs of a sweep."""
+def bucket_thresholds(threshold: float, buckets: int = 3) -> list[float]:
+    """``support_basis_multi``'s default buckets below ``threshold``: evenly spaced in magnitude."""
+    return [threshold * (buckets - i) / buckets for i in range(buckets)]
+
+
+def grid(methods, thresholds, degrees, sinks, windows, sketch_dims=(None,)) -> list[tuple[str, dict]]:
+    """The (method, settings) pairs of a sweep (``sketch_dims``: None for exact features)."""
     points = []
+    sketches = [{} if r is None else {"sketch_dim": r} for r in sketch_dims]
     for method in methods:
         if method == "support_basis":
-            points += [(method, {"threshold": t, "degree": g}) for g in degrees for t in thresholds]
+            points += [(method, {"threshold": t, "degree": g, **x}) for x in sketches for g in degrees for t in thresholds]
+        elif method == "support_basis_multi":
+            points += [(method, {"thresholds": bucket_thresholds(t), "degrees": g, **x})
+                       for x in sketches for g in degrees for t in thresholds]
         elif method == "as23":
-            points += [(method, {"degree": g}) for g in degrees]
+            points += [(method, {"degree": g, **x}) for x in sketches for g in degrees]
         elif method == "sink_window":
             points += [(method, {"sinks": sinks, "local_window": w}) for w in windows]
         else:
@@ -66,7 +76,9 @@ def modelled_flops(method: str, settings: dict, *, q: torch.Tensor, k: torch.Ten
 
     exact: ``4 d`` per visible pair (``q.k`` and ``p v``).
     sink_window: ``4 d`` per pair kept.
-    support_basis / as23: ``4 d`` per exact pair, plus for the polynomial part with ``r`` features:
+    support_basis / support_basis_multi / as23: ``4 d`` per exact pair, plus for the polynomial part
+    with ``r`` features (summed over the buckets; a sketch of ``m`` projections costs ``m d`` per feature
+    to build, not counted apart):
     building features (``r`` per small row), the key state update and the query readout
     (``2 r (d + 1)`` per small key and per small query), and the explicit in-chunk block
     (``2 C (r + d + 1)`` per small query, C = chunk size).
@@ -74,14 +86,25 @@ def modelled_flops(method: str, settings: dict, *, q: torch.Tensor, k: torch.Ten
     d = q.shape[-1]
     exact = 4.0 * d * float(stats["pairs"])
     cost = 4.0 * d * float(stats["exact_pairs"])
-    if method in ("support_basis", "as23"):
-        threshold = settings.get("threshold", math.inf)
-        r = feature_dim(d, settings["degree"])
+    if method in ("support_basis", "support_basis_multi", "as23"):
+        threshold = settings["thresholds"][0] if "thresholds" in settings else settings.get("threshold", math.inf)
+        r = features(d, settings)
         small_q = float(stats["rows"] - stats["exact_rows"])
         small_k = float((~large_rows(k, threshold)).sum())
         chunk = settings.get("chunk_size", DEFAULT_CHUNK_SIZE)
         cost += (small_q + small_k) * r + (small_q + small_k) * 2 * r * (d + 1) + small_q * 2 * chunk * (r + d + 1)
     return cost, exact
+
+
+def features(d: int, settings: dict) -> int:
+    """Feature dimension of the polynomial part (all buckets) for a method's settings; 0 without one."""
+    if "thresholds" in settings:
+        buckets = len(settings["thresholds"])
+        degrees = settings["degrees"] if isinstance(settings["degrees"], list) else [settings["degrees"]] * buckets
+        return sum(FeatureMap(d, g, settings.get("sketch_dim")).dim for g in degrees)
+    if "degree" in settings:
+        return FeatureMap(d, settings["degree"], settings.get("sketch_dim")).dim
+    return 0
 
 
 def _exact_output(q, k, v, scale, sliding_window):
@@ -168,7 +191,7 @@ def sweep_capture(
             exact_pair_share=totals["exact_pairs"] / totals["pairs"],
             flops_ratio=totals["flops"] / totals["exact_flops"],
             time_ratio=totals["time"] / totals["exact_time"],
-            feature_dim=feature_dim(d, settings["degree"]) if "degree" in settings else 0,
+            feature_dim=features(d, settings),
             per_layer=per_layer,
         ))
     return results
@@ -209,18 +232,25 @@ def plot(results: list[SweepResult], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    degrees = sorted({r.settings["degree"] for r in results if r.method == "support_basis"})
-    for g in degrees:
-        pts = sorted((r.settings["threshold"], r.output_error) for r in results
-                     if r.method == "support_basis" and r.settings["degree"] == g)
-        left.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"support basis, degree {g}")
+    lines: dict = {}
+    for r in results:
+        if r.method in ("support_basis", "support_basis_multi"):
+            threshold = r.settings["thresholds"][0] if "thresholds" in r.settings else r.settings["threshold"]
+            degree = r.settings.get("degree", r.settings.get("degrees"))
+            key = (r.method, str(degree), r.settings.get("sketch_dim"))
+            lines.setdefault(key, []).append((threshold, r.output_error))
+    for (method, degree, sketch), pts in sorted(lines.items(), key=str):
+        pts.sort()
+        name = "support basis" if method == "support_basis" else "multi-threshold"
+        sketched = "" if sketch is None else f", sketch {sketch}"
+        left.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{name}, degree {degree}{sketched}")
     for r in results:
         if r.method == "as23":
             left.axhline(r.output_error, linestyle="--", color="gray", label=f"AS23a, degree {r.settings['degree']}")
     left.set(xlabel="threshold (absolute, post-RoPE entries)", ylabel="relative output error", yscale="log",
              title="error vs threshold")
     left.legend(fontsize=8)
-    markers = {"support_basis": "o", "as23": "s", "sink_window": "^"}
+    markers = {"support_basis": "o", "support_basis_multi": "D", "as23": "s", "sink_window": "^"}
     for method in markers:
         pts = [r for r in results if r.method == method]
         if pts:
