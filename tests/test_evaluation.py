@@ -256,11 +256,12 @@ def test_clear_errors(tmp_path, tokenizer):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tokenizer):
-    """exact, support_basis at threshold 0 (every row exact, so the same answers) and as23 on
-    1 GSM8K and 3 MMLU anatomy questions."""
+    """exact, support_basis and support_basis_multi at threshold 0 (every row exact, so the same
+    answers) and as23 on 1 GSM8K and 3 MMLU anatomy questions."""
     out = tmp_path_factory.mktemp("eval")
     summary = evaluation.evaluate_methods(
-        _tiny(tokenizer), tokenizer, tasks=["gsm8k", "sb_mmlu_anatomy"], methods=["exact", "support_basis", "as23"],
+        _tiny(tokenizer), tokenizer, tasks=["gsm8k", "sb_mmlu_anatomy"],
+        methods=["exact", "support_basis", "support_basis_multi", "as23"],
         settings={"threshold": 0}, limits={"gsm8k": 1, "sb_mmlu_anatomy": 3}, output=out, max_gen_toks=6,
         progress=lambda *_: None,
     )
@@ -271,7 +272,7 @@ def test_end_to_end_summary(tiny_run):
     summary, out = tiny_run
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["rows"] == json.loads(json.dumps(summary["rows"]))
-    assert summary["methods"] == ["exact", "support_basis", "as23"]
+    assert summary["methods"] == ["exact", "support_basis", "support_basis_multi", "as23"]
     assert summary["questions"] == {"sb_gsm8k_cot": 1, "sb_mmlu_anatomy": 3}
     keys = {(r["method"], r["task"], r["filter"]) for r in summary["rows"]}
     assert keys == {(m, t, f) for m in summary["methods"]
@@ -283,10 +284,12 @@ def test_end_to_end_summary(tiny_run):
             assert r["agreement"] == 1.0 and r["change"] == 0.0
     by = {(r["method"], r["task"], r["filter"]): r for r in summary["rows"]}
     for task, flt in [("gsm8k", "strict-match"), ("gsm8k", "flexible-extract"), ("sb_mmlu_anatomy", "none")]:
-        sb = by[("support_basis", task, flt)]
-        assert sb["agreement"] == 1.0 and sb["accuracy"] == by[("exact", task, flt)]["accuracy"]
-        assert sb["exact_pair_share"] == 1.0 and sb["settings"]["threshold"] == 0.0
-        assert ("answered" in sb) == (task == "gsm8k")
+        for method in ("support_basis", "support_basis_multi"):
+            sb = by[(method, task, flt)]
+            assert sb["agreement"] == 1.0 and sb["accuracy"] == by[("exact", task, flt)]["accuracy"]
+            assert sb["exact_pair_share"] == 1.0
+            assert ("answered" in sb) == (task == "gsm8k")
+        assert by[("support_basis", task, flt)]["settings"]["threshold"] == 0.0
     assert by[("as23", "sb_mmlu_anatomy", "none")]["exact_pair_share"] < 1.0
     md = (out / "summary.md").read_text()
     assert "| support_basis | threshold=0.0, degree=2 | sb_mmlu_anatomy | acc | 3 |" in md

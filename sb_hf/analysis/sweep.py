@@ -49,7 +49,7 @@ class SweepResult:
 
 def bucket_thresholds(threshold: float, buckets: int = 3) -> list[float]:
     """``support_basis_multi``'s default buckets below ``threshold``: evenly spaced in magnitude."""
-    return [threshold * (buckets - i) / buckets for i in range(buckets)]
+    return [round(threshold * (buckets - i) / buckets, 4) for i in range(buckets)]
 
 
 def grid(methods, thresholds, degrees, sinks, windows, sketch_dims=(None,)) -> list[tuple[str, dict]]:
