@@ -40,11 +40,12 @@ def _inputs(c):
     return q, k, v, kw
 
 
-@pytest.mark.parametrize("evaluation", ["features", "scores"])
-@pytest.mark.parametrize("case", CASES)
-def test_fast_matches_reference(case, evaluation):
-    if evaluation == "scores" and case["sketch_dim"] is not None:
-        pytest.skip("a sketched kernel has no score form")
+@pytest.mark.parametrize(
+    "case,evaluation",
+    [pytest.param(c.values[0], e, id=f"{c.id}-{e}") for c in CASES for e in ("features", "scores")
+     if e == "features" or c.values[0]["sketch_dim"] is None],
+)
+def test_fast_matches_reference(case, evaluation):  # a sketched kernel has no score form
     q, k, v, kw = _inputs(case)
     out = multi_threshold_attention(q, k, v, chunk_size=case["chunk_size"], evaluation=evaluation, **kw)
     expected = reference.multi_threshold_attention(q, k, v, **kw)
