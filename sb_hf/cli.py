@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="attention error and cost vs settings on real activations, every method")
     _model_arguments(sweep, 2048)
     sweep.add_argument("--capture", default=None, help="a file from `sb-hf capture` (else the model runs)")
+    sweep.add_argument("--buckets", choices=["magnitude", "quantile"], default="magnitude",
+                       help="support_basis_multi's buckets below each threshold T: 'magnitude' (T, 2T/3, T/3) or "
+                       "'quantile' (T, then the 2/3 and 1/3 quantiles of the captured rows' largest entry below T)")
     sweep.add_argument("--layers", type=_layers, default=[0, 5, 10, 15, 20, 25, 29],
                        help="comma list of layers or 'all' (default 0,5,10,15,20,25,29)")
     _method_arguments(sweep, "support_basis,as23,sink_window", "2.5,4,6,8,12", "64,256,1024")
@@ -184,11 +187,16 @@ def run_inspect(args) -> int:
 
 
 def run_sweep(args) -> int:
-    from sb_hf.analysis.sweep import markdown_table, sweep_capture, write_results
+    from sb_hf.analysis.sweep import capture_row_maxima, grid, markdown_table, quantile_buckets, sweep_capture, write_results
 
     capture = _capture(args, args.layers)
     start = time.perf_counter()
-    results = sweep_capture(capture, _method_points(args), matrix_rows=args.matrix_rows)
+    extra = {}
+    if args.buckets == "quantile":
+        maxima = capture_row_maxima(capture)
+        extra["buckets"] = lambda t: quantile_buckets(maxima, t)
+    points = grid(args.methods, args.thresholds, args.degrees, args.sinks, args.windows, args.sketch_dims, **extra)
+    results = sweep_capture(capture, points, matrix_rows=args.matrix_rows)
     write_results(results, capture.meta, args.output)
     print(f"layers {capture.meta['layers']}, {capture.meta['tokens']} tokens; {time.perf_counter() - start:.0f} s")
     print(markdown_table(results))

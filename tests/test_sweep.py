@@ -115,3 +115,32 @@ def test_grid_and_outputs(tmp_path):
     assert [r["method"] for r in saved["results"]] == ["support_basis", "support_basis", "as23", "sink_window"]
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert "| support_basis | threshold=1.0, degree=2 |" in (tmp_path / "sweep.md").read_text()
+
+
+def test_quantile_buckets_by_hand():
+    from sb_hf.analysis.sweep import quantile_buckets
+
+    maxima = torch.tensor([0.1 * i for i in range(1, 31)] + [9.0, 10.0])  # 30 small rows 0.1..3.0, two large
+    # below 3.5: 0.1..3.0; torch.quantile's linear interpolation at 2/3 and 1/3: 2.0333, 1.0667
+    assert quantile_buckets(maxima, 3.5) == [3.5, 2.0333, 1.0667]
+    assert quantile_buckets(maxima, 3.5, buckets=2) == [3.5, 1.55]
+    assert quantile_buckets(torch.ones(10), 3.0) == [3.0, 1.0]  # tied quantiles merge into one bucket
+    with pytest.raises(ValueError, match="rows lie below threshold"):
+        quantile_buckets(maxima, 0.15)
+
+
+def test_sweep_cli_quantile_buckets(tmp_path):
+    """`sb-hf sweep --buckets quantile` derives support_basis_multi's thresholds from the capture."""
+    from sb_hf import cli
+    from sb_hf.analysis.capture import save_capture
+    from sb_hf.analysis.sweep import capture_row_maxima, quantile_buckets
+
+    capture = synthetic_capture()
+    path = tmp_path / "cap.safetensors"
+    save_capture(capture, path)
+    code = cli.main(["sweep", "--capture", str(path), "--methods", "support_basis_multi", "--thresholds", "2.0",
+                     "--buckets", "quantile", "--matrix-rows", "4", "--output", str(tmp_path / "out")])
+    assert code == 0
+    (result,) = json.loads((tmp_path / "out" / "sweep.json").read_text())["results"]
+    assert result["settings"]["thresholds"] == quantile_buckets(capture_row_maxima(capture), 2.0)
+    assert len(result["settings"]["thresholds"]) == 3

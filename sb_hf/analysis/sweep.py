@@ -52,15 +52,39 @@ def bucket_thresholds(threshold: float, buckets: int = 3) -> list[float]:
     return [round(threshold * (buckets - i) / buckets, 4) for i in range(buckets)]
 
 
-def grid(methods, thresholds, degrees, sinks, windows, sketch_dims=(None,)) -> list[tuple[str, dict]]:
-    """The (method, settings) pairs of a sweep (``sketch_dims``: None for exact features)."""
+def quantile_buckets(row_maxima: torch.Tensor, threshold: float, buckets: int = 3) -> list[float]:
+    """Buckets below ``threshold`` evenly spaced in quantiles of the data: ``threshold``, then the
+    ``(m-1)/m, ..., 1/m`` quantiles of the largest entry of the rows that are not large (so each
+    bucket holds about the same number of rows). ``row_maxima``: ``max |entry|`` of sample rows."""
+    small = row_maxima[row_maxima <= threshold].double()
+    if small.numel() < buckets:
+        raise ValueError(f"only {small.numel()} rows lie below threshold {threshold}; need at least {buckets}")
+    levels = torch.tensor([(buckets - b) / buckets for b in range(1, buckets)], dtype=torch.float64)
+    lower = [round(float(x), 4) for x in torch.quantile(small, levels)]
+    out = [threshold]
+    for t in lower:
+        if t < out[-1]:  # ties between quantiles merge buckets
+            out.append(t)
+    return out
+
+
+def capture_row_maxima(capture: Capture, max_rows: int = 200_000) -> torch.Tensor:
+    """``max |entry|`` of every q and k row of a capture (a strided sample beyond ``max_rows``)."""
+    parts = [capture.layers[i][name].abs().amax(dim=-1).flatten() for i in sorted(capture.layers) for name in ("q", "k")]
+    maxima = torch.cat(parts).float()
+    return maxima[:: max(1, maxima.numel() // max_rows)]
+
+
+def grid(methods, thresholds, degrees, sinks, windows, sketch_dims=(None,), buckets=bucket_thresholds) -> list[tuple[str, dict]]:
+    """The (method, settings) pairs of a sweep (``sketch_dims``: None for exact features;
+    ``buckets``: threshold -> the thresholds of ``support_basis_multi``)."""
     points = []
     sketches = [{} if r is None else {"sketch_dim": r} for r in sketch_dims]
     for method in methods:
         if method == "support_basis":
             points += [(method, {"threshold": t, "degree": g, **x}) for x in sketches for g in degrees for t in thresholds]
         elif method == "support_basis_multi":
-            points += [(method, {"thresholds": bucket_thresholds(t), "degrees": g, **x})
+            points += [(method, {"thresholds": buckets(t), "degrees": g, **x})
                        for x in sketches for g in degrees for t in thresholds]
         elif method == "as23":
             points += [(method, {"degree": g, **x}) for x in sketches for g in degrees]
