@@ -109,6 +109,34 @@ class SupportBasisConfig:
         )
 
 
+SETTING_FLAGS = ("threshold", "degree", "sinks", "local_window")  # settings that have their own command-line flag
+
+
+def add_settings_arguments(parser, prefix: str = "") -> None:
+    """The settings options of the command lines (``--config FILE``, ``--threshold``, ``--degree``,
+    ``--sinks``, ``--local-window``), each optionally prefixed (``sb-hf lm-eval`` uses ``--sb-``)."""
+    parser.add_argument(f"--{prefix}config", dest="config", default=None,
+                        help="JSON file of SupportBasisConfig settings (a saved settings dict, or a config.json "
+                        "holding a 'support_basis' entry); the flags below override it")
+    parser.add_argument(f"--{prefix}threshold", dest="threshold", type=float, default=None,
+                        help="support_basis row threshold (default 2.5)")
+    parser.add_argument(f"--{prefix}degree", dest="degree", type=int, default=None,
+                        help="polynomial degree of support_basis and as23 (default 2)")
+    parser.add_argument(f"--{prefix}sinks", dest="sinks", type=int, default=None, help="sink tokens of sink_window (default 4)")
+    parser.add_argument(f"--{prefix}local-window", dest="local_window", type=int, default=None,
+                        help="local window of sink_window (default 256)")
+
+
+def settings_given(args) -> bool:
+    """Whether the command line set any of the options of :func:`add_settings_arguments`."""
+    return getattr(args, "config", None) is not None or any(getattr(args, f, None) is not None for f in SETTING_FLAGS)
+
+
+def settings_from_arguments(args) -> dict[str, Any]:
+    """Validated settings from the options of :func:`add_settings_arguments` (defaults where unset)."""
+    return load_settings(getattr(args, "config", None), **{f: getattr(args, f, None) for f in SETTING_FLAGS})
+
+
 def load_settings(config_file: str | Path | None = None, **flags: Any) -> dict[str, Any]:
     """Validated settings (a dict) from a JSON file and flags (``None`` flags are ignored; flags win).
 
@@ -183,7 +211,6 @@ def _validate(c: SupportBasisConfig) -> None:
         thresholds = c.thresholds if c.thresholds is not None else [c.threshold]
         if c.degrees is not None and c.thresholds is None:
             raise ValueError("degrees (one per bucket) needs thresholds; set thresholds=[T1, T2, ...] too")
-        thresholds = [math.inf if isinstance(t, str) and t.strip().lower() in ("inf", "infinity") else t for t in thresholds]
         c.thresholds, c.degrees, _ = check_buckets(thresholds, c.degrees if c.degrees is not None else c.degree, None)
     if isinstance(c.sinks, bool) or not isinstance(c.sinks, int) or c.sinks < 0:
         raise ValueError(f"sinks must be an integer >= 0, got {c.sinks!r}")

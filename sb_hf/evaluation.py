@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .config import add_settings_arguments, settings_from_arguments, settings_given
+
 EXACT = "exact"
 METHODS = (EXACT, "support_basis", "support_basis_multi", "as23", "sink_window")
 # Short names for the packaged tasks; any other task name lm-eval knows is accepted as well.
@@ -45,7 +47,6 @@ DEFAULT_LIMITS = {"sb_gsm8k_cot": 2, "sb_mmlu": 57}
 DEFAULT_LIMIT = 20  # tasks without an entry above
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default; SmolLM2's chain of thought needs 60-200 tokens
 TASKS_DIR_ENV = "SB_HF_TASKS_DIR"
-SETTING_FLAGS = ("threshold", "degree", "sinks", "local_window")  # settings that have their own flag
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -82,13 +83,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         "ceil(N / subtasks) questions of each subtask (the first ones, as lm-eval's --limit), so "
                         "every subject appears. Default: gsm8k=2, mmlu=57 (one per subject), others 20")
     parser.add_argument("--output", default="runs/eval", help="folder for summary.json, summary.md and lm-eval's logs")
-    parser.add_argument("--config", default=None,
-                        help="JSON file of SupportBasisConfig settings (a saved settings dict, or a config.json "
-                        "holding a 'support_basis' entry); the flags below override it")
-    parser.add_argument("--threshold", type=float, default=None, help="support_basis row threshold (default 2.5)")
-    parser.add_argument("--degree", type=int, default=None, help="polynomial degree of support_basis and as23 (default 2)")
-    parser.add_argument("--sinks", type=int, default=None, help="sink tokens of sink_window (default 4)")
-    parser.add_argument("--local-window", type=int, default=None, help="local window of sink_window (default 256)")
+    add_settings_arguments(parser)
     parser.add_argument("--max-gen-toks", type=int, default=DEFAULT_MAX_GEN_TOKS,
                         help=f"generation cap of generative tasks (gsm8k; lm-eval's default is 256) (default {DEFAULT_MAX_GEN_TOKS})")
     parser.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
@@ -132,11 +127,7 @@ def quiet_lm_eval_logs() -> None:
             logger.addFilter(_QuietCustomDataset())
 
 
-def load_settings(args) -> dict[str, Any]:
-    """SupportBasisConfig settings from ``--config`` and the flags, validated."""
-    from sb_hf.config import load_settings as load
-
-    return load(getattr(args, "config", None), **{f: getattr(args, f, None) for f in SETTING_FLAGS})
+load_settings = settings_from_arguments  # SupportBasisConfig settings from --config and the flags, validated
 
 
 def method_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -557,11 +548,7 @@ _LM_EVAL_SETTINGS: dict[str, Any] = {}
 
 def _sb_settings_arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--sb-config", dest="config", default=None)
-    parser.add_argument("--sb-threshold", dest="threshold", type=float, default=None)
-    parser.add_argument("--sb-degree", dest="degree", type=int, default=None)
-    parser.add_argument("--sb-sinks", dest="sinks", type=int, default=None)
-    parser.add_argument("--sb-local-window", dest="local_window", type=int, default=None)
+    add_settings_arguments(parser, prefix="sb-")
     return parser
 
 
@@ -611,7 +598,7 @@ def run_lm_eval(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     sb_args, rest = _sb_settings_arguments().parse_known_args(argv)
     _LM_EVAL_SETTINGS.clear()
-    if any(v is not None for v in vars(sb_args).values()):
+    if settings_given(sb_args):
         _LM_EVAL_SETTINGS.update(load_settings(sb_args))
     if rest and rest[0] not in ("run", "ls", "validate", "-h", "--help"):
         rest = ["run", *rest]  # lm-eval's legacy form: no subcommand means `run`

@@ -13,16 +13,13 @@ import runpy
 import sys
 from pathlib import Path
 
+from ..config import add_settings_arguments, settings_from_arguments, settings_given
+
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="support_basis", choices=["support_basis", "support_basis_multi", "as23", "sink_window"],
                         help="attention implementation to switch to (default support_basis)")
-    parser.add_argument("--config", default=None,
-                        help="JSON file of SupportBasisConfig settings, or a model's config.json with support_basis")
-    parser.add_argument("--threshold", type=float, default=None, help="support_basis row threshold (default 2.5)")
-    parser.add_argument("--degree", type=int, default=None, help="polynomial degree (default 2)")
-    parser.add_argument("--sinks", type=int, default=None, help="sink tokens of sink_window (default 4)")
-    parser.add_argument("--local-window", type=int, default=None, help="local window of sink_window (default 256)")
+    add_settings_arguments(parser)
     parser.add_argument("--force", action="store_true",
                         help="also switch models the script loads with an explicit attn_implementation")
     parser.add_argument("-m", dest="module", default=None, help="run a module (as python -m) instead of a script")
@@ -62,7 +59,6 @@ class _UsageError(Exception):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..config import load_settings
     from ..integrations.hf import apply_support_basis, revert_support_basis
 
     target = list(args.target)
@@ -72,10 +68,8 @@ def _run(args: argparse.Namespace) -> int:
         script, script_args = target[0], target[1:]
         if not Path(script).is_file():
             raise _UsageError(f"no such script {script!r}")
-    flags = dict(threshold=args.threshold, degree=args.degree, sinks=args.sinks, local_window=args.local_window)
-    given = args.config is not None or any(v is not None for v in flags.values())
     try:
-        settings = load_settings(args.config, **flags) if given else None
+        settings = settings_from_arguments(args) if settings_given(args) else None
     except (ValueError, FileNotFoundError) as err:
         raise _UsageError(str(err)) from None
     apply_support_basis(None, settings, method=args.method, force=args.force)
