@@ -108,8 +108,8 @@ def _make_attention_forward(name: str):
 
 
 def _op_kwargs(settings: SupportBasisConfig, name: str) -> dict[str, Any]:
-    available = {**settings.op_kwargs(), **settings.bucket_settings(), "sinks": settings.sinks,
-                 "local_window": settings.local_window}
+    buckets = settings.bucket_settings() if name == "support_basis_multi" else {}  # per call: only where used
+    available = {**settings.op_kwargs(), **buckets, "sinks": settings.sinks, "local_window": settings.local_window}
     return {field: available[field] for field in OP_SETTINGS[name]}
 
 

@@ -151,7 +151,11 @@ def key_buckets(x: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
 
 def check_buckets(thresholds, degrees, sketch_dims) -> tuple[list[float], list[int], list[int | None]]:
     """Validate multi-threshold settings; ``degrees``/``sketch_dims`` may be one value for every bucket."""
-    thresholds = [float(t) for t in (thresholds if isinstance(thresholds, (list, tuple)) else [thresholds])]
+    given = thresholds if isinstance(thresholds, (list, tuple)) else [thresholds]
+    try:
+        thresholds = [float(t) for t in given]
+    except (TypeError, ValueError):
+        raise ValueError(f"thresholds must be a non-empty list of numbers >= 0, got {given!r}") from None
     if not thresholds or any(not t >= 0 for t in thresholds):
         raise ValueError(f"thresholds must be a non-empty list of numbers >= 0, got {thresholds!r}")
     if any(a <= b for a, b in zip(thresholds, thresholds[1:])):

@@ -107,7 +107,8 @@ class FeatureMap:
     to the degree-``m`` block is ``(q . k)^m`` exactly (``sketch_dim=None``: symmetric monomials), or
     an unbiased estimate of it (``sketch_dim=r``: for ``m >= 2``, the product of ``m`` independent
     Gaussian projections, ``prod_j (x G_j) / sqrt(r)``, a tensor sketch; degrees 0 and 1 stay exact).
-    Seeded and deterministic: the same ``seed`` gives the same features on every call and device."""
+    Seeded and deterministic: the same ``seed`` gives the same features on every call and device.
+    Equal maps give equal features (the seed of an exact map is 0), so callers can compute them once."""
 
     head_dim: int
     degree: int
@@ -120,6 +121,8 @@ class FeatureMap:
             raise ValueError(f"sketch_dim must be a positive integer or None, got {self.sketch_dim!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"sketch_seed must be an integer >= 0, got {self.seed!r}")
+        if self.sketch_dim is None:  # exact features have no seed: equal maps compute equal features
+            object.__setattr__(self, "seed", 0)
 
     def block_dim(self, m: int) -> int:
         if m == 0:
@@ -149,3 +152,13 @@ class FeatureMap:
             projected = torch.einsum("...d,jdr->...jr", x, projections)  # (..., m, r)
             parts.append(projected.prod(dim=-2) * self.sketch_dim**-0.5)
         return torch.cat(parts, dim=-1)
+
+
+def features_per_map(feature_maps: list[FeatureMap], x: torch.Tensor) -> list[torch.Tensor]:
+    """``[f(x) for f in feature_maps]``, each distinct map computed once (the buckets of a
+    multi-threshold call usually share one exact map)."""
+    computed: dict[FeatureMap, torch.Tensor] = {}
+    for f in feature_maps:
+        if f not in computed:
+            computed[f] = f(x)
+    return [computed[f] for f in feature_maps]

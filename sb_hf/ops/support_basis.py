@@ -37,7 +37,7 @@ from .common import (
     suspect_rows,
     visible,
 )
-from .polynomial import FeatureMap, evaluate_polynomial, exp_fit_coefficients
+from .polynomial import FeatureMap, evaluate_polynomial, exp_fit_coefficients, features_per_map
 
 DEFAULT_CHUNK_SIZE = 64
 DEFAULT_MAX_FEATURE_BYTES = 8 * 2**30
@@ -167,26 +167,27 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, causal
         torch.ones(s.batch, s.kv_len, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
     )
     q_large = large_rows(qg, threshold)  # (B, Hk, G, Lq)
-    k_large = large_rows(k, threshold)  # (B, Hk, Lk)
-    k_bucket = torch.where(key_valid[:, None, :], key_buckets(k, thresholds), -1)  # -1: no polynomial
+    buckets = key_buckets(k, thresholds)  # (B, Hk, Lk), -1 for large keys
+    exact_keys = (buckets == -1) & key_valid[:, None, :]  # the real large keys: exact for every query
+    k_bucket = torch.where(key_valid[:, None, :], buckets, -1)  # -1: no polynomial
 
     if bool(q_large.all()):  # every row exact: skip the polynomial part entirely
         out = qg.new_zeros(s.batch, s.kv_heads, s.groups, s.q_len, s.value_dim)
         exact_rows = q_large
     else:
         if radius is None:  # per bucket: scale |q_i| max |k_j| over the visible keys of the bucket
-            k_norm = k.norm(dim=-1)
+            k_norm, q_norm = k.norm(dim=-1), qg.norm(dim=-1)
             radii = []
             for b in range(len(thresholds)):
                 norms = torch.where(k_bucket == b, k_norm, torch.zeros_like(k_norm))
                 k_max = _visible_max(norms, window)[..., offset:] if causal else norms.amax(-1, keepdim=True)
-                radii.append(scale * qg.norm(dim=-1) * k_max[:, :, None, :])
+                radii.append(scale * q_norm * k_max[:, :, None, :])
             row_radius = torch.stack(radii, dim=-1).clamp_min(RADIUS_FLOOR)  # (B, Hk, G, Lq, m)
         else:
             row_radius = torch.full((*qg.shape[:-1], len(thresholds)), float(radius), dtype=compute, device=q.device)
         q_large = q_large | (row_radius.amax(dim=-1) > RADIUS_LIMIT)  # a fit on such an interval is meaningless
         row_radius = torch.where(q_large[..., None], torch.full_like(row_radius, RADIUS_FLOOR), row_radius)
-        large_keys = _gather_rows(k_large & key_valid[:, None, :], (k, v))
+        large_keys = _gather_rows(exact_keys, (k, v))
         rows = _RowAttention(scale, feature_maps, causal, window, large_keys, q.device)
         if evaluation == "scores":
             num, den = _score_chunks(
@@ -201,7 +202,7 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, causal
 
     out = _exact_rows(qg, k, v, out, exact_rows, scale, causal, window, key_valid, offset, recompute)
     if stats is not None:
-        _count_pairs(stats, exact_rows, k_large & key_valid[:, None, :], key_valid, causal, window)
+        _count_pairs(stats, exact_rows, exact_keys, key_valid, causal, window)
     return out.reshape(s.batch, s.q_heads, s.q_len, s.value_dim).to(out_dtype)
 
 
@@ -247,7 +248,8 @@ class _KeyFeatures:
 
     def __call__(self, start: int, end: int):
         keys, bucket = self.k[:, :, start:end], self.k_bucket[:, :, start:end, None]
-        features = torch.cat([f(keys) * (bucket == b) for b, f in enumerate(self.feature_maps)], dim=-1)
+        per_map = features_per_map(self.feature_maps, keys)
+        features = torch.cat([phi * (bucket == b) for b, phi in enumerate(per_map)], dim=-1)
         positions = torch.arange(start, end, device=self.k.device)
         return features, self.v[:, :, start:end], positions
 
@@ -293,10 +295,11 @@ class _RowAttention:
                 num, den = num + pair @ v_rows[:, :, None], den + pair.sum(dim=-1)
             return num, den
         q_features = []
-        for b, (f, degrees, c) in enumerate(zip(self.feature_maps, self.degrees, coefficients)):
+        per_map = features_per_map(self.feature_maps, q_rows)
+        for b, (phi, degrees, c) in enumerate(zip(per_map, self.degrees, coefficients)):
             per_feature = c[..., degrees] * (self.scale / row_radius[..., b, None]) ** degrees
             per_feature = torch.where(q_large[..., None], torch.zeros_like(per_feature), per_feature)
-            q_features.append(f(q_rows) * per_feature)
+            q_features.append(phi * per_feature)
         q_features = torch.cat(q_features, dim=-1)  # (B, Hk, G, c, r)
         if state is not None:
             kv_state, k_state = state
