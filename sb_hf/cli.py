@@ -46,6 +46,9 @@ def _method_arguments(parser: argparse.ArgumentParser, methods: str, thresholds:
     parser.add_argument("--sketch-dims", type=_sketch_dims, default=[None],
                         help="comma list of sketch dimensions for the polynomial features, 'none' = exact features "
                         "(default none)")
+    parser.add_argument("--kernels", type=_names, default=["chebyshev"],
+                        help="comma list of polynomial kernels: chebyshev (signed fit of exp), squared (square of a "
+                        "half-degree fit, non-negative; even degrees only) (default chebyshev)")
     parser.add_argument("--sinks", type=int, default=4, help="sink tokens of sink_window (default 4)")
     parser.add_argument("--windows", type=_ints, default=_ints(windows),
                         help=f"local windows of sink_window (default {windows})")
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _method_points(args) -> list[tuple[str, dict]]:
     from sb_hf.analysis.sweep import grid
 
-    return grid(args.methods, args.thresholds, args.degrees, args.sinks, args.windows, args.sketch_dims)
+    return grid(args.methods, args.thresholds, args.degrees, args.sinks, args.windows, args.sketch_dims, kernels=args.kernels)
 
 
 def _text(args) -> tuple[Path, str]:
@@ -195,7 +198,8 @@ def run_sweep(args) -> int:
     if args.buckets == "quantile":
         maxima = capture_row_maxima(capture)
         extra["buckets"] = lambda t: quantile_buckets(maxima, t)
-    points = grid(args.methods, args.thresholds, args.degrees, args.sinks, args.windows, args.sketch_dims, **extra)
+    points = grid(args.methods, args.thresholds, args.degrees, args.sinks, args.windows, args.sketch_dims,
+                  kernels=args.kernels, **extra)
     results = sweep_capture(capture, points, matrix_rows=args.matrix_rows)
     write_results(results, capture.meta, args.output)
     print(f"layers {capture.meta['layers']}, {capture.meta['tokens']} tokens; {time.perf_counter() - start:.0f} s")

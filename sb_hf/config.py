@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .ops.common import RADIUS_LIMIT
-from .ops.polynomial import MAX_DEGREE
+from .ops.polynomial import KERNELS, MAX_DEGREE, check_kernel
 from .ops.support_basis import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_FEATURE_BYTES
 
 INTERVALS = ("query", "fixed")
@@ -33,6 +33,8 @@ class SupportBasisConfig:
         sketch_dim: None: exact monomial features; ``r``: degree >= 2 features sketched to ``r`` each
             (an unbiased estimate of the polynomial kernel, seeded by ``sketch_seed``).
         sketch_seed: seed of the sketch (the same seed gives the same features everywhere).
+        kernel: ``"chebyshev"`` (the fit of ``exp``, signed) or ``"squared"`` (the square of a
+            half-degree fit of ``exp(x / 2)``: non-negative for every pair, even ``degree``).
         thresholds: ``support_basis_multi``: ``T1 > T2 > ... > Tm`` (None: ``threshold`` and two evenly
             spaced below it, ``[T, 2T/3, T/3]``).
         degrees: ``support_basis_multi``: one degree per bucket (None: ``degree`` for every bucket).
@@ -49,6 +51,7 @@ class SupportBasisConfig:
     max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES
     sketch_dim: int | None = None
     sketch_seed: int = 0
+    kernel: str = "chebyshev"
     thresholds: list[float] | None = None
     degrees: list[int] | None = None
     sinks: int = 4
@@ -106,15 +109,16 @@ class SupportBasisConfig:
             max_feature_bytes=self.max_feature_bytes,
             sketch_dim=self.sketch_dim,
             sketch_seed=self.sketch_seed,
+            kernel=self.kernel,
         )
 
 
-SETTING_FLAGS = ("threshold", "degree", "sinks", "local_window")  # settings that have their own command-line flag
+SETTING_FLAGS = ("threshold", "degree", "kernel", "sinks", "local_window")  # settings that have their own command-line flag
 
 
 def add_settings_arguments(parser, prefix: str = "") -> None:
     """The settings options of the command lines (``--config FILE``, ``--threshold``, ``--degree``,
-    ``--sinks``, ``--local-window``), each optionally prefixed (``sb-hf lm-eval`` uses ``--sb-``)."""
+    ``--kernel``, ``--sinks``, ``--local-window``), each optionally prefixed (``sb-hf lm-eval`` uses ``--sb-``)."""
     parser.add_argument(f"--{prefix}config", dest="config", default=None,
                         help="JSON file of SupportBasisConfig settings (a saved settings dict, or a config.json "
                         "holding a 'support_basis' entry); the flags below override it")
@@ -122,6 +126,9 @@ def add_settings_arguments(parser, prefix: str = "") -> None:
                         help="support_basis row threshold (default 2.5)")
     parser.add_argument(f"--{prefix}degree", dest="degree", type=int, default=None,
                         help="polynomial degree of support_basis and as23 (default 2)")
+    parser.add_argument(f"--{prefix}kernel", dest="kernel", choices=KERNELS, default=None,
+                        help="polynomial kernel: chebyshev (signed fit of exp) or squared (square of a half-degree "
+                        "fit, non-negative; even degree) (default chebyshev)")
     parser.add_argument(f"--{prefix}sinks", dest="sinks", type=int, default=None, help="sink tokens of sink_window (default 4)")
     parser.add_argument(f"--{prefix}local-window", dest="local_window", type=int, default=None,
                         help="local window of sink_window (default 256)")
@@ -168,8 +175,8 @@ def _json_threshold(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-_LAYER_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size", "sketch_dim", "sketch_seed", "thresholds",
-                 "degrees", "sinks", "local_window"}
+_LAYER_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size", "sketch_dim", "sketch_seed", "kernel",
+                 "thresholds", "degrees", "sinks", "local_window"}
 
 
 def _layer_index(key: Any) -> int:
@@ -212,6 +219,10 @@ def _validate(c: SupportBasisConfig) -> None:
         if c.degrees is not None and c.thresholds is None:
             raise ValueError("degrees (one per bucket) needs thresholds; set thresholds=[T1, T2, ...] too")
         c.thresholds, c.degrees, _ = check_buckets(thresholds, c.degrees if c.degrees is not None else c.degree, None)
+    if c.kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {c.kernel!r}")
+    if c.kernel == "squared":
+        check_kernel(c.kernel, c.degrees if c.degrees is not None else [c.degree])
     if isinstance(c.sinks, bool) or not isinstance(c.sinks, int) or c.sinks < 0:
         raise ValueError(f"sinks must be an integer >= 0, got {c.sinks!r}")
     if isinstance(c.local_window, bool) or not isinstance(c.local_window, int) or c.local_window < 1:

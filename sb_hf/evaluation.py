@@ -134,13 +134,15 @@ def method_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The settings that matter for ``method`` (for the report)."""
     if method == EXACT:
         return {}
-    shown = {"support_basis": ("threshold", "degree", "interval", "radius"),
-             "support_basis_multi": ("thresholds", "degrees", "sketch_dim", "interval", "radius"),
-             "as23": ("degree", "interval", "radius"),
+    shown = {"support_basis": ("threshold", "degree", "kernel", "sketch_dim", "interval", "radius"),
+             "support_basis_multi": ("thresholds", "degrees", "kernel", "sketch_dim", "interval", "radius"),
+             "as23": ("degree", "kernel", "sketch_dim", "interval", "radius"),
              "sink_window": ("sinks", "local_window")}[method]
     out = {k: settings[k] for k in shown if k in settings and settings[k] is not None}
     if out.get("interval") == "query":
         out.pop("interval")
+    if out.get("kernel") == "chebyshev":
+        out.pop("kernel")
     if settings.get("layers"):
         out["layers"] = settings["layers"]
     return out

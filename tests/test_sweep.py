@@ -40,8 +40,9 @@ def test_exact_settings_have_zero_error_and_full_cost():
     "method,settings",
     [("support_basis", {"threshold": 1.5, "degree": 2}),
      ("support_basis", {"threshold": 1.5, "degree": 2, "sketch_dim": 6}),
-     ("support_basis_multi", {"thresholds": [1.5, 1.0, 0.5], "degrees": 2, "sketch_dim": 6})],
-    ids=["single", "sketched", "multi-sketched"],
+     ("support_basis_multi", {"thresholds": [1.5, 1.0, 0.5], "degrees": 2, "sketch_dim": 6}),
+     ("support_basis_multi", {"thresholds": [1.5, 1.0, 0.5], "degrees": 4, "sketch_dim": 6, "kernel": "squared"})],
+    ids=["single", "sketched", "multi-sketched", "multi-squared-sketched"],
 )
 def test_errors_match_a_dense_computation(method, settings):
     """Output and attention-matrix errors equal those computed directly from the full dense matrices
@@ -108,6 +109,16 @@ def test_grid_and_outputs(tmp_path):
     assert features(64, {"thresholds": [3.0, 2.0], "degrees": [2, 1], "sketch_dim": 100}) == 165 + 65
     with pytest.raises(ValueError, match="unknown method"):
         grid(["bogus"], [1.0], [2], 4, [8])
+    assert grid(["support_basis"], [3.0], [2], 4, [8], sketch_dims=[None, 16], kernels=["chebyshev", "squared"]) == [
+        ("support_basis", {"threshold": 3.0, "degree": 2}), ("support_basis", {"threshold": 3.0, "degree": 2, "sketch_dim": 16}),
+        ("support_basis", {"threshold": 3.0, "degree": 2, "kernel": "squared"}),
+        ("support_basis", {"threshold": 3.0, "degree": 2, "sketch_dim": 16, "kernel": "squared"})]
+    assert features(64, {"degree": 2, "kernel": "squared"}) == 2145  # sym2 of [1, k]: the degree-2 monomials
+    assert features(64, {"degree": 4, "sketch_dim": 16, "kernel": "squared"}) == 81 * 82 // 2
+    with pytest.raises(ValueError, match="even degrees"):
+        grid(["support_basis"], [3.0], [3], 4, [8], kernels=["squared"])
+    with pytest.raises(ValueError, match="unknown kernels"):
+        grid(["support_basis"], [3.0], [2], 4, [8], kernels=["taylor"])
     capture = synthetic_capture()
     results = sweep_capture(capture, points, matrix_rows=4, progress=False)
     write_results(results, capture.meta, tmp_path)

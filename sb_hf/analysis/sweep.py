@@ -22,7 +22,7 @@ import torch
 
 from ..ops import reference
 from ..ops.common import large_rows
-from ..ops.polynomial import FeatureMap
+from ..ops.polynomial import KERNELS, FeatureMap
 from ..ops.support_basis import DEFAULT_CHUNK_SIZE
 from .capture import Capture
 
@@ -75,11 +75,20 @@ def capture_row_maxima(capture: Capture, max_rows: int = 200_000) -> torch.Tenso
     return maxima[:: max(1, maxima.numel() // max_rows)]
 
 
-def grid(methods, thresholds, degrees, sinks, windows, sketch_dims=(None,), buckets=bucket_thresholds) -> list[tuple[str, dict]]:
+def grid(methods, thresholds, degrees, sinks, windows, sketch_dims=(None,), buckets=bucket_thresholds,
+         kernels=("chebyshev",)) -> list[tuple[str, dict]]:
     """The (method, settings) pairs of a sweep (``sketch_dims``: None for exact features;
-    ``buckets``: threshold -> the thresholds of ``support_basis_multi``)."""
+    ``buckets``: threshold -> the thresholds of ``support_basis_multi``; ``kernels``: polynomial kernels,
+    the squared one only at even degrees)."""
     points = []
-    sketches = [{} if r is None else {"sketch_dim": r} for r in sketch_dims]
+    sketches = [({} if r is None else {"sketch_dim": r}) | ({} if kernel == "chebyshev" else {"kernel": kernel})
+                for kernel in kernels for r in sketch_dims]
+    unknown = [kernel for kernel in kernels if kernel not in KERNELS]
+    if unknown:
+        raise ValueError(f"unknown kernels {unknown}; choose from {list(KERNELS)}")
+    odd = [g for g in degrees if g % 2] if "squared" in kernels else []
+    if odd and any(m != "sink_window" for m in methods):
+        raise ValueError(f"the squared kernel needs even degrees, got {odd}; give --degrees with even values")
     for method in methods:
         if method == "support_basis":
             points += [(method, {"threshold": t, "degree": g, **x}) for x in sketches for g in degrees for t in thresholds]
@@ -125,9 +134,10 @@ def features(d: int, settings: dict) -> int:
     if "thresholds" in settings:
         buckets = len(settings["thresholds"])
         degrees = settings["degrees"] if isinstance(settings["degrees"], list) else [settings["degrees"]] * buckets
-        return sum(FeatureMap(d, g, settings.get("sketch_dim")).dim for g in degrees)
+        return sum(FeatureMap(d, g, settings.get("sketch_dim"), kernel=settings.get("kernel", "chebyshev")).dim
+                   for g in degrees)
     if "degree" in settings:
-        return FeatureMap(d, settings["degree"], settings.get("sketch_dim")).dim
+        return FeatureMap(d, settings["degree"], settings.get("sketch_dim"), kernel=settings.get("kernel", "chebyshev")).dim
     return 0
 
 
@@ -261,12 +271,12 @@ def plot(results: list[SweepResult], path: str | Path) -> None:
         if r.method in ("support_basis", "support_basis_multi"):
             threshold = r.settings["thresholds"][0] if "thresholds" in r.settings else r.settings["threshold"]
             degree = r.settings.get("degree", r.settings.get("degrees"))
-            key = (r.method, str(degree), r.settings.get("sketch_dim"))
+            key = (r.method, str(degree), r.settings.get("sketch_dim"), r.settings.get("kernel", "chebyshev"))
             lines.setdefault(key, []).append((threshold, r.output_error))
-    for (method, degree, sketch), pts in sorted(lines.items(), key=str):
+    for (method, degree, sketch, kernel), pts in sorted(lines.items(), key=str):
         pts.sort()
         name = "support basis" if method == "support_basis" else "multi-threshold"
-        sketched = "" if sketch is None else f", sketch {sketch}"
+        sketched = ("" if sketch is None else f", sketch {sketch}") + ("" if kernel == "chebyshev" else f", {kernel}")
         left.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{name}, degree {degree}{sketched}")
     for r in results:
         if r.method == "as23":

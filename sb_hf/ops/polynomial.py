@@ -9,6 +9,13 @@ The feature map uses the symmetric (deduplicated) monomials of each degree ``m``
 ``<phi_m(q), phi_m(k)> = (q . k)^m`` with ``C(d+m-1, m)`` features instead of ``d^m``.
 :class:`FeatureMap` with a ``sketch_dim`` replaces each degree ``m >= 2`` block by a seeded random
 sketch of ``r`` features whose inner product is an unbiased estimate of ``(q . k)^m``.
+
+Two kernels (``KERNELS``): ``"chebyshev"`` is the fit above, signed like any polynomial (a row's
+mass can go negative; such rows fall back to exact attention). ``"squared"`` fits ``exp(x / 2)`` at
+half the degree and squares it, ``p(x) = (sum_m a_m t^m)^2``: non-negative for every pair by
+construction. Its features are the symmetric squares of the half-degree features (the query-side
+coefficients applied before squaring), so a sketched squared kernel stays non-negative too
+(PolySketchFormer's construction): ``<sym2(a * psi(q)), sym2(psi(k))> = <a * psi(q), psi(k)>^2``.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_DEGREE = 12  # beyond this the monomial interpolation is numerically meaningless in fp32
+KERNELS = ("chebyshev", "squared")
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,6 +52,28 @@ def exp_fit_coefficients(radius: torch.Tensor, shift: torch.Tensor, degree: int)
     nodes = nodes.to(device=radius.device, dtype=radius.dtype)
     values = torch.exp(radius[..., None] * nodes - shift[..., None])
     return values @ inverse.T
+
+
+def kernel_fit(radius: torch.Tensor, shift: torch.Tensor, degree: int, kernel: str) -> torch.Tensor:
+    """Coefficients in ``t = x / radius`` of the kernel that replaces ``exp(x - shift)``: the degree-``degree``
+    fit (``"chebyshev"``), or the degree-``degree / 2`` fit of ``exp((x - shift) / 2)`` whose square is the
+    kernel (``"squared"``)."""
+    if kernel == "squared":
+        return exp_fit_coefficients(radius / 2, shift / 2, degree // 2)
+    return exp_fit_coefficients(radius, shift, degree)
+
+
+def kernel_on_scores(coefficients: torch.Tensor, t: torch.Tensor, kernel: str) -> torch.Tensor:
+    """The kernel at ``t = x / radius`` from :func:`kernel_fit`'s coefficients (squared: ``>= 0`` exactly)."""
+    values = evaluate_polynomial(coefficients, t)
+    return values * values if kernel == "squared" else values
+
+
+def check_kernel(kernel: str, degrees: list[int]) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "squared" and any(g < 2 or g % 2 for g in degrees):
+        raise ValueError(f"the squared kernel needs even degrees >= 2 (it squares a fit of half the degree), got {degrees!r}")
 
 
 def evaluate_polynomial(coefficients: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -103,10 +133,13 @@ def _sketch_projections(head_dim: int, degree: int, sketch_dim: int, seed: int) 
 
 @dataclass(frozen=True)
 class FeatureMap:
-    """The feature map of the polynomial part, degrees ``0..degree``: ``<phi(q), phi(k)>`` restricted
-    to the degree-``m`` block is ``(q . k)^m`` exactly (``sketch_dim=None``: symmetric monomials), or
-    an unbiased estimate of it (``sketch_dim=r``: for ``m >= 2``, the product of ``m`` independent
-    Gaussian projections, ``prod_j (x G_j) / sqrt(r)``, a tensor sketch; degrees 0 and 1 stay exact).
+    """The feature map of the polynomial part. Its *base* features have degrees ``0..base_degree``:
+    ``<psi(q), psi(k)>`` restricted to the degree-``m`` block is ``(q . k)^m`` exactly (``sketch_dim=None``:
+    symmetric monomials), or an unbiased estimate of it (``sketch_dim=r``: for ``m >= 2``, the product
+    of ``m`` independent Gaussian projections, ``prod_j (x G_j) / sqrt(r)``, a tensor sketch; degrees 0
+    and 1 stay exact). ``kernel="chebyshev"``: the features are the base features (``base_degree =
+    degree``); ``"squared"``: their symmetric square (``base_degree = degree / 2``), whose inner
+    products are squares. Query-side coefficients are per base feature (``weights``).
     Seeded and deterministic: the same ``seed`` gives the same features on every call and device.
     Equal maps give equal features (the seed of an exact map is 0), so callers can compute them once."""
 
@@ -114,6 +147,7 @@ class FeatureMap:
     degree: int
     sketch_dim: int | None = None
     seed: int = 0
+    kernel: str = "chebyshev"
 
     def __post_init__(self) -> None:
         if self.sketch_dim is not None and (isinstance(self.sketch_dim, bool) or not isinstance(self.sketch_dim, int)
@@ -121,8 +155,13 @@ class FeatureMap:
             raise ValueError(f"sketch_dim must be a positive integer or None, got {self.sketch_dim!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"sketch_seed must be an integer >= 0, got {self.seed!r}")
+        check_kernel(self.kernel, [self.degree])
         if self.sketch_dim is None:  # exact features have no seed: equal maps compute equal features
             object.__setattr__(self, "seed", 0)
+
+    @property
+    def base_degree(self) -> int:
+        return self.degree // 2 if self.kernel == "squared" else self.degree
 
     def block_dim(self, m: int) -> int:
         if m == 0:
@@ -132,33 +171,51 @@ class FeatureMap:
         return self.sketch_dim
 
     @property
+    def base_dim(self) -> int:
+        return sum(self.block_dim(m) for m in range(self.base_degree + 1))
+
+    @property
     def dim(self) -> int:
-        return sum(self.block_dim(m) for m in range(self.degree + 1))
+        n = self.base_dim
+        return n * (n + 1) // 2 if self.kernel == "squared" else n
 
-    def degrees(self, device=None) -> torch.Tensor:
-        """The degree of every feature, shape ``(dim,)``."""
+    def base_degrees(self, device=None) -> torch.Tensor:
+        """The degree of every base feature, shape ``(base_dim,)``."""
         if self.sketch_dim is None:
-            return feature_degrees(self.head_dim, self.degree).to(device)
+            return feature_degrees(self.head_dim, self.base_degree).to(device)
         return torch.cat([torch.full((self.block_dim(m),), m, dtype=torch.long, device=device)
-                          for m in range(self.degree + 1)])
+                          for m in range(self.base_degree + 1)])
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``(..., d) -> (..., dim)``."""
-        if self.sketch_dim is None or self.degree < 2:
-            return monomial_features(x, self.degree)
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., d) -> (..., base_dim)``."""
+        if self.sketch_dim is None or self.base_degree < 2:
+            return monomial_features(x, self.base_degree)
         parts = [monomial_features(x, 1)]
-        for m in range(2, self.degree + 1):
+        for m in range(2, self.base_degree + 1):
             projections = _sketch_projections(self.head_dim, m, self.sketch_dim, self.seed).to(x.device, x.dtype)
             projected = torch.einsum("...d,jdr->...jr", x, projections)  # (..., m, r)
             parts.append(projected.prod(dim=-2) * self.sketch_dim**-0.5)
         return torch.cat(parts, dim=-1)
 
+    def finish(self, base: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The features from base features (times the per-base-feature ``weights``): ``(..., dim)``."""
+        if weights is not None:
+            base = base * weights
+        if self.kernel == "squared":
+            index, weight = _monomials(base.shape[-1], 2)
+            return base[..., index].prod(dim=-1) * weight.to(device=base.device, dtype=base.dtype)
+        return base
 
-def features_per_map(feature_maps: list[FeatureMap], x: torch.Tensor) -> list[torch.Tensor]:
-    """``[f(x) for f in feature_maps]``, each distinct map computed once (the buckets of a
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``(..., d) -> (..., dim)``."""
+        return self.finish(self.base(x), weights)
+
+
+def base_features_per_map(feature_maps: list[FeatureMap], x: torch.Tensor) -> list[torch.Tensor]:
+    """``[f.base(x) for f in feature_maps]``, each distinct map computed once (the buckets of a
     multi-threshold call usually share one exact map)."""
     computed: dict[FeatureMap, torch.Tensor] = {}
     for f in feature_maps:
         if f not in computed:
-            computed[f] = f(x)
+            computed[f] = f.base(x)
     return [computed[f] for f in feature_maps]

@@ -24,7 +24,7 @@ from .common import (
     suspect_rows,
     visible,
 )
-from .polynomial import FeatureMap, evaluate_polynomial, exp_fit_coefficients
+from .polynomial import FeatureMap, check_kernel, kernel_fit, kernel_on_scores
 
 
 def support_basis_attention(
@@ -44,19 +44,21 @@ def support_basis_attention(
     evaluation: str | None = None,
     sketch_dim: int | None = None,
     sketch_seed: int = 0,
+    kernel: str = "chebyshev",
     stats: dict | None = None,
     return_weights: bool = False,
 ) -> torch.Tensor:
     """Support-basis attention computed densely. See :func:`sb_hf.ops.support_basis_attention`.
 
     With ``sketch_dim`` the polynomial kernel is the sketched one: the dense ``(Lq, Lk)`` matrix of
-    ``sum_m b_m (s / R_i)^m <sketch_m(q_i), sketch_m(k_j)>`` with the same seeded sketch.
+    ``sum_m b_m (s / R_i)^m <sketch_m(q_i), sketch_m(k_j)>`` with the same seeded sketch (squared
+    elementwise for ``kernel="squared"``, whose ``b`` fit ``exp(x / 2)`` at half the degree).
     ``chunk_size``, ``max_feature_bytes`` and ``evaluation`` only concern the fast path and are ignored here;
     ``stats`` receives the same counts as the fast op, from the dense masks. With
     ``return_weights`` the normalized attention weights ``(B, Hq, Lq, Lk)`` are returned instead."""
     return _support_basis(
         q, k, v, thresholds=[threshold], degrees=[degree], sketch_dims=[sketch_dim], sketch_seed=sketch_seed,
-        causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
+        kernel=kernel, causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
         stats=stats, return_weights=return_weights,
     )
 
@@ -70,6 +72,7 @@ def multi_threshold_attention(
     degrees: int | list[int] = 2,
     sketch_dim: int | None | list[int | None] = None,
     sketch_seed: int = 0,
+    kernel: str = "chebyshev",
     causal: bool = True,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
@@ -85,18 +88,19 @@ def multi_threshold_attention(
     thresholds, degrees, sketch_dims = check_buckets(thresholds, degrees, sketch_dim)
     return _support_basis(
         q, k, v, thresholds=thresholds, degrees=degrees, sketch_dims=sketch_dims, sketch_seed=sketch_seed,
-        causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
+        kernel=kernel, causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
         stats=stats, return_weights=return_weights,
     )
 
 
-def _support_basis(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, causal, scale, key_padding_mask,
+def _support_basis(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel, causal, scale, key_padding_mask,
                    sliding_window, radius, stats, return_weights):
     threshold = thresholds[0]
     shapes = check_inputs(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
         degree=max(degrees), threshold=threshold, scale=scale, radius=radius,
     )
+    check_kernel(kernel, degrees)
     out_dtype = q.dtype
     q, k, v, scale, mask, key_valid = _dense(q, k, v, shapes, scale, key_padding_mask, causal, sliding_window)
 
@@ -129,15 +133,17 @@ def _support_basis(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, ca
     for b, (degree, sketch_dim) in enumerate(zip(degrees, sketch_dims)):
         block = mask & ~exact_pair & (k_bucket == b)[..., None, :]
         radius_b = row_radius[..., b]
-        coefficients = exp_fit_coefficients(radius_b, shift, degree)
+        coefficients = kernel_fit(radius_b, shift, degree, kernel)
         if sketch_dim is None:
             poly_in = torch.where(block, scores / radius_b[..., None], torch.zeros_like(scores))
-            poly = evaluate_polynomial(coefficients[..., None, :], poly_in)
+            poly = kernel_on_scores(coefficients[..., None, :], poly_in, kernel)
         else:  # the kernel the sketch defines, as a dense matrix of per-degree inner products
-            feature_map = FeatureMap(q.shape[-1], degree, sketch_dim, sketch_seed + b)
-            degrees_b = feature_map.degrees(q.device)
+            feature_map = FeatureMap(q.shape[-1], degree, sketch_dim, sketch_seed + b, kernel)
+            degrees_b = feature_map.base_degrees(q.device)
             per_feature = coefficients[..., degrees_b] * (scale / radius_b[..., None]) ** degrees_b
-            poly = (feature_map(q) * per_feature) @ feature_map(k).transpose(-1, -2)
+            poly = (feature_map.base(q) * per_feature) @ feature_map.base(k).transpose(-1, -2)
+            if kernel == "squared":
+                poly = poly * poly
         weights = weights + torch.where(block, poly, torch.zeros_like(poly))
     den = weights.sum(dim=-1)
     out = (weights @ v) / torch.where(den > 0, den, torch.ones_like(den))[..., None]

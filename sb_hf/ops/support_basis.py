@@ -37,7 +37,7 @@ from .common import (
     suspect_rows,
     visible,
 )
-from .polynomial import FeatureMap, evaluate_polynomial, exp_fit_coefficients, features_per_map
+from .polynomial import FeatureMap, base_features_per_map, check_kernel, kernel_fit, kernel_on_scores
 
 DEFAULT_CHUNK_SIZE = 64
 DEFAULT_MAX_FEATURE_BYTES = 8 * 2**30
@@ -62,6 +62,7 @@ def support_basis_attention(
     evaluation: str = "auto",
     sketch_dim: int | None = None,
     sketch_seed: int = 0,
+    kernel: str = "chebyshev",
     stats: dict | None = None,
 ) -> torch.Tensor:
     """Support-basis attention of ``q (B, Hq, Lq, d)`` over ``k, v (B, Hk, Lk, d)``, returns ``(B, Hq, Lq, dv)``.
@@ -83,6 +84,9 @@ def support_basis_attention(
         sketch_dim: None: exact monomial features; ``r``: each degree >= 2 block sketched to ``r``
             features (:class:`sb_hf.ops.polynomial.FeatureMap`), an unbiased estimate of the
             polynomial kernel; then always the feature form. ``sketch_seed`` fixes the sketch.
+        kernel: ``"chebyshev"``: the degree-``degree`` fit of ``exp`` (signed); ``"squared"``: the square
+            of the degree-``degree / 2`` fit of ``exp(x / 2)``, non-negative for every pair, sketched or
+            not (``degree`` even; see :mod:`sb_hf.ops.polynomial`).
         stats: optional dict; receives tensors ``exact_pairs``, ``pairs``, ``exact_rows``, ``rows``.
 
     Rows whose approximate mass is not positive, or whose output is not finite, are recomputed
@@ -90,7 +94,7 @@ def support_basis_attention(
     """
     return _attention(
         q, k, v, thresholds=[threshold], degrees=[degree], sketch_dims=[sketch_dim], sketch_seed=sketch_seed,
-        causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
+        kernel=kernel, causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
         chunk_size=chunk_size, max_feature_bytes=max_feature_bytes, evaluation=evaluation, stats=stats,
     )
 
@@ -104,6 +108,7 @@ def multi_threshold_attention(
     degrees: int | list[int] = 2,
     sketch_dim: int | None | list[int | None] = None,
     sketch_seed: int = 0,
+    kernel: str = "chebyshev",
     causal: bool = True,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
@@ -123,17 +128,17 @@ def multi_threshold_attention(
     smaller buckets), with features sketched to ``sketch_dim[b]`` (seed ``sketch_seed + b``). The
     attention is the exact part plus the sum of the buckets' polynomial attentions, over the sum of
     their masses. One threshold is :func:`support_basis_attention`. ``radius`` (fixed interval)
-    applies to every bucket.
+    and ``kernel`` apply to every bucket.
     """
     thresholds, degrees, sketch_dims = check_buckets(thresholds, degrees, sketch_dim)
     return _attention(
         q, k, v, thresholds=thresholds, degrees=degrees, sketch_dims=sketch_dims, sketch_seed=sketch_seed,
-        causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
+        kernel=kernel, causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
         chunk_size=chunk_size, max_feature_bytes=max_feature_bytes, evaluation=evaluation, stats=stats,
     )
 
 
-def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, causal, scale, key_padding_mask,
+def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel, causal, scale, key_padding_mask,
                sliding_window, radius, chunk_size, max_feature_bytes, evaluation, stats):
     threshold = thresholds[0]
     shapes = check_inputs(
@@ -144,7 +149,9 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, causal
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if evaluation not in EVALUATIONS:
         raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {evaluation!r}")
-    feature_maps = [FeatureMap(shapes.head_dim, g, r, sketch_seed + b) for b, (g, r) in enumerate(zip(degrees, sketch_dims))]
+    check_kernel(kernel, degrees)
+    feature_maps = [FeatureMap(shapes.head_dim, g, r, sketch_seed + b, kernel)
+                    for b, (g, r) in enumerate(zip(degrees, sketch_dims))]
     sketched = any(r is not None for r in sketch_dims)
     if sketched and evaluation == "scores":
         raise ValueError("a sketched kernel is not a function of the scores: use evaluation='features' or 'auto'")
@@ -248,8 +255,9 @@ class _KeyFeatures:
 
     def __call__(self, start: int, end: int):
         keys, bucket = self.k[:, :, start:end], self.k_bucket[:, :, start:end, None]
-        per_map = features_per_map(self.feature_maps, keys)
-        features = torch.cat([phi * (bucket == b) for b, phi in enumerate(per_map)], dim=-1)
+        per_map = base_features_per_map(self.feature_maps, keys)
+        features = torch.cat([f.finish(psi) * (bucket == b) for b, (f, psi) in enumerate(zip(self.feature_maps, per_map))],
+                             dim=-1)
         positions = torch.arange(start, end, device=self.k.device)
         return features, self.v[:, :, start:end], positions
 
@@ -261,7 +269,7 @@ class _RowAttention:
     def __init__(self, scale, feature_maps, causal, window, large_keys, device):
         self.scale, self.feature_maps, self.causal, self.window = scale, feature_maps, causal, window
         self.large_keys = large_keys
-        self.degrees = [f.degrees(device) for f in feature_maps]
+        self.base_degrees = [f.base_degrees(device) for f in feature_maps]
 
     def __call__(self, q_rows, q_pos, row_radius, q_large, state, blocks, key_rows=None):
         """``q_rows (B, Hk, G, c, d)`` at positions ``q_pos (c,)``; ``state`` = (S, z) running sums of
@@ -283,7 +291,7 @@ class _RowAttention:
             num = weights @ v_large[:, :, None]
             den = weights.sum(dim=-1)
 
-        coefficients = [exp_fit_coefficients(row_radius[..., b], shift, f.degree) for b, f in enumerate(self.feature_maps)]
+        coefficients = [kernel_fit(row_radius[..., b], shift, f.degree, f.kernel) for b, f in enumerate(self.feature_maps)]
         if key_rows is not None:
             k_rows, v_rows, k_pos, k_bucket = key_rows
             seen = visible(q_pos, k_pos, causal=self.causal, sliding_window=self.window) & ~q_large[..., None]
@@ -291,15 +299,16 @@ class _RowAttention:
             for b, c in enumerate(coefficients):
                 keep = seen & (k_bucket == b)[:, :, None, None, :]
                 t = torch.where(keep, scores / row_radius[..., b, None], torch.zeros_like(scores))  # no overflow
-                pair = torch.where(keep, evaluate_polynomial(c[..., None, :], t), torch.zeros_like(t))  # (NaN grads)
+                pair = kernel_on_scores(c[..., None, :], t, self.feature_maps[b].kernel)
+                pair = torch.where(keep, pair, torch.zeros_like(t))  # (NaN grads)
                 num, den = num + pair @ v_rows[:, :, None], den + pair.sum(dim=-1)
             return num, den
         q_features = []
-        per_map = features_per_map(self.feature_maps, q_rows)
-        for b, (phi, degrees, c) in enumerate(zip(per_map, self.degrees, coefficients)):
+        per_map = base_features_per_map(self.feature_maps, q_rows)
+        for b, (f, psi, degrees, c) in enumerate(zip(self.feature_maps, per_map, self.base_degrees, coefficients)):
             per_feature = c[..., degrees] * (self.scale / row_radius[..., b, None]) ** degrees
             per_feature = torch.where(q_large[..., None], torch.zeros_like(per_feature), per_feature)
-            q_features.append(phi * per_feature)
+            q_features.append(f.finish(psi, per_feature))
         q_features = torch.cat(q_features, dim=-1)  # (B, Hk, G, c, r)
         if state is not None:
             kv_state, k_state = state

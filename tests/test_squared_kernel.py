@@ -1,0 +1,214 @@
+"""The squared (non-negative) kernel: the fast op against its naive twin, the feature identity, and
+non-negativity (every output a convex combination of values, no fallback row needed)."""
+
+import pytest
+import torch
+from test_ops import F64, INF, TOLERANCES, assert_matches, make_qkv, padding_mask
+
+from sb_hf.config import SupportBasisConfig
+from sb_hf.ops import as23_attention, multi_threshold_attention, reference, support_basis_attention
+from sb_hf.ops.common import large_rows
+from sb_hf.ops.polynomial import FeatureMap, kernel_fit, kernel_on_scores
+
+SQUARED = dict(kernel="squared")
+
+
+def _case(name, **kw):
+    base = dict(batch=2, q_heads=4, kv_heads=2, q_len=37, kv_len=None, dtype=F64, causal=True, threshold=2.0,
+                degree=2, sketch_dim=None, chunk_size=16, padding=None, sliding_window=None, seed=0)
+    base.update(kw)
+    return pytest.param(base, id=name)
+
+
+CASES = [
+    _case("causal"),
+    _case("noncausal-rightpad", causal=False, padding="right", batch=3, chunk_size=7),
+    _case("deg4-chunk5", degree=4, chunk_size=5),
+    _case("gqa6x2-window5-leftpad", q_heads=6, kv_heads=2, sliding_window=5, padding="left", batch=3, chunk_size=8),
+    _case("decode3-leftpad", q_len=3, kv_len=41, padding="left", batch=3, chunk_size=8),
+    _case("as23-deg6", threshold=INF, degree=6, chunk_size=16),
+    _case("sketch-deg4", degree=4, sketch_dim=9, chunk_size=8),
+    _case("sketch-deg6-window7", degree=6, sketch_dim=5, sliding_window=7, chunk_size=8),
+    _case("float32", dtype=torch.float32, chunk_size=8),
+    _case("bfloat16-deg4", dtype=torch.bfloat16, degree=4, chunk_size=8),
+]
+
+
+def _inputs(c):
+    q, k, v = make_qkv(batch=c["batch"], q_heads=c["q_heads"], kv_heads=c["kv_heads"], q_len=c["q_len"],
+                       kv_len=c["kv_len"], dtype=c["dtype"], seed=c["seed"])
+    kw = dict(threshold=c["threshold"], degree=c["degree"], sketch_dim=c["sketch_dim"], causal=c["causal"],
+              sliding_window=c["sliding_window"], key_padding_mask=padding_mask(c["batch"], k.shape[2], c["padding"]),
+              sketch_seed=3, **SQUARED)
+    return q, k, v, kw
+
+
+@pytest.mark.parametrize(
+    "case,evaluation",
+    [pytest.param(c.values[0], e, id=f"{c.id}-{e}") for c in CASES for e in ("features", "scores")
+     if e == "features" or c.values[0]["sketch_dim"] is None],
+)
+def test_fast_matches_reference(case, evaluation):
+    q, k, v, kw = _inputs(case)
+    out = support_basis_attention(q, k, v, chunk_size=case["chunk_size"], evaluation=evaluation, **kw)
+    expected = reference.support_basis_attention(q, k, v, **kw)
+    assert out.dtype == q.dtype and torch.isfinite(out).all()
+    assert_matches(out, expected, q.dtype)
+
+
+def test_the_squared_kernel_is_another_kernel():
+    """Same settings, other kernel: a different result (the grid above would pass for a no-op flag otherwise)."""
+    q, k, v = make_qkv(seed=0)
+    a = support_basis_attention(q, k, v, threshold=2.0, degree=2)
+    b = support_basis_attention(q, k, v, threshold=2.0, degree=2, kernel="squared")
+    assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("threshold", [2.0, INF])
+def test_multi_threshold_matches_reference(threshold):
+    q, k, v = make_qkv(batch=3, q_heads=6, kv_heads=2, q_len=33, seed=5)
+    thresholds = [threshold, 1.8, 1.2] if threshold != INF else [INF, 1.8]
+    kw = dict(thresholds=thresholds, degrees=[2, 4, 2][: len(thresholds)], sketch_dim=[None, 7, None][: len(thresholds)],
+              key_padding_mask=padding_mask(3, 33, "left"), sliding_window=9, kernel="squared", sketch_seed=1)
+    out = multi_threshold_attention(q, k, v, chunk_size=8, **kw)
+    torch.testing.assert_close(out, reference.multi_threshold_attention(q, k, v, **kw), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sketch_dim", [None, 6])
+def test_gradients_match_reference(sketch_dim):
+    q, k, v = make_qkv(batch=2, q_heads=4, kv_heads=2, q_len=21, seed=7)
+    kw = dict(threshold=2.0, degree=4, key_padding_mask=padding_mask(2, 21, "left", pad=3), sliding_window=6,
+              sketch_dim=sketch_dim, kernel="squared")
+    weights = torch.randn(2, 4, 21, 8, dtype=F64, generator=torch.Generator().manual_seed(8))
+    grads = []
+    for fn, extra in ((support_basis_attention, dict(chunk_size=8)), (reference.support_basis_attention, {})):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*inputs, **kw, **extra)
+        grads.append(torch.autograd.grad((out * weights).sum(), inputs))
+    for g_fast, g_ref in zip(*grads):
+        assert torch.isfinite(g_fast).all()
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("sketch_dim", [None, 6])
+def test_decoding_matches_full_sequence(sketch_dim):
+    q, k, v = make_qkv(batch=2, q_heads=6, kv_heads=2, q_len=30, seed=9)
+    kw = dict(threshold=2.0, degree=4, sketch_dim=sketch_dim, kernel="squared", chunk_size=8)
+    full = support_basis_attention(q, k, v, **kw)
+    for t in (1, 9, 30):
+        step = support_basis_attention(q[:, :, t - 1 : t], k[:, :, :t], v[:, :, :t], **kw)
+        torch.testing.assert_close(step, full[:, :, t - 1 : t], rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- the kernel itself
+
+
+@pytest.mark.parametrize("degree", [2, 4, 8])
+def test_squared_fit_approximates_exp_and_is_non_negative(degree):
+    """``kernel_on_scores`` of the squared fit is >= 0 everywhere (also outside the interval) and
+    approaches ``exp(x - shift)`` on it as the degree grows; the Chebyshev fit of the same degree goes negative."""
+    radius, shift = torch.tensor(4.0, dtype=F64), torch.tensor(2.0, dtype=F64)
+    t = torch.linspace(-1.5, 1.5, 3001, dtype=F64)
+    squared = kernel_on_scores(kernel_fit(radius, shift, degree, "squared"), t, "squared")
+    assert (squared >= 0).all()
+    inside = t.abs() <= 1
+    target = torch.exp(radius * t - shift)
+    error = ((squared - target)[inside].abs().max() / target[inside].max()).item()
+    assert error < {2: 0.6, 4: 0.2, 8: 0.01}[degree], error  # measured 0.56, 0.17, 0.007
+    chebyshev = kernel_on_scores(kernel_fit(radius, shift, degree, "chebyshev"), t, "chebyshev")
+    if degree <= 4:
+        assert (chebyshev[inside] < 0).any()  # what the squared kernel is for
+
+
+@pytest.mark.parametrize("sketch_dim", [None, 5])
+def test_squared_features_give_squared_inner_products(sketch_dim):
+    """``<F(q; w), F(k)> = <w * psi(q), psi(k)>^2`` for the symmetric square of the base features."""
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(3, 6, dtype=F64, generator=g), torch.randn(4, 6, dtype=F64, generator=g)
+    f = FeatureMap(6, 4, sketch_dim=sketch_dim, seed=2, kernel="squared")
+    weights = torch.randn(3, f.base_dim, dtype=F64, generator=g)
+    base = (f.base(q) * weights) @ f.base(k).T
+    torch.testing.assert_close(f(q, weights) @ f(k).T, base**2)
+    assert f.base_degree == 2 and f(k).shape == (4, f.dim) and f.dim == f.base_dim * (f.base_dim + 1) // 2
+    assert f.base_dim == (1 + 6 + 21 if sketch_dim is None else 1 + 6 + sketch_dim)
+
+
+def _heavy_inputs(dtype, seed):
+    """Heavy-tailed q/k (cubes of normals) on which the signed fit goes negative; a fixed interval keeps
+    every row's fit usable, so every fallback row is one the kernel caused."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 6, 64, 16, dtype=F64, generator=g) ** 3 * 0.7
+    k = torch.randn(2, 2, 64, 16, dtype=F64, generator=g) ** 3 * 0.7
+    v = torch.randn(2, 2, 64, 16, dtype=F64, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("evaluation", ["features", "scores"])
+def test_outputs_are_convex_combinations_without_fallback(dtype, evaluation):
+    q, k, v = _heavy_inputs(dtype, seed=int(str(dtype)[-2:].replace("t", "0")))
+    kw = dict(threshold=6.0, degree=2, radius=20.0, chunk_size=16, evaluation=evaluation)
+    stats = {}
+    out = support_basis_attention(q, k, v, kernel="squared", stats=stats, **kw)
+    large = int(large_rows(q, 6.0).sum())
+    assert int(stats["exact_rows"]) == large  # no row needed the fallback
+    assert torch.isfinite(out).all()
+    # a convex combination of the visible values: inside their per-channel range (causal prefix)
+    values = v.to(F64).repeat_interleave(3, dim=1)
+    prefix_max = values.cummax(dim=2).values
+    prefix_min = values.cummin(dim=2).values
+    slack = 2 * TOLERANCES[dtype]["atol"]
+    assert (out.to(F64) <= prefix_max + slack).all() and (out.to(F64) >= prefix_min - slack).all()
+    signed = {}
+    support_basis_attention(q, k, v, kernel="chebyshev", stats=signed, **kw)
+    assert int(signed["exact_rows"]) > large  # the signed fit needs the fallback on the same input
+
+
+def test_naive_weights_are_non_negative_on_heavy_inputs():
+    q, k, v = _heavy_inputs(F64, seed=3)
+    for kw in (dict(degree=2), dict(degree=4), dict(degree=4, sketch_dim=6), dict(degree=6, sketch_dim=4)):
+        weights = reference.support_basis_attention(q, k, v, threshold=6.0, kernel="squared", return_weights=True, **kw)
+        assert (weights >= 0).all(), kw
+        torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights[..., 0]))
+    signed = reference.support_basis_attention(q, k, v, threshold=6.0, degree=2, radius=20.0, return_weights=True)
+    assert (signed < 0).any()
+
+
+def test_randomized_finiteness():
+    """Finite inputs of any scale give finite, in-range outputs with the squared kernel (fast op, fp32)."""
+    g = torch.Generator().manual_seed(5)
+    for it in range(20):
+        scale = [0.1, 1.0, 3.0, 10.0][it % 4]
+        q = torch.randn(1, 4, 45, 8, generator=g) ** 3 * scale
+        k = torch.randn(1, 2, 45, 8, generator=g) ** 3 * scale
+        v = torch.randn(1, 2, 45, 8, generator=g)
+        for kw in (dict(threshold=INF, degree=2), dict(threshold=3.0, degree=4), dict(threshold=3.0, degree=4, sketch_dim=8)):
+            out = support_basis_attention(q, k, v, kernel="squared", chunk_size=16, **kw)
+            assert torch.isfinite(out).all(), (it, kw)
+            assert out.abs().max() <= v.abs().max() * (1 + 1e-3), (it, kw)
+
+
+def test_as23_takes_the_kernel():
+    q, k, v = make_qkv(seed=4)
+    out = as23_attention(q, k, v, degree=4, kernel="squared", chunk_size=8)
+    assert_matches(out, reference.as23_attention(q, k, v, degree=4, kernel="squared"), F64)
+
+
+def test_bad_input():
+    q, k, v = make_qkv(q_len=5, seed=6)
+    with pytest.raises(ValueError, match="even degrees >= 2"):
+        support_basis_attention(q, k, v, threshold=2.0, degree=3, kernel="squared")
+    with pytest.raises(ValueError, match="even degrees >= 2"):
+        multi_threshold_attention(q, k, v, thresholds=[2.0, 1.0], degrees=[2, 1], kernel="squared")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        support_basis_attention(q, k, v, threshold=2.0, degree=2, kernel="taylor")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        reference.support_basis_attention(q, k, v, threshold=2.0, degree=2, kernel="taylor")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        SupportBasisConfig(kernel="taylor")
+    with pytest.raises(ValueError, match="even degrees >= 2"):
+        SupportBasisConfig(kernel="squared", degree=3)
+    with pytest.raises(ValueError, match="even degrees >= 2"):
+        SupportBasisConfig(layers={2: {"kernel": "squared", "degree": 1}})
+    config = SupportBasisConfig(kernel="squared", degree=4)
+    assert SupportBasisConfig.from_dict(config.to_dict()).op_kwargs()["kernel"] == "squared"
