@@ -280,7 +280,8 @@ def plot(results: list[SweepResult], path: str | Path) -> None:
         left.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{name}, degree {degree}{sketched}")
     for r in results:
         if r.method == "as23":
-            left.axhline(r.output_error, linestyle="--", color="gray", label=f"AS23a, degree {r.settings['degree']}")
+            variant = "".join(f", {key} {r.settings[key]}" for key in ("sketch_dim", "kernel") if key in r.settings)
+            left.axhline(r.output_error, linestyle="--", color="gray", label=f"AS23a, degree {r.settings['degree']}{variant}")
     left.set(xlabel="threshold (absolute, post-RoPE entries)", ylabel="relative output error", yscale="log",
              title="error vs threshold")
     left.legend(fontsize=8)
