@@ -83,6 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--thresholds", type=_floats, default=[2.5, 4.0, 6.0, 8.0], help="absolute row thresholds")
     inspect.add_argument("--output", default="runs/inspect")
 
+    calibrate = sub.add_parser(
+        "calibrate", help="per layer, the cheapest support_basis settings within an output-error budget",
+        description="Capture q/k/v of a model on a text, run each candidate setting on every layer, keep per layer the "
+        "cheapest (modelled FLOPs) whose relative output error is within --budget, exact attention where none is; "
+        "write calibration.json and support_basis.json (usable as --config), optionally a saved model that loads "
+        "calibrated with attn_implementation='support_basis'.",
+    )
+    _model_arguments(calibrate, 2048)
+    calibrate.add_argument("--capture", default=None, help="a file from `sb-hf capture` (else the model runs)")
+    calibrate.add_argument("--budget", type=float, required=True,
+                           help="largest relative output error per layer, e.g. 0.05 for 5%%")
+    calibrate.add_argument("--layers", type=_layers, default=None, help="comma list of layers or 'all' (default all)")
+    calibrate.add_argument("--thresholds", type=_floats, default=[12.0, 8.0, 6.0, 4.0, 3.0, 2.5],
+                           help="candidate support_basis thresholds (default 12,8,6,4,3,2.5)")
+    calibrate.add_argument("--degree", type=int, default=2, help="polynomial degree of the candidates (default 2)")
+    calibrate.add_argument("--kernel", choices=["squared", "chebyshev"], default="squared",
+                           help="polynomial kernel of the candidates (default squared: non-negative)")
+    calibrate.add_argument("--save-model", default=None,
+                           help="folder to save the model and tokenizer with the calibrated settings in config.json")
+    calibrate.add_argument("--output", default="runs/calibrate", help="folder for calibration.json, support_basis.json")
+
     sweep = sub.add_parser("sweep", help="attention error and cost vs settings on real activations, every method")
     _model_arguments(sweep, 2048)
     sweep.add_argument("--capture", default=None, help="a file from `sb-hf capture` (else the model runs)")
@@ -208,6 +229,31 @@ def run_sweep(args) -> int:
     return 0
 
 
+def run_calibrate(args) -> int:
+    from sb_hf.calibration import calibrate, default_candidates, markdown_table, write_report
+
+    start = time.perf_counter()
+    capture = _capture(args, args.layers)
+    candidates = default_candidates(args.thresholds, args.degree, args.kernel)
+    calibration = calibrate(capture, budget=args.budget, candidates=candidates, progress=True)
+    report, settings = write_report(calibration, args.output)
+    print(f"layers {capture.meta['layers']}, {capture.meta['tokens']} tokens, budget {100 * args.budget:g}%; "
+          f"{time.perf_counter() - start:.0f} s")
+    print(markdown_table(calibration))
+    print(f"mean modelled FLOPs vs exact: {100 * calibration.flops_ratio():.1f}%")
+    print(f"wrote {report} and {settings}")
+    if args.save_model:
+        import sb_hf
+        from sb_hf.assets import load_model
+
+        model, tokenizer = load_model(args.model)
+        sb_hf.apply_support_basis(model, config=calibration.config())
+        model.save_pretrained(args.save_model)
+        tokenizer.save_pretrained(args.save_model)
+        print(f"wrote {args.save_model} (from_pretrained(..., attn_implementation='support_basis') uses the calibration)")
+    return 0
+
+
 def run_eval(args) -> int:
     from sb_hf.evaluation import run_eval as evaluate
 
@@ -215,7 +261,7 @@ def run_eval(args) -> int:
 
 
 COMMANDS = {"compare": run_compare, "ppl": run_compare, "capture": run_capture, "inspect": run_inspect,
-            "sweep": run_sweep, "eval": run_eval}
+            "sweep": run_sweep, "calibrate": run_calibrate, "eval": run_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

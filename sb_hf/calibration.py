@@ -1,0 +1,114 @@
+"""Per-layer calibration: the cheapest support-basis settings that meet an error budget on real activations.
+
+For every captured layer, each candidate setting is run on the layer's q/k/v (the fast op, as the
+model would run it) and scored by the relative Frobenius error of the attention output against
+exact attention and by its modelled FLOPs (:func:`sb_hf.analysis.sweep.modelled_flops`). The layer
+gets the cheapest candidate within the budget that saves at least ``min_saving`` of exact attention's
+FLOPs, or exact attention (``threshold=0``) when none does.
+Layers that were not captured stay exact. The result is a :class:`~sb_hf.config.SupportBasisConfig`
+with per-layer entries, so a model saved with it loads calibrated through
+``from_pretrained(..., attn_implementation="support_basis")``.
+
+Settings are per layer: the op has one setting per call, and a layer's heads share the call.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .analysis.capture import Capture
+from .analysis.sweep import sweep_capture
+from .config import SupportBasisConfig
+
+DEFAULT_THRESHOLDS = (12.0, 8.0, 6.0, 4.0, 3.0, 2.5)
+EXACT = {"threshold": 0.0}
+
+
+def default_candidates(thresholds=DEFAULT_THRESHOLDS, degree: int = 2, kernel: str = "squared") -> list[dict[str, Any]]:
+    """Support-basis settings to try, one per threshold (the squared kernel: a negative row mass cannot occur)."""
+    return [{"threshold": float(t), "degree": degree, "kernel": kernel} for t in thresholds]
+
+
+@dataclass
+class LayerChoice:
+    layer: int
+    settings: dict[str, Any]  # the chosen per-layer settings (EXACT when nothing met the budget)
+    output_error: float  # of the chosen settings on the calibration data (0 for exact)
+    exact_pair_share: float
+    flops_ratio: float
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # every candidate's measurements
+
+
+@dataclass
+class Calibration:
+    budget: float
+    layers: list[LayerChoice]
+    meta: dict[str, Any]
+
+    def config(self, **base: Any) -> SupportBasisConfig:
+        """The settings to store on the model: exact by default (uncaptured layers), each calibrated
+        layer's choice as a per-layer entry."""
+        return SupportBasisConfig(**{"threshold": 0.0, **base}, layers={c.layer: dict(c.settings) for c in self.layers})
+
+    def flops_ratio(self) -> float:
+        """Mean modelled FLOPs vs exact over the calibrated layers (each layer weighs the same)."""
+        return sum(c.flops_ratio for c in self.layers) / len(self.layers)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"budget": self.budget, "meta": self.meta, "flops_ratio": self.flops_ratio(),
+                "layers": [asdict(c) for c in self.layers]}
+
+
+def calibrate(capture: Capture, *, budget: float, candidates: list[dict[str, Any]] | None = None,
+              min_saving: float = 0.05, progress: bool = False) -> Calibration:
+    """Choose per layer the candidate with the lowest modelled FLOPs whose output error is at most
+    ``budget`` and whose FLOPs are at most ``1 - min_saving`` of exact attention's."""
+    if isinstance(budget, bool) or not (isinstance(budget, (int, float)) and budget >= 0):
+        raise ValueError(f"budget must be a relative output error >= 0 (e.g. 0.05 for 5%), got {budget!r}")
+    if isinstance(min_saving, bool) or not (isinstance(min_saving, (int, float)) and 0 <= min_saving < 1):
+        raise ValueError(f"min_saving must be a share of exact FLOPs in [0, 1), got {min_saving!r}")
+    candidates = default_candidates() if candidates is None else [dict(c) for c in candidates]
+    if not candidates:
+        raise ValueError("give at least one candidate setting")
+    for c in candidates:
+        SupportBasisConfig(**c)  # validate early, with the config's error messages
+    results = sweep_capture(capture, [("support_basis", c) for c in candidates], matrix_rows=1, progress=progress)
+    choices = []
+    for i in sorted(capture.layers):
+        measured = []
+        for result in results:
+            layer = next(p for p in result.per_layer if p["layer"] == i)
+            measured.append({"settings": result.settings, "output_error": layer["output_error"],
+                             "exact_pair_share": layer["exact_pair_share"], "flops_ratio": layer["flops_ratio"]})
+        within = [m for m in measured if m["output_error"] <= budget and m["flops_ratio"] <= 1 - min_saving]
+        if within:
+            best = min(within, key=lambda m: (m["flops_ratio"], m["output_error"]))
+            choices.append(LayerChoice(i, dict(best["settings"]), best["output_error"], best["exact_pair_share"],
+                                       best["flops_ratio"], measured))
+        else:
+            choices.append(LayerChoice(i, dict(EXACT), 0.0, 1.0, 1.0, measured))
+    return Calibration(budget=float(budget), layers=choices, meta=dict(capture.meta))
+
+
+def write_report(calibration: Calibration, out_dir: str | Path) -> tuple[Path, Path]:
+    """``calibration.json`` (every layer's candidates and choice) and ``support_basis.json`` (the
+    settings, usable as ``--config`` or ``SupportBasisConfig.from_dict``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / "calibration.json"
+    report.write_text(json.dumps(calibration.as_dict(), indent=2))
+    settings = out / "support_basis.json"
+    settings.write_text(json.dumps(calibration.config().to_dict(), indent=2))
+    return report, settings
+
+
+def markdown_table(calibration: Calibration) -> str:
+    lines = ["| layer | settings | output error | pairs exact | modelled FLOPs vs exact |", "|---|---|---|---|---|"]
+    for c in calibration.layers:
+        settings = "exact" if c.settings == EXACT else ", ".join(f"{k}={v}" for k, v in c.settings.items())
+        lines.append(f"| {c.layer} | {settings} | {100 * c.output_error:.1f}% | {100 * c.exact_pair_share:.1f}% "
+                     f"| {100 * c.flops_ratio:.1f}% |")
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Per-layer calibration on a tiny random Llama with a planted outlier channel: every calibrated layer
+meets its budget on the calibration data (checked with the naive twins), the settings round-trip
+through save_pretrained/from_pretrained, and the command line writes usable settings."""
+
+import json
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_model
+from transformers import AutoModelForCausalLM
+
+import sb_hf
+from sb_hf.analysis.capture import capture_activations, save_capture
+from sb_hf.calibration import EXACT, calibrate, default_candidates
+from sb_hf.cli import main
+from sb_hf.config import SupportBasisConfig, load_settings
+from sb_hf.integrations.hf import attention_stats
+from sb_hf.ops import reference
+
+TOKENS = 512  # long enough for the polynomial part to cost less than exact attention at head_dim 8
+CANDIDATES = [dict(c, chunk_size=8) for c in default_candidates((6.0, 3.0, 2.0, 1.5, 1.0))]
+
+
+@pytest.fixture(scope="module")
+def model_and_capture():
+    model = tiny_model("llama", num_hidden_layers=3, max_position_embeddings=1024)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight[3].mul_(8.0)  # a planted outlier channel in layer 1
+    ids = torch.randint(1, VOCAB, (1, TOKENS), generator=torch.Generator().manual_seed(0))
+    return model, ids, capture_activations(model, ids)
+
+
+def _layer_error(capture, layer, settings):
+    """Relative output error of ``settings`` on one captured layer, from the dense naive twins."""
+    q, k, v = (capture.layers[layer][name].double() for name in ("q", "k", "v"))
+    scale = float(capture.meta["scale"])
+    kw = {key: value for key, value in settings.items() if key != "chunk_size"}
+    approx = reference.support_basis_attention(q, k, v, scale=scale, **kw)
+    exact = reference.exact_attention(q, k, v, scale=scale)
+    return float((approx - exact).norm() / exact.norm())
+
+
+def test_calibrated_layers_meet_the_budget_at_a_saving(model_and_capture):
+    _, _, capture = model_and_capture
+    calibration = calibrate(capture, budget=0.1, candidates=CANDIDATES)
+    chosen = [c.settings for c in calibration.layers]
+    assert all(s != EXACT for s in chosen), chosen  # each layer found a cheaper setting
+    assert len({s["threshold"] for s in chosen}) > 1  # and not the same one: the choice is per layer
+    for c in calibration.layers:
+        assert c.flops_ratio <= 0.95
+        error = _layer_error(capture, c.layer, c.settings)
+        assert error <= 0.1 + 1e-4, (c.layer, c.settings, error)
+        assert error == pytest.approx(c.output_error, rel=1e-3, abs=1e-4)
+        # the cheapest within budget: every cheaper candidate misses it
+        for m in c.candidates:
+            if m["flops_ratio"] < c.flops_ratio - 1e-9:
+                assert m["output_error"] > 0.1
+    assert calibration.flops_ratio() < 0.8
+
+
+def test_a_budget_nothing_meets_keeps_exact_attention(model_and_capture):
+    model, ids, capture = model_and_capture
+    calibration = calibrate(capture, budget=0.0, candidates=CANDIDATES)
+    assert [c.settings for c in calibration.layers] == [EXACT] * 3
+    config = calibration.config()
+    assert all(config.for_layer(i).threshold == 0.0 for i in range(3))
+    sb_hf.apply_support_basis(model, config=config)
+    with torch.no_grad():
+        calibrated = model(input_ids=ids).logits
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        exact = model(input_ids=ids).logits
+    torch.testing.assert_close(calibrated, exact, rtol=1e-4, atol=1e-4)
+
+
+def test_uncaptured_layers_stay_exact(model_and_capture):
+    model, ids, _ = model_and_capture
+    capture = capture_activations(model, ids, layers=[2])
+    config = calibrate(capture, budget=0.1, candidates=CANDIDATES).config()
+    assert config.for_layer(0).threshold == 0.0 and config.for_layer(1).threshold == 0.0
+    assert config.for_layer(2).threshold > 0.0 and config.for_layer(2).kernel == "squared"
+
+
+def test_saved_model_loads_calibrated(model_and_capture, tmp_path):
+    model, ids, capture = model_and_capture
+    config = calibrate(capture, budget=0.1, candidates=CANDIDATES).config()
+    sb_hf.apply_support_basis(model, config=config)
+    with torch.no_grad(), attention_stats() as stats:
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="support_basis").eval()
+    assert SupportBasisConfig.from_dict(loaded.config.support_basis) == config
+    with torch.no_grad(), attention_stats() as loaded_stats:
+        got = loaded(input_ids=ids).logits
+    torch.testing.assert_close(got, expected)
+    share = float(loaded_stats["exact_pairs"] / loaded_stats["pairs"])
+    assert share == pytest.approx(float(stats["exact_pairs"] / stats["pairs"])) and share < 0.9
+
+
+def test_cli_writes_the_report_and_usable_settings(model_and_capture, tmp_path, capsys):
+    _, _, capture = model_and_capture
+    path = save_capture(capture, tmp_path / "capture.safetensors")
+    out = tmp_path / "calibration"
+    code = main(["calibrate", "--capture", str(path), "--budget", "0.1", "--thresholds", "6,2,1", "--output", str(out)])
+    assert code == 0
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["budget"] == 0.1 and [c["layer"] for c in report["layers"]] == [0, 1, 2]
+    assert all(len(c["candidates"]) == 3 for c in report["layers"])
+    settings = load_settings(out / "support_basis.json")
+    config = SupportBasisConfig.from_dict(settings)
+    for c in report["layers"]:
+        assert config.for_layer(c["layer"]).threshold == c["settings"]["threshold"]
+    assert "| layer | settings |" in capsys.readouterr().out
+
+
+def test_bad_input(model_and_capture):
+    _, _, capture = model_and_capture
+    with pytest.raises(ValueError, match="budget must be"):
+        calibrate(capture, budget=-0.1)
+    with pytest.raises(ValueError, match="min_saving must be"):
+        calibrate(capture, budget=0.1, min_saving=1.0)
+    with pytest.raises(ValueError, match="even degrees"):
+        calibrate(capture, budget=0.1, candidates=[{"threshold": 2.0, "degree": 3, "kernel": "squared"}])
+    with pytest.raises(ValueError, match="at least one candidate"):
+        calibrate(capture, budget=0.1, candidates=[])
+    assert main(["calibrate", "--capture", "nope.safetensors", "--budget", "0.1"]) == 2
