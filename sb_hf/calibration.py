@@ -27,8 +27,9 @@ DEFAULT_THRESHOLDS = (12.0, 8.0, 6.0, 4.0, 3.0, 2.5)
 EXACT = {"threshold": 0.0}
 
 
-def default_candidates(thresholds=DEFAULT_THRESHOLDS, degree: int = 2, kernel: str = "squared") -> list[dict[str, Any]]:
-    """Support-basis settings to try, one per threshold (the squared kernel: a negative row mass cannot occur)."""
+def default_candidates(thresholds=DEFAULT_THRESHOLDS, degree: int = 2, kernel: str = "taylor") -> list[dict[str, Any]]:
+    """Support-basis settings to try, one per threshold (the taylor kernel: non-negative, so a negative row
+    mass cannot occur, and centred on each query's scores)."""
     return [{"threshold": float(t), "degree": degree, "kernel": kernel} for t in thresholds]
 
 

@@ -48,7 +48,8 @@ def _method_arguments(parser: argparse.ArgumentParser, methods: str, thresholds:
                         "(default none)")
     parser.add_argument("--kernels", type=_names, default=["chebyshev"],
                         help="comma list of polynomial kernels: chebyshev (signed fit of exp), squared (square of a "
-                        "half-degree fit, non-negative; even degrees only) (default chebyshev)")
+                        "half-degree fit, non-negative), taylor (exp(c)(1+(x-c)/p)^p around each query's mean score, "
+                        "non-negative); squared and taylor need even degrees (default chebyshev)")
     parser.add_argument("--sinks", type=int, default=4, help="sink tokens of sink_window (default 4)")
     parser.add_argument("--windows", type=_ints, default=_ints(windows),
                         help=f"local windows of sink_window (default {windows})")
@@ -98,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--thresholds", type=_floats, default=[12.0, 8.0, 6.0, 4.0, 3.0, 2.5],
                            help="candidate support_basis thresholds (default 12,8,6,4,3,2.5)")
     calibrate.add_argument("--degree", type=int, default=2, help="polynomial degree of the candidates (default 2)")
-    calibrate.add_argument("--kernel", choices=["squared", "chebyshev"], default="squared",
-                           help="polynomial kernel of the candidates (default squared: non-negative)")
+    calibrate.add_argument("--kernel", choices=["taylor", "squared", "chebyshev"], default="taylor",
+                           help="polynomial kernel of the candidates (default taylor: non-negative, centred per query)")
     calibrate.add_argument("--save-model", default=None,
                            help="folder to save the model and tokenizer with the calibrated settings in config.json")
     calibrate.add_argument("--output", default="runs/calibrate", help="folder for calibration.json, support_basis.json")

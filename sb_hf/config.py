@@ -33,8 +33,9 @@ class SupportBasisConfig:
         sketch_dim: None: exact monomial features; ``r``: degree >= 2 features sketched to ``r`` each
             (an unbiased estimate of the polynomial kernel, seeded by ``sketch_seed``).
         sketch_seed: seed of the sketch (the same seed gives the same features everywhere).
-        kernel: ``"chebyshev"`` (the fit of ``exp``, signed) or ``"squared"`` (the square of a
-            half-degree fit of ``exp(x / 2)``: non-negative for every pair, even ``degree``).
+        kernel: ``"chebyshev"`` (the fit of ``exp``, signed), ``"squared"`` (the square of a
+            half-degree fit of ``exp(x / 2)``: non-negative for every pair, even ``degree``) or ``"taylor"``
+            (``exp(c) (1 + (x - c) / degree)^degree`` around each query's mean score ``c``: non-negative, even ``degree``).
         thresholds: ``support_basis_multi``: ``T1 > T2 > ... > Tm`` (None: ``threshold`` and two evenly
             spaced below it, ``[T, 2T/3, T/3]``).
         degrees: ``support_basis_multi``: one degree per bucket (None: ``degree`` for every bucket).
@@ -127,8 +128,9 @@ def add_settings_arguments(parser, prefix: str = "") -> None:
     parser.add_argument(f"--{prefix}degree", dest="degree", type=int, default=None,
                         help="polynomial degree of support_basis and as23 (default 2)")
     parser.add_argument(f"--{prefix}kernel", dest="kernel", choices=KERNELS, default=None,
-                        help="polynomial kernel: chebyshev (signed fit of exp) or squared (square of a half-degree "
-                        "fit, non-negative; even degree) (default chebyshev)")
+                        help="polynomial kernel: chebyshev (signed fit of exp), squared (square of a half-degree "
+                        "fit, non-negative) or taylor (exp(c)(1+(x-c)/p)^p around the query's mean score c, "
+                        "non-negative); squared and taylor need an even degree (default chebyshev)")
     parser.add_argument(f"--{prefix}sinks", dest="sinks", type=int, default=None, help="sink tokens of sink_window (default 4)")
     parser.add_argument(f"--{prefix}local-window", dest="local_window", type=int, default=None,
                         help="local window of sink_window (default 256)")
@@ -221,7 +223,7 @@ def _validate(c: SupportBasisConfig) -> None:
         c.thresholds, c.degrees, _ = check_buckets(thresholds, c.degrees if c.degrees is not None else c.degree, None)
     if c.kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {c.kernel!r}")
-    if c.kernel == "squared":
+    if c.kernel != "chebyshev":
         check_kernel(c.kernel, c.degrees if c.degrees is not None else [c.degree])
     if isinstance(c.sinks, bool) or not isinstance(c.sinks, int) or c.sinks < 0:
         raise ValueError(f"sinks must be an integer >= 0, got {c.sinks!r}")

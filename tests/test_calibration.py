@@ -78,7 +78,7 @@ def test_uncaptured_layers_stay_exact(model_and_capture):
     capture = capture_activations(model, ids, layers=[2])
     config = calibrate(capture, budget=0.1, candidates=CANDIDATES).config()
     assert config.for_layer(0).threshold == 0.0 and config.for_layer(1).threshold == 0.0
-    assert config.for_layer(2).threshold > 0.0 and config.for_layer(2).kernel == "squared"
+    assert config.for_layer(2).threshold > 0.0 and config.for_layer(2).kernel == "taylor"
 
 
 def test_saved_model_loads_calibrated(model_and_capture, tmp_path):

@@ -82,6 +82,7 @@ SETTINGS = [
     dict(implementation="as23", degree=2),
     dict(implementation="support_basis", threshold=SPLIT, degree=2, sketch_dim=16, sketch_seed=3),
     dict(implementation="support_basis", threshold=SPLIT, degree=4, sketch_dim=8, kernel="squared"),
+    dict(implementation="support_basis_multi", thresholds=[SPLIT, 0.7], degrees=[2, 4], kernel="taylor"),
     dict(implementation="support_basis_multi", thresholds=[SPLIT, 0.8, 0.6], degrees=[2, 3, 2], chunk_size=5),
     dict(implementation="sink_window", sinks=2, local_window=5),
 ]
@@ -113,8 +114,9 @@ def test_causality_padding_invariance_and_finiteness(kind, settings):
 
 @pytest.mark.parametrize("method,settings", [("support_basis", {}), ("support_basis", {"sketch_dim": 16}),
                                              ("support_basis_multi", {"thresholds": [SPLIT, 0.8, 0.6]}),
-                                             ("support_basis", {"kernel": "squared"})],
-                         ids=["exact-features", "sketched", "multi", "squared"])
+                                             ("support_basis", {"kernel": "squared"}),
+                                             ("support_basis", {"kernel": "taylor"})],
+                         ids=["exact-features", "sketched", "multi", "squared", "taylor"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_decoding_matches_full_recompute(kind, method, settings):
     """Greedy decoding with the KV cache gives, step by step, the logits of a full forward pass."""

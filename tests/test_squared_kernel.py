@@ -1,5 +1,6 @@
-"""The squared (non-negative) kernel: the fast op against its naive twin, the feature identity, and
-non-negativity (every output a convex combination of values, no fallback row needed)."""
+"""The non-negative kernels (``squared``, and ``taylor`` centred per query): the fast op against its naive
+twin, the feature identity, and non-negativity (every output a convex combination of values, no fallback
+row needed)."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from sb_hf.ops import as23_attention, multi_threshold_attention, reference, supp
 from sb_hf.ops.common import large_rows
 from sb_hf.ops.polynomial import FeatureMap, kernel_fit, kernel_on_scores
 
-SQUARED = dict(kernel="squared")
+KERNELS = ["squared", "taylor"]
 
 
 def _case(name, **kw):
@@ -34,51 +35,55 @@ CASES = [
 ]
 
 
-def _inputs(c):
+def _inputs(c, kernel):
     q, k, v = make_qkv(batch=c["batch"], q_heads=c["q_heads"], kv_heads=c["kv_heads"], q_len=c["q_len"],
                        kv_len=c["kv_len"], dtype=c["dtype"], seed=c["seed"])
     kw = dict(threshold=c["threshold"], degree=c["degree"], sketch_dim=c["sketch_dim"], causal=c["causal"],
               sliding_window=c["sliding_window"], key_padding_mask=padding_mask(c["batch"], k.shape[2], c["padding"]),
-              sketch_seed=3, **SQUARED)
+              sketch_seed=3, kernel=kernel)
     return q, k, v, kw
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(
     "case,evaluation",
     [pytest.param(c.values[0], e, id=f"{c.id}-{e}") for c in CASES for e in ("features", "scores")
      if e == "features" or c.values[0]["sketch_dim"] is None],
 )
-def test_fast_matches_reference(case, evaluation):
-    q, k, v, kw = _inputs(case)
+def test_fast_matches_reference(case, evaluation, kernel):
+    q, k, v, kw = _inputs(case, kernel)
     out = support_basis_attention(q, k, v, chunk_size=case["chunk_size"], evaluation=evaluation, **kw)
     expected = reference.support_basis_attention(q, k, v, **kw)
     assert out.dtype == q.dtype and torch.isfinite(out).all()
     assert_matches(out, expected, q.dtype)
 
 
-def test_the_squared_kernel_is_another_kernel():
+def test_the_kernels_are_different_kernels():
     """Same settings, other kernel: a different result (the grid above would pass for a no-op flag otherwise)."""
     q, k, v = make_qkv(seed=0)
-    a = support_basis_attention(q, k, v, threshold=2.0, degree=2)
-    b = support_basis_attention(q, k, v, threshold=2.0, degree=2, kernel="squared")
-    assert (a - b).abs().max() > 1e-3
+    outs = [support_basis_attention(q, k, v, threshold=2.0, degree=2, kernel=kernel) for kernel in ["chebyshev", *KERNELS]]
+    for i in range(3):
+        for j in range(i):
+            assert (outs[i] - outs[j]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("threshold", [2.0, INF])
-def test_multi_threshold_matches_reference(threshold):
+def test_multi_threshold_matches_reference(threshold, kernel):
     q, k, v = make_qkv(batch=3, q_heads=6, kv_heads=2, q_len=33, seed=5)
     thresholds = [threshold, 1.8, 1.2] if threshold != INF else [INF, 1.8]
     kw = dict(thresholds=thresholds, degrees=[2, 4, 2][: len(thresholds)], sketch_dim=[None, 7, None][: len(thresholds)],
-              key_padding_mask=padding_mask(3, 33, "left"), sliding_window=9, kernel="squared", sketch_seed=1)
+              key_padding_mask=padding_mask(3, 33, "left"), sliding_window=9, kernel=kernel, sketch_seed=1)
     out = multi_threshold_attention(q, k, v, chunk_size=8, **kw)
     torch.testing.assert_close(out, reference.multi_threshold_attention(q, k, v, **kw), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("sketch_dim", [None, 6])
-def test_gradients_match_reference(sketch_dim):
+def test_gradients_match_reference(sketch_dim, kernel):
     q, k, v = make_qkv(batch=2, q_heads=4, kv_heads=2, q_len=21, seed=7)
     kw = dict(threshold=2.0, degree=4, key_padding_mask=padding_mask(2, 21, "left", pad=3), sliding_window=6,
-              sketch_dim=sketch_dim, kernel="squared")
+              sketch_dim=sketch_dim, kernel=kernel)
     weights = torch.randn(2, 4, 21, 8, dtype=F64, generator=torch.Generator().manual_seed(8))
     grads = []
     for fn, extra in ((support_basis_attention, dict(chunk_size=8)), (reference.support_basis_attention, {})):
@@ -90,10 +95,12 @@ def test_gradients_match_reference(sketch_dim):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("sketch_dim", [None, 6])
-def test_decoding_matches_full_sequence(sketch_dim):
+def test_decoding_matches_full_sequence(sketch_dim, window, kernel):
     q, k, v = make_qkv(batch=2, q_heads=6, kv_heads=2, q_len=30, seed=9)
-    kw = dict(threshold=2.0, degree=4, sketch_dim=sketch_dim, kernel="squared", chunk_size=8)
+    kw = dict(threshold=2.0, degree=4, sketch_dim=sketch_dim, kernel=kernel, chunk_size=8, sliding_window=window)
     full = support_basis_attention(q, k, v, **kw)
     for t in (1, 9, 30):
         step = support_basis_attention(q[:, :, t - 1 : t], k[:, :, :t], v[:, :, :t], **kw)
@@ -120,6 +127,23 @@ def test_squared_fit_approximates_exp_and_is_non_negative(degree):
         assert (chebyshev[inside] < 0).any()  # what the squared kernel is for
 
 
+@pytest.mark.parametrize("degree", [2, 4, 8])
+def test_taylor_fit_is_the_centred_power(degree):
+    """``kernel_fit(..., "taylor", center=c)`` squared is ``exp(c - shift) (1 + (x - c) / p)^p`` for every x
+    (also outside the interval): exact at x = c, >= 0, and within a few percent of ``exp`` near c."""
+    radius, shift = torch.tensor([10.0, 30.0], dtype=F64), torch.tensor([5.0, 15.0], dtype=F64)
+    center = torch.tensor([-1.5, 4.0], dtype=F64)
+    t = torch.linspace(-1.3, 1.3, 2001, dtype=F64)
+    got = kernel_on_scores(kernel_fit(radius, shift, degree, "taylor", center)[:, None, :], t, "taylor")
+    x = radius[:, None] * t
+    expected = torch.exp(center - shift)[:, None] * (1 + (x - center[:, None]) / degree) ** degree
+    torch.testing.assert_close(got, expected)
+    assert (got >= 0).all()
+    near = (x - center[:, None]).abs() <= 0.5
+    relative = (got / torch.exp(x - shift[:, None]) - 1).abs()[near]
+    assert relative.max() < 0.02 * 8 / degree
+
+
 @pytest.mark.parametrize("sketch_dim", [None, 5])
 def test_squared_features_give_squared_inner_products(sketch_dim):
     """``<F(q; w), F(k)> = <w * psi(q), psi(k)>^2`` for the symmetric square of the base features."""
@@ -143,13 +167,14 @@ def _heavy_inputs(dtype, seed):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("evaluation", ["features", "scores"])
-def test_outputs_are_convex_combinations_without_fallback(dtype, evaluation):
+def test_outputs_are_convex_combinations_without_fallback(dtype, evaluation, kernel):
     q, k, v = _heavy_inputs(dtype, seed=int(str(dtype)[-2:].replace("t", "0")))
     kw = dict(threshold=6.0, degree=2, radius=20.0, chunk_size=16, evaluation=evaluation)
     stats = {}
-    out = support_basis_attention(q, k, v, kernel="squared", stats=stats, **kw)
+    out = support_basis_attention(q, k, v, kernel=kernel, stats=stats, **kw)
     large = int(large_rows(q, 6.0).sum())
     assert int(stats["exact_rows"]) == large  # no row needed the fallback
     assert torch.isfinite(out).all()
@@ -166,8 +191,10 @@ def test_outputs_are_convex_combinations_without_fallback(dtype, evaluation):
 
 def test_naive_weights_are_non_negative_on_heavy_inputs():
     q, k, v = _heavy_inputs(F64, seed=3)
-    for kw in (dict(degree=2), dict(degree=4), dict(degree=4, sketch_dim=6), dict(degree=6, sketch_dim=4)):
-        weights = reference.support_basis_attention(q, k, v, threshold=6.0, kernel="squared", return_weights=True, **kw)
+    for kw in (dict(degree=2), dict(degree=4), dict(degree=4, sketch_dim=6), dict(degree=6, sketch_dim=4),
+               dict(degree=2, kernel="taylor"), dict(degree=8, kernel="taylor")):
+        kw = {"kernel": "squared", **kw}
+        weights = reference.support_basis_attention(q, k, v, threshold=6.0, return_weights=True, **kw)
         assert (weights >= 0).all(), kw
         torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights[..., 0]))
     signed = reference.support_basis_attention(q, k, v, threshold=6.0, degree=2, radius=20.0, return_weights=True)
@@ -182,16 +209,19 @@ def test_randomized_finiteness():
         q = torch.randn(1, 4, 45, 8, generator=g) ** 3 * scale
         k = torch.randn(1, 2, 45, 8, generator=g) ** 3 * scale
         v = torch.randn(1, 2, 45, 8, generator=g)
-        for kw in (dict(threshold=INF, degree=2), dict(threshold=3.0, degree=4), dict(threshold=3.0, degree=4, sketch_dim=8)):
-            out = support_basis_attention(q, k, v, kernel="squared", chunk_size=16, **kw)
+        for kw in (dict(threshold=INF, degree=2), dict(threshold=3.0, degree=4), dict(threshold=3.0, degree=4, sketch_dim=8),
+                   dict(threshold=INF, degree=2, kernel="taylor"), dict(threshold=3.0, degree=8, kernel="taylor")):
+            kw = {"kernel": "squared", **kw}
+            out = support_basis_attention(q, k, v, chunk_size=16, **kw)
             assert torch.isfinite(out).all(), (it, kw)
             assert out.abs().max() <= v.abs().max() * (1 + 1e-3), (it, kw)
 
 
-def test_as23_takes_the_kernel():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_as23_takes_the_kernel(kernel):
     q, k, v = make_qkv(seed=4)
-    out = as23_attention(q, k, v, degree=4, kernel="squared", chunk_size=8)
-    assert_matches(out, reference.as23_attention(q, k, v, degree=4, kernel="squared"), F64)
+    out = as23_attention(q, k, v, degree=4, kernel=kernel, chunk_size=8)
+    assert_matches(out, reference.as23_attention(q, k, v, degree=4, kernel=kernel), F64)
 
 
 def test_bad_input():
@@ -201,15 +231,19 @@ def test_bad_input():
     with pytest.raises(ValueError, match="even degrees >= 2"):
         multi_threshold_attention(q, k, v, thresholds=[2.0, 1.0], degrees=[2, 1], kernel="squared")
     with pytest.raises(ValueError, match="kernel must be one of"):
-        support_basis_attention(q, k, v, threshold=2.0, degree=2, kernel="taylor")
+        support_basis_attention(q, k, v, threshold=2.0, degree=2, kernel="gaussian")
     with pytest.raises(ValueError, match="kernel must be one of"):
-        reference.support_basis_attention(q, k, v, threshold=2.0, degree=2, kernel="taylor")
+        reference.support_basis_attention(q, k, v, threshold=2.0, degree=2, kernel="gaussian")
     with pytest.raises(ValueError, match="kernel must be one of"):
-        SupportBasisConfig(kernel="taylor")
+        SupportBasisConfig(kernel="gaussian")
     with pytest.raises(ValueError, match="even degrees >= 2"):
         SupportBasisConfig(kernel="squared", degree=3)
     with pytest.raises(ValueError, match="even degrees >= 2"):
         SupportBasisConfig(layers={2: {"kernel": "squared", "degree": 1}})
+    with pytest.raises(ValueError, match="even degrees >= 2"):
+        support_basis_attention(q, k, v, threshold=2.0, degree=3, kernel="taylor")
+    with pytest.raises(ValueError, match="even degrees >= 2"):
+        SupportBasisConfig(kernel="taylor", degree=1)
     config = SupportBasisConfig(kernel="squared", degree=4)
     assert SupportBasisConfig.from_dict(config.to_dict()).op_kwargs()["kernel"] == "squared"
 

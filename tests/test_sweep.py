@@ -118,7 +118,7 @@ def test_grid_and_outputs(tmp_path):
     with pytest.raises(ValueError, match="even degrees"):
         grid(["support_basis"], [3.0], [3], 4, [8], kernels=["squared"])
     with pytest.raises(ValueError, match="unknown kernels"):
-        grid(["support_basis"], [3.0], [2], 4, [8], kernels=["taylor"])
+        grid(["support_basis"], [3.0], [2], 4, [8], kernels=["gaussian"])
     capture = synthetic_capture()
     results = sweep_capture(capture, points, matrix_rows=4, progress=False)
     write_results(results, capture.meta, tmp_path)

@@ -79,16 +79,16 @@ def grid(methods, thresholds, degrees, sinks, windows, sketch_dims=(None,), buck
          kernels=("chebyshev",)) -> list[tuple[str, dict]]:
     """The (method, settings) pairs of a sweep (``sketch_dims``: None for exact features;
     ``buckets``: threshold -> the thresholds of ``support_basis_multi``; ``kernels``: polynomial kernels,
-    the squared one only at even degrees)."""
+    the squared and taylor ones only at even degrees)."""
     points = []
     sketches = [({} if r is None else {"sketch_dim": r}) | ({} if kernel == "chebyshev" else {"kernel": kernel})
                 for kernel in kernels for r in sketch_dims]
     unknown = [kernel for kernel in kernels if kernel not in KERNELS]
     if unknown:
         raise ValueError(f"unknown kernels {unknown}; choose from {list(KERNELS)}")
-    odd = [g for g in degrees if g % 2] if "squared" in kernels else []
+    odd = [g for g in degrees if g % 2] if set(kernels) & {"squared", "taylor"} else []
     if odd and any(m != "sink_window" for m in methods):
-        raise ValueError(f"the squared kernel needs even degrees, got {odd}; give --degrees with even values")
+        raise ValueError(f"the squared and taylor kernels need even degrees, got {odd}; give --degrees with even values")
     for method in methods:
         if method == "support_basis":
             points += [(method, {"threshold": t, "degree": g, **x}) for x in sketches for g in degrees for t in thresholds]

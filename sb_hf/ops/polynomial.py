@@ -16,6 +16,10 @@ half the degree and squares it, ``p(x) = (sum_m a_m t^m)^2``: non-negative for e
 construction. Its features are the symmetric squares of the half-degree features (the query-side
 coefficients applied before squaring), so a sketched squared kernel stays non-negative too
 (PolySketchFormer's construction): ``<sym2(a * psi(q)), sym2(psi(k))> = <a * psi(q), psi(k)>^2``.
+``"taylor"`` is squared too, but centred where the scores are: ``exp(c) (1 + (x - c) / p)^p`` with
+``p = degree`` and ``c`` the query's mean score over the keys it approximates (``center``), written
+as the square of ``exp(c / 2) (1 + (x - c) / p)^(p / 2)``. Exact at ``x = c`` and close around it,
+where most of a row's small scores lie; the symmetric fit spends its accuracy on the interval's ends.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 MAX_DEGREE = 12  # beyond this the monomial interpolation is numerically meaningless in fp32
-KERNELS = ("chebyshev", "squared")
+KERNELS = ("chebyshev", "squared", "taylor")
+SQUARED_KERNELS = ("squared", "taylor")  # kernels that are the square of a half-degree polynomial
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,26 +59,36 @@ def exp_fit_coefficients(radius: torch.Tensor, shift: torch.Tensor, degree: int)
     return values @ inverse.T
 
 
-def kernel_fit(radius: torch.Tensor, shift: torch.Tensor, degree: int, kernel: str) -> torch.Tensor:
+def kernel_fit(radius: torch.Tensor, shift: torch.Tensor, degree: int, kernel: str,
+               center: torch.Tensor | None = None) -> torch.Tensor:
     """Coefficients in ``t = x / radius`` of the kernel that replaces ``exp(x - shift)``: the degree-``degree``
-    fit (``"chebyshev"``), or the degree-``degree / 2`` fit of ``exp((x - shift) / 2)`` whose square is the
-    kernel (``"squared"``)."""
+    fit (``"chebyshev"``); the degree-``degree / 2`` fit of ``exp((x - shift) / 2)`` whose square is the
+    kernel (``"squared"``); or ``exp((c - shift) / 2) (1 + (x - c) / p)^(p / 2)``, ``p = degree``, whose
+    square is the kernel (``"taylor"``, ``c = center``, the same shape as ``radius``)."""
     if kernel == "squared":
         return exp_fit_coefficients(radius / 2, shift / 2, degree // 2)
+    if kernel == "taylor":
+        half = degree // 2
+        m = torch.arange(half + 1, device=radius.device, dtype=radius.dtype)
+        binomial = torch.tensor([math.comb(half, j) for j in range(half + 1)], device=radius.device, dtype=radius.dtype)
+        alpha = 1 - center / degree  # (1 + (x - c) / p) = alpha + x / p = alpha + (radius / p) t
+        powers = alpha[..., None] ** (half - m) * (radius[..., None] / degree) ** m
+        return torch.exp((center - shift) / 2)[..., None] * binomial * powers
     return exp_fit_coefficients(radius, shift, degree)
 
 
 def kernel_on_scores(coefficients: torch.Tensor, t: torch.Tensor, kernel: str) -> torch.Tensor:
     """The kernel at ``t = x / radius`` from :func:`kernel_fit`'s coefficients (squared: ``>= 0`` exactly)."""
     values = evaluate_polynomial(coefficients, t)
-    return values * values if kernel == "squared" else values
+    return values * values if kernel in SQUARED_KERNELS else values
 
 
 def check_kernel(kernel: str, degrees: list[int]) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "squared" and any(g < 2 or g % 2 for g in degrees):
-        raise ValueError(f"the squared kernel needs even degrees >= 2 (it squares a fit of half the degree), got {degrees!r}")
+    if kernel in SQUARED_KERNELS and any(g < 2 or g % 2 for g in degrees):
+        raise ValueError(f"the {kernel} kernel needs even degrees >= 2 (it squares a polynomial of half the degree), "
+                         f"got {degrees!r}")
 
 
 def evaluate_polynomial(coefficients: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -138,7 +153,7 @@ class FeatureMap:
     symmetric monomials), or an unbiased estimate of it (``sketch_dim=r``: for ``m >= 2``, the product
     of ``m`` independent Gaussian projections, ``prod_j (x G_j) / sqrt(r)``, a tensor sketch; degrees 0
     and 1 stay exact). ``kernel="chebyshev"``: the features are the base features (``base_degree =
-    degree``); ``"squared"``: their symmetric square (``base_degree = degree / 2``), whose inner
+    degree``); ``"squared"``/``"taylor"``: their symmetric square (``base_degree = degree / 2``), whose inner
     products are squares. Query-side coefficients are per base feature (``weights``).
     Seeded and deterministic: the same ``seed`` gives the same features on every call and device.
     Equal maps give equal features (the seed of an exact map is 0), so callers can compute them once."""
@@ -161,7 +176,7 @@ class FeatureMap:
 
     @property
     def base_degree(self) -> int:
-        return self.degree // 2 if self.kernel == "squared" else self.degree
+        return self.degree // 2 if self.kernel in SQUARED_KERNELS else self.degree
 
     def block_dim(self, m: int) -> int:
         if m == 0:
@@ -177,7 +192,7 @@ class FeatureMap:
     @property
     def dim(self) -> int:
         n = self.base_dim
-        return n * (n + 1) // 2 if self.kernel == "squared" else n
+        return n * (n + 1) // 2 if self.kernel in SQUARED_KERNELS else n
 
     def base_degrees(self, device=None) -> torch.Tensor:
         """The degree of every base feature, shape ``(base_dim,)``."""
@@ -201,7 +216,7 @@ class FeatureMap:
         """The features from base features (times the per-base-feature ``weights``): ``(..., dim)``."""
         if weights is not None:
             base = base * weights
-        if self.kernel == "squared":
+        if self.kernel in SQUARED_KERNELS:
             index, weight = _monomials(base.shape[-1], 2)
             return base[..., index].prod(dim=-1) * weight.to(device=base.device, dtype=base.dtype)
         return base

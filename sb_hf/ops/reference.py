@@ -24,7 +24,7 @@ from .common import (
     suspect_rows,
     visible,
 )
-from .polynomial import FeatureMap, check_kernel, kernel_fit, kernel_on_scores
+from .polynomial import SQUARED_KERNELS, FeatureMap, check_kernel, kernel_fit, kernel_on_scores
 
 
 def support_basis_attention(
@@ -52,7 +52,7 @@ def support_basis_attention(
 
     With ``sketch_dim`` the polynomial kernel is the sketched one: the dense ``(Lq, Lk)`` matrix of
     ``sum_m b_m (s / R_i)^m <sketch_m(q_i), sketch_m(k_j)>`` with the same seeded sketch (squared
-    elementwise for ``kernel="squared"``, whose ``b`` fit ``exp(x / 2)`` at half the degree).
+    elementwise for the squared kernels, whose ``b`` are half-degree polynomials).
     ``chunk_size``, ``max_feature_bytes`` and ``evaluation`` only concern the fast path and are ignored here;
     ``stats`` receives the same counts as the fast op, from the dense masks. With
     ``return_weights`` the normalized attention weights ``(B, Hq, Lq, Lk)`` are returned instead."""
@@ -133,7 +133,12 @@ def _support_basis(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, ke
     for b, (degree, sketch_dim) in enumerate(zip(degrees, sketch_dims)):
         block = mask & ~exact_pair & (k_bucket == b)[..., None, :]
         radius_b = row_radius[..., b]
-        coefficients = kernel_fit(radius_b, shift, degree, kernel)
+        center_b = None
+        if kernel == "taylor":  # the query's mean score over the visible keys of the bucket
+            reach = (mask & (k_bucket == b)[..., None, :]).to(q.dtype)
+            mean_key = (reach @ k) / reach.sum(dim=-1, keepdim=True).clamp_min(1)
+            center_b = torch.where(q_large, torch.zeros_like(radius_b), scale * (q * mean_key).sum(dim=-1))
+        coefficients = kernel_fit(radius_b, shift, degree, kernel, center_b)
         if sketch_dim is None:
             poly_in = torch.where(block, scores / radius_b[..., None], torch.zeros_like(scores))
             poly = kernel_on_scores(coefficients[..., None, :], poly_in, kernel)
@@ -142,7 +147,7 @@ def _support_basis(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, ke
             degrees_b = feature_map.base_degrees(q.device)
             per_feature = coefficients[..., degrees_b] * (scale / radius_b[..., None]) ** degrees_b
             poly = (feature_map.base(q) * per_feature) @ feature_map.base(k).transpose(-1, -2)
-            if kernel == "squared":
+            if kernel in SQUARED_KERNELS:
                 poly = poly * poly
         weights = weights + torch.where(block, poly, torch.zeros_like(poly))
     den = weights.sum(dim=-1)

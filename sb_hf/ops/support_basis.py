@@ -86,7 +86,8 @@ def support_basis_attention(
             polynomial kernel; then always the feature form. ``sketch_seed`` fixes the sketch.
         kernel: ``"chebyshev"``: the degree-``degree`` fit of ``exp`` (signed); ``"squared"``: the square
             of the degree-``degree / 2`` fit of ``exp(x / 2)``, non-negative for every pair, sketched or
-            not (``degree`` even; see :mod:`sb_hf.ops.polynomial`).
+            not (``degree`` even; see :mod:`sb_hf.ops.polynomial`); ``"taylor"``: ``exp(c) (1 + (x - c) / degree)^degree``
+            with ``c`` the query's mean score over the small keys it sees (squared too, non-negative).
         stats: optional dict; receives tensors ``exact_pairs``, ``pairs``, ``exact_rows``, ``rows``.
 
     Rows whose approximate mass is not positive, or whose output is not finite, are recomputed
@@ -194,16 +195,20 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
             row_radius = torch.full((*qg.shape[:-1], len(thresholds)), float(radius), dtype=compute, device=q.device)
         q_large = q_large | (row_radius.amax(dim=-1) > RADIUS_LIMIT)  # a fit on such an interval is meaningless
         row_radius = torch.where(q_large[..., None], torch.full_like(row_radius, RADIUS_FLOOR), row_radius)
+        row_center = (_row_centers(qg, k, k_bucket, len(thresholds), scale, causal, window, offset)
+                      if kernel == "taylor" else torch.zeros_like(row_radius))
+        row_center = torch.where(q_large[..., None], torch.zeros_like(row_center), row_center)
+        row_fit = torch.stack([row_radius, row_center], dim=-1)  # (B, Hk, G, Lq, m, 2): each bucket's interval and centre
         large_keys = _gather_rows(exact_keys, (k, v))
         rows = _RowAttention(scale, feature_maps, causal, window, large_keys, q.device)
         if evaluation == "scores":
             num, den = _score_chunks(
-                rows, k, v, k_bucket, qg, row_radius, q_large, offset, chunk_size, causal, window, recompute
+                rows, k, v, k_bucket, qg, row_fit, q_large, offset, chunk_size, causal, window, recompute
             )
         else:
             key_features = _KeyFeatures(k, v, k_bucket, feature_maps)
             scan = _causal_scan if causal else _global_sum
-            num, den = scan(rows, key_features, qg, row_radius, q_large, offset, chunk_size, window, recompute)
+            num, den = scan(rows, key_features, qg, row_fit, q_large, offset, chunk_size, window, recompute)
         out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
         exact_rows = q_large | suspect_rows(den, out, out_dtype)
 
@@ -264,19 +269,20 @@ class _KeyFeatures:
 
 class _RowAttention:
     """Numerator and mass of a block of query rows: exact vs large keys, each bucket's polynomial
-    vs its keys. ``row_radius (..., c, m)`` holds each row's interval per bucket."""
+    vs its keys. ``row_fit (..., c, m, 2)`` holds each row's interval half-width and centre per bucket."""
 
     def __init__(self, scale, feature_maps, causal, window, large_keys, device):
         self.scale, self.feature_maps, self.causal, self.window = scale, feature_maps, causal, window
         self.large_keys = large_keys
         self.base_degrees = [f.base_degrees(device) for f in feature_maps]
 
-    def __call__(self, q_rows, q_pos, row_radius, q_large, state, blocks, key_rows=None):
+    def __call__(self, q_rows, q_pos, row_fit, q_large, state, blocks, key_rows=None):
         """``q_rows (B, Hk, G, c, d)`` at positions ``q_pos (c,)``; ``state`` = (S, z) running sums of
         ``phi(k) v^T`` and ``phi(k)`` over keys fully visible to every row; ``blocks`` = key feature
         blocks that need the positional mask; or ``key_rows`` = ``(k, v, positions, small)`` of raw
         keys, the polynomial then evaluated on the scores. Returns ``num (B, Hk, G, c, dv)``, ``den (B, Hk, G, c)``."""
         num = den = 0
+        row_radius, row_center = row_fit.unbind(dim=-1)
         exact_max = torch.full_like(row_radius[..., 0], float("-inf"))
         if self.large_keys is not None:
             (k_large, v_large), k_pos, slot_valid = self.large_keys
@@ -291,7 +297,8 @@ class _RowAttention:
             num = weights @ v_large[:, :, None]
             den = weights.sum(dim=-1)
 
-        coefficients = [kernel_fit(row_radius[..., b], shift, f.degree, f.kernel) for b, f in enumerate(self.feature_maps)]
+        coefficients = [kernel_fit(row_radius[..., b], shift, f.degree, f.kernel, row_center[..., b])
+                        for b, f in enumerate(self.feature_maps)]
         if key_rows is not None:
             k_rows, v_rows, k_pos, k_bucket = key_rows
             seen = visible(q_pos, k_pos, causal=self.causal, sliding_window=self.window) & ~q_large[..., None]
@@ -331,7 +338,7 @@ def _step(recompute: bool, fn, *args):
     return fn(*args)
 
 
-def _causal_scan(rows, key_features, qg, row_radius, q_large, offset, chunk, window, recompute):
+def _causal_scan(rows, key_features, qg, row_fit, q_large, offset, chunk, window, recompute):
     """Chunked causal scan over key positions. For the query chunk ``[a, b)`` the keys ``[f, a)`` are
     visible to every row (running state minus a trailing state when windowed), the keys
     ``[a, b)`` and, with a window, ``[a - window + 1, f)`` need the explicit positional mask."""
@@ -362,7 +369,7 @@ def _causal_scan(rows, key_features, qg, row_radius, q_large, offset, chunk, win
                 if low < first_full:
                     blocks.append(key_features(low, first_full))
             q_pos = torch.arange(i0, i1, device=qg.device) + offset
-            return rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1, :], q_large[..., i0:i1], state, blocks)
+            return rows(qg[:, :, :, i0:i1], q_pos, row_fit[..., i0:i1, :, :], q_large[..., i0:i1], state, blocks)
 
         if b > offset:
             num, den = _step(recompute, chunk_rows, kv_state, k_state, trail_kv, trail_k)
@@ -382,7 +389,7 @@ def _accumulate(key_features, kv_state, k_state, start, end):
     return kv_state + kv, k_state + kk
 
 
-def _score_chunks(rows, k, v, k_bucket, qg, row_radius, q_large, offset, chunk, causal, window, recompute):
+def _score_chunks(rows, k, v, k_bucket, qg, row_fit, q_large, offset, chunk, causal, window, recompute):
     """The polynomial on the scores: each query chunk against the key range it can see."""
     kv_len, q_len = k.shape[2], qg.shape[3]
     nums, dens = [], []
@@ -397,7 +404,7 @@ def _score_chunks(rows, k, v, k_bucket, qg, row_radius, q_large, offset, chunk, 
         def chunk_rows(i0=i0, i1=i1, lo=lo, hi=hi):
             key_rows = (k[:, :, lo:hi], v[:, :, lo:hi], torch.arange(lo, hi, device=k.device), k_bucket[:, :, lo:hi])
             q_pos = torch.arange(i0, i1, device=qg.device) + offset
-            return rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1, :], q_large[..., i0:i1], None, [], key_rows)
+            return rows(qg[:, :, :, i0:i1], q_pos, row_fit[..., i0:i1, :, :], q_large[..., i0:i1], None, [], key_rows)
 
         num, den = _step(recompute, chunk_rows)
         nums.append(num)
@@ -405,7 +412,7 @@ def _score_chunks(rows, k, v, k_bucket, qg, row_radius, q_large, offset, chunk, 
     return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
 
 
-def _global_sum(rows, key_features, qg, row_radius, q_large, offset, chunk, window, recompute):
+def _global_sum(rows, key_features, qg, row_fit, q_large, offset, chunk, window, recompute):
     """Non-causal: one state over all keys, then the query rows chunk by chunk."""
     kv_len, q_len = key_features.k.shape[2], qg.shape[3]
     kv_state = k_state = None
@@ -417,12 +424,32 @@ def _global_sum(rows, key_features, qg, row_radius, q_large, offset, chunk, wind
 
         def chunk_rows(kv_state, k_state, i0=i0, i1=i1):
             q_pos = torch.arange(i0, i1, device=qg.device)  # unused without a causal mask
-            return rows(qg[:, :, :, i0:i1], q_pos, row_radius[..., i0:i1, :], q_large[..., i0:i1], (kv_state, k_state), [])
+            return rows(qg[:, :, :, i0:i1], q_pos, row_fit[..., i0:i1, :, :], q_large[..., i0:i1], (kv_state, k_state), [])
 
         num, den = _step(recompute, chunk_rows, kv_state, k_state)
         nums.append(num)
         dens.append(den)
     return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
+
+
+def _row_centers(qg, k, k_bucket, buckets, scale, causal, window, offset):
+    """``c_ib = scale * q_i . mean(k_j)`` over the keys of bucket ``b`` visible to query ``i`` (0 when there
+    are none), by prefix sums: ``(B, Hk, G, Lq, m)``. The centre of the ``taylor`` kernel."""
+    centers = []
+    for b in range(buckets):
+        member = (k_bucket == b).to(k.dtype)  # (B, Hk, Lk)
+        sums, counts = k * member[..., None], member
+        if causal:
+            sums = torch.nn.functional.pad(sums.cumsum(dim=2), (0, 0, 1, 0))  # [p] = sum over keys j < p
+            counts = torch.nn.functional.pad(counts.cumsum(dim=2), (1, 0))
+            end = torch.arange(offset, k.shape[2], device=k.device) + 1
+            start = (end - window).clamp_min(0) if window is not None else torch.zeros_like(end)
+            sums, counts = sums[:, :, end] - sums[:, :, start], counts[:, :, end] - counts[:, :, start]
+        else:
+            sums, counts = sums.sum(dim=2, keepdim=True), counts.sum(dim=2, keepdim=True)
+        mean = sums / counts.clamp_min(1)[..., None]  # (B, Hk, Lq or 1, d)
+        centers.append(scale * (qg * mean[:, :, None]).sum(dim=-1))
+    return torch.stack(centers, dim=-1)
 
 
 def _visible_max(values: torch.Tensor, window: int | None) -> torch.Tensor:
