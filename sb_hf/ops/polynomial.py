@@ -88,7 +88,7 @@ def check_kernel(kernel: str, degrees: list[int]) -> None:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel in SQUARED_KERNELS and any(g < 2 or g % 2 for g in degrees):
         raise ValueError(f"the {kernel} kernel needs even degrees >= 2 (it squares a polynomial of half the degree), "
-                         f"got {degrees!r}")
+                         f"got {degrees!r}; use an even degree, or kernel='chebyshev' for any degree")
 
 
 def evaluate_polynomial(coefficients: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
