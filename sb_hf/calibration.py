@@ -9,19 +9,28 @@ Layers that were not captured stay exact. The result is a :class:`~sb_hf.config.
 with per-layer entries, so a model saved with it loads calibrated through
 ``from_pretrained(..., attn_implementation="support_basis")``.
 
+Each chosen setting also gets a run-time guard, ``radius_limit``: ``guard_margin`` times the widest
+interval ``R_i`` its small query rows had on the calibration data (at most 150). A later input whose
+rows need a wider interval, outside the calibrated range, has those rows computed exactly (they are
+counted among the exact rows of ``attention_stats``).
+
 Settings are per layer: the op has one setting per call, and a layer's heads share the call.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .analysis.capture import Capture
 from .analysis.sweep import sweep_capture
 from .config import SupportBasisConfig
+from .ops.common import RADIUS_FLOOR, RADIUS_LIMIT, large_rows, visible_key_max
 
 DEFAULT_THRESHOLDS = (12.0, 8.0, 6.0, 4.0, 3.0, 2.5)
 EXACT = {"threshold": 0.0}
@@ -63,20 +72,33 @@ class Calibration:
                 "layers": [asdict(c) for c in self.layers]}
 
 
+def widest_interval(q: torch.Tensor, k: torch.Tensor, threshold: float, scale: float, window: int | None) -> float:
+    """The widest interval ``R_i = scale |q_i| max |k_j|`` (over the small keys a causal query sees) of
+    the small query rows of a captured layer (``q``, ``k``: ``(B, H, n, d)``, heads expanded), as the op computes it."""
+    norms = torch.where(large_rows(k, threshold), torch.zeros(()), k.norm(dim=-1))
+    radius = scale * q.norm(dim=-1) * visible_key_max(norms, window)
+    radius = torch.where(large_rows(q, threshold), torch.zeros(()), radius)
+    return max(float(radius.max()), RADIUS_FLOOR)
+
+
 def calibrate(capture: Capture, *, budget: float, candidates: list[dict[str, Any]] | None = None,
-              min_saving: float = 0.05, progress: bool = False) -> Calibration:
+              min_saving: float = 0.05, guard_margin: float = 1.25, progress: bool = False) -> Calibration:
     """Choose per layer the candidate with the lowest modelled FLOPs whose output error is at most
-    ``budget`` and whose FLOPs are at most ``1 - min_saving`` of exact attention's."""
+    ``budget`` and whose FLOPs are at most ``1 - min_saving`` of exact attention's; guard it with
+    ``radius_limit = guard_margin x`` the widest interval seen on the calibration data."""
     if isinstance(budget, bool) or not (isinstance(budget, (int, float)) and budget >= 0):
         raise ValueError(f"budget must be a relative output error >= 0 (e.g. 0.05 for 5%), got {budget!r}")
     if isinstance(min_saving, bool) or not (isinstance(min_saving, (int, float)) and 0 <= min_saving < 1):
         raise ValueError(f"min_saving must be a share of exact FLOPs in [0, 1), got {min_saving!r}")
+    if isinstance(guard_margin, bool) or not (isinstance(guard_margin, (int, float)) and guard_margin >= 1):
+        raise ValueError(f"guard_margin must be a number >= 1 (1.25: 25% wider intervals than calibrated), got {guard_margin!r}")
     candidates = default_candidates() if candidates is None else [dict(c) for c in candidates]
     if not candidates:
         raise ValueError("give at least one candidate setting")
     for c in candidates:
         SupportBasisConfig(**c)  # validate early, with the config's error messages
     results = sweep_capture(capture, [("support_basis", c) for c in candidates], matrix_rows=1, progress=progress)
+    window = None if capture.meta.get("sliding_window", "none") == "none" else int(capture.meta["sliding_window"])
     choices = []
     for i in sorted(capture.layers):
         measured = []
@@ -87,7 +109,11 @@ def calibrate(capture: Capture, *, budget: float, candidates: list[dict[str, Any
         within = [m for m in measured if m["output_error"] <= budget and m["flops_ratio"] <= 1 - min_saving]
         if within:
             best = min(within, key=lambda m: (m["flops_ratio"], m["output_error"]))
-            choices.append(LayerChoice(i, dict(best["settings"]), best["output_error"], best["exact_pair_share"],
+            q, k = capture.layers[i]["q"].float(), capture.layers[i]["k"].float()
+            widest = widest_interval(q, k, best["settings"]["threshold"], float(capture.meta["scale"]), window)
+            limit = min(RADIUS_LIMIT, math.ceil(guard_margin * widest * 1e4) / 1e4)  # rounded up: covers `widest`
+            settings = dict(best["settings"], radius_limit=limit)
+            choices.append(LayerChoice(i, settings, best["output_error"], best["exact_pair_share"],
                                        best["flops_ratio"], measured))
         else:
             choices.append(LayerChoice(i, dict(EXACT), 0.0, 1.0, 1.0, measured))

@@ -36,6 +36,8 @@ class SupportBasisConfig:
         kernel: ``"chebyshev"`` (the fit of ``exp``, signed), ``"squared"`` (the square of a
             half-degree fit of ``exp(x / 2)``: non-negative for every pair, even ``degree``) or ``"taylor"``
             (``exp(c) (1 + (x - c) / degree)^degree`` around each query's mean score ``c``: non-negative, even ``degree``).
+        radius_limit: query rows whose interval is wider are computed exactly (the run-time guard;
+            ``sb-hf calibrate`` sets it per layer from the calibration data; at most 150).
         thresholds: ``support_basis_multi``: ``T1 > T2 > ... > Tm`` (None: ``threshold`` and two evenly
             spaced below it, ``[T, 2T/3, T/3]``).
         degrees: ``support_basis_multi``: one degree per bucket (None: ``degree`` for every bucket).
@@ -53,6 +55,7 @@ class SupportBasisConfig:
     sketch_dim: int | None = None
     sketch_seed: int = 0
     kernel: str = "chebyshev"
+    radius_limit: float = RADIUS_LIMIT
     thresholds: list[float] | None = None
     degrees: list[int] | None = None
     sinks: int = 4
@@ -111,6 +114,7 @@ class SupportBasisConfig:
             sketch_dim=self.sketch_dim,
             sketch_seed=self.sketch_seed,
             kernel=self.kernel,
+            radius_limit=self.radius_limit,
         )
 
 
@@ -178,7 +182,7 @@ def _json_threshold(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 _LAYER_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size", "sketch_dim", "sketch_seed", "kernel",
-                 "thresholds", "degrees", "sinks", "local_window"}
+                 "radius_limit", "thresholds", "degrees", "sinks", "local_window"}
 
 
 def _layer_index(key: Any) -> int:
@@ -221,6 +225,9 @@ def _validate(c: SupportBasisConfig) -> None:
         if c.degrees is not None and c.thresholds is None:
             raise ValueError("degrees (one per bucket) needs thresholds; set thresholds=[T1, T2, ...] too")
         c.thresholds, c.degrees, _ = check_buckets(thresholds, c.degrees if c.degrees is not None else c.degree, None)
+    if isinstance(c.radius_limit, bool) or not isinstance(c.radius_limit, (int, float)) or not 0 < c.radius_limit <= RADIUS_LIMIT:
+        raise ValueError(f"radius_limit must be a number in (0, {RADIUS_LIMIT}], got {c.radius_limit!r}")
+    c.radius_limit = float(c.radius_limit)
     if c.kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {c.kernel!r}")
     if c.kernel != "chebyshev":

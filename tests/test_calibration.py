@@ -124,3 +124,52 @@ def test_bad_input(model_and_capture):
     with pytest.raises(ValueError, match="at least one candidate"):
         calibrate(capture, budget=0.1, candidates=[])
     assert main(["calibrate", "--capture", "nope.safetensors", "--budget", "0.1"]) == 2
+
+
+# ----------------------------------------------------------------------------- the run-time guard
+
+
+def test_radius_limit_makes_wide_rows_exact():
+    """Rows whose interval exceeds ``radius_limit`` are exact attention, in both evaluation forms, fast == twin."""
+    from test_ops import make_qkv
+
+    from sb_hf.ops import support_basis_attention
+
+    q, k, v = make_qkv(batch=2, q_heads=4, kv_heads=2, q_len=41, seed=3)
+    scale = 8**-0.5
+    radius = scale * q.norm(dim=-1) * k.repeat_interleave(2, dim=1).norm(dim=-1).cummax(dim=-1).values  # threshold inf
+    limit = float(radius.median())
+    wide = radius > limit
+    exact = reference.exact_attention(q, k, v)
+    for evaluation in ("features", "scores"):
+        stats = {}
+        kw = dict(threshold=float("inf"), degree=2, kernel="taylor", radius_limit=limit)
+        out = support_basis_attention(q, k, v, chunk_size=8, evaluation=evaluation, stats=stats, **kw)
+        torch.testing.assert_close(out, reference.support_basis_attention(q, k, v, **kw), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(out[wide], exact[wide], rtol=1e-10, atol=1e-10)
+        assert int(stats["exact_rows"]) == int(wide.sum()) > 0
+        assert not torch.allclose(out[~wide], exact[~wide])  # the other rows are approximations
+    with pytest.raises(ValueError, match="radius_limit must be"):
+        support_basis_attention(q, k, v, threshold=2.0, degree=2, radius_limit=151.0)
+    with pytest.raises(ValueError, match="radius_limit must be"):
+        SupportBasisConfig(radius_limit=0)
+
+
+def test_calibrated_guard_catches_inputs_outside_the_calibrated_range(model_and_capture):
+    _, _, capture = model_and_capture
+    calibration = calibrate(capture, budget=0.1, candidates=CANDIDATES)
+    scale = float(capture.meta["scale"])
+    for c in calibration.layers:
+        q, k, v = (capture.layers[c.layer][name].double() for name in ("q", "k", "v"))
+        settings = {key: value for key, value in c.settings.items() if key != "chunk_size"}
+        widest = scale * q.norm(dim=-1) * torch.where(k.abs().amax(-1) > settings["threshold"], 0.0, k.norm(dim=-1)).cummax(-1).values
+        widest = widest[q.abs().amax(-1) <= settings["threshold"]].max()
+        assert widest <= settings["radius_limit"] <= 1.25 * widest + 1e-3
+        # the same layer fed queries twice as large: rows beyond the calibrated range become exact
+        stats, unguarded = {}, {}
+        out = reference.support_basis_attention(2 * q, k, v, scale=scale, stats=stats, **settings)
+        reference.support_basis_attention(2 * q, k, v, scale=scale, stats=unguarded, **{**settings, "radius_limit": 150.0})
+        assert int(stats["exact_rows"]) > int(unguarded["exact_rows"])
+        exact = reference.exact_attention(2 * q, k, v, scale=scale)
+        guarded = (out - exact).abs().amax(-1) < 1e-9
+        assert int(guarded.sum()) >= int(stats["exact_rows"]) - int(unguarded["exact_rows"])

@@ -866,7 +866,8 @@ def test_config_for_layer_and_op_kwargs():
     assert two.op_kwargs()["radius"] == 5.0 and two.degree == 2
     assert c.for_layer(None) == dataclasses.replace(c, layers={})
     assert c.op_kwargs() == dict(threshold=2.0, degree=2, radius=None, chunk_size=c.chunk_size,
-                                 max_feature_bytes=c.max_feature_bytes, sketch_dim=None, sketch_seed=0, kernel="chebyshev")
+                                 max_feature_bytes=c.max_feature_bytes, sketch_dim=None, sketch_seed=0, kernel="chebyshev",
+                                 radius_limit=150.0)
     # op_kwargs drive the op
     q, k, v = make_qkv(q_len=9, seed=80)
     out = support_basis_attention(q, k, v, **one.op_kwargs())

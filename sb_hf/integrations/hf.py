@@ -31,10 +31,11 @@ IMPLEMENTATIONS = {
 }
 # The settings (fields of SupportBasisConfig, as op keyword arguments) each implementation takes.
 OP_SETTINGS = {
-    "support_basis": ("threshold", "degree", "radius", "chunk_size", "max_feature_bytes", "sketch_dim", "sketch_seed", "kernel"),
+    "support_basis": ("threshold", "degree", "radius", "chunk_size", "max_feature_bytes", "sketch_dim", "sketch_seed", "kernel",
+                      "radius_limit"),
     "support_basis_multi": ("thresholds", "degrees", "radius", "chunk_size", "max_feature_bytes", "sketch_dim",
-                            "sketch_seed", "kernel"),
-    "as23": ("degree", "radius", "chunk_size", "max_feature_bytes", "sketch_dim", "sketch_seed", "kernel"),
+                            "sketch_seed", "kernel", "radius_limit"),
+    "as23": ("degree", "radius", "chunk_size", "max_feature_bytes", "sketch_dim", "sketch_seed", "kernel", "radius_limit"),
     "sink_window": ("sinks", "local_window", "chunk_size"),
 }
 _active_stats: list[dict] = []  # innermost `attention_stats()` context receives the pair counts

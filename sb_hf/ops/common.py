@@ -45,6 +45,7 @@ def check_inputs(
     threshold: float,
     scale: float | None,
     radius: float | None = None,
+    radius_limit: float = RADIUS_LIMIT,
     check_finite: bool = True,
 ) -> Shapes:
     """Validate the arguments of an attention op; raise ``ValueError`` saying what to change."""
@@ -94,6 +95,8 @@ def check_inputs(
         raise ValueError(f"scale must be a positive finite number or None, got {scale}")
     if radius is not None and (isinstance(radius, bool) or not 0 < radius < RADIUS_LIMIT):
         raise ValueError(f"radius must be a number in (0, {RADIUS_LIMIT}) or None, got {radius!r}")
+    if isinstance(radius_limit, bool) or not isinstance(radius_limit, (int, float)) or not 0 < radius_limit <= RADIUS_LIMIT:
+        raise ValueError(f"radius_limit must be a number in (0, {RADIUS_LIMIT}], got {radius_limit!r}")
     if check_finite:
         for name, x in (("q", q), ("k", k), ("v", v)):
             if not torch.isfinite(x).all():
@@ -230,6 +233,15 @@ def suspect_rows(den: torch.Tensor, out: torch.Tensor, out_dtype: torch.dtype) -
     limit = torch.finfo(out_dtype).max
     finite = torch.isfinite(out).all(dim=-1) & (out.abs() <= limit).all(dim=-1)
     return ~((den > 0) & finite)
+
+
+def visible_key_max(values: torch.Tensor, window: int | None) -> torch.Tensor:
+    """For every key position p, the max of ``values`` (>= 0) over the keys a causal query at p
+    sees: the prefix, or the last ``window`` positions."""
+    if window is None:
+        return values.cummax(dim=-1).values
+    flat = torch.nn.functional.pad(values.reshape(-1, 1, values.shape[-1]), (window - 1, 0))
+    return torch.nn.functional.max_pool1d(flat, kernel_size=window, stride=1).reshape(values.shape)
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

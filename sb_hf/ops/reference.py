@@ -45,6 +45,7 @@ def support_basis_attention(
     sketch_dim: int | None = None,
     sketch_seed: int = 0,
     kernel: str = "chebyshev",
+    radius_limit: float = RADIUS_LIMIT,
     stats: dict | None = None,
     return_weights: bool = False,
 ) -> torch.Tensor:
@@ -59,7 +60,7 @@ def support_basis_attention(
     return _support_basis(
         q, k, v, thresholds=[threshold], degrees=[degree], sketch_dims=[sketch_dim], sketch_seed=sketch_seed,
         kernel=kernel, causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
-        stats=stats, return_weights=return_weights,
+        radius_limit=radius_limit, stats=stats, return_weights=return_weights,
     )
 
 
@@ -78,6 +79,7 @@ def multi_threshold_attention(
     key_padding_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
     radius: float | None = None,
+    radius_limit: float = RADIUS_LIMIT,
     chunk_size: int | None = None,
     max_feature_bytes: int | None = None,
     evaluation: str | None = None,
@@ -89,16 +91,16 @@ def multi_threshold_attention(
     return _support_basis(
         q, k, v, thresholds=thresholds, degrees=degrees, sketch_dims=sketch_dims, sketch_seed=sketch_seed,
         kernel=kernel, causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
-        stats=stats, return_weights=return_weights,
+        radius_limit=radius_limit, stats=stats, return_weights=return_weights,
     )
 
 
 def _support_basis(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel, causal, scale, key_padding_mask,
-                   sliding_window, radius, stats, return_weights):
+                   sliding_window, radius, radius_limit, stats, return_weights):
     threshold = thresholds[0]
     shapes = check_inputs(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
-        degree=max(degrees), threshold=threshold, scale=scale, radius=radius,
+        degree=max(degrees), threshold=threshold, scale=scale, radius=radius, radius_limit=radius_limit,
     )
     check_kernel(kernel, degrees)
     out_dtype = q.dtype
@@ -120,7 +122,7 @@ def _support_basis(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, ke
     row_radius = torch.stack(radii, dim=-1)
     if radius is None:
         row_radius = row_radius.clamp_min(RADIUS_FLOOR)
-    q_large = q_large | (row_radius.amax(dim=-1) > RADIUS_LIMIT)  # too wide for any fit: exact
+    q_large = q_large | (row_radius.amax(dim=-1) > radius_limit)  # too wide for the (calibrated) fit: exact
     row_radius = torch.where(q_large[..., None], torch.full_like(row_radius, RADIUS_FLOOR), row_radius)  # unused there
     exact_pair = q_large[..., :, None] | k_large[..., None, :]
 

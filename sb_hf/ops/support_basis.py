@@ -36,6 +36,7 @@ from .common import (
     span_counts,
     suspect_rows,
     visible,
+    visible_key_max,
 )
 from .polynomial import FeatureMap, base_features_per_map, check_kernel, kernel_fit, kernel_on_scores
 
@@ -63,6 +64,7 @@ def support_basis_attention(
     sketch_dim: int | None = None,
     sketch_seed: int = 0,
     kernel: str = "chebyshev",
+    radius_limit: float = RADIUS_LIMIT,
     stats: dict | None = None,
 ) -> torch.Tensor:
     """Support-basis attention of ``q (B, Hq, Lq, d)`` over ``k, v (B, Hk, Lk, d)``, returns ``(B, Hq, Lq, dv)``.
@@ -88,6 +90,9 @@ def support_basis_attention(
             of the degree-``degree / 2`` fit of ``exp(x / 2)``, non-negative for every pair, sketched or
             not (``degree`` even; see :mod:`sb_hf.ops.polynomial`); ``"taylor"``: ``exp(c) (1 + (x - c) / degree)^degree``
             with ``c`` the query's mean score over the small keys it sees (squared too, non-negative).
+        radius_limit: query rows whose interval (any bucket) is wider than this are computed exactly:
+            the guard against inputs outside the calibrated range (``sb-hf calibrate`` sets it per
+            layer); at most and by default 150, beyond which no fit is meaningful.
         stats: optional dict; receives tensors ``exact_pairs``, ``pairs``, ``exact_rows``, ``rows``.
 
     Rows whose approximate mass is not positive, or whose output is not finite, are recomputed
@@ -96,7 +101,8 @@ def support_basis_attention(
     return _attention(
         q, k, v, thresholds=[threshold], degrees=[degree], sketch_dims=[sketch_dim], sketch_seed=sketch_seed,
         kernel=kernel, causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
-        chunk_size=chunk_size, max_feature_bytes=max_feature_bytes, evaluation=evaluation, stats=stats,
+        radius_limit=radius_limit, chunk_size=chunk_size, max_feature_bytes=max_feature_bytes, evaluation=evaluation,
+        stats=stats,
     )
 
 
@@ -115,6 +121,7 @@ def multi_threshold_attention(
     key_padding_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
     radius: float | None = None,
+    radius_limit: float = RADIUS_LIMIT,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
     evaluation: str = "auto",
@@ -135,16 +142,17 @@ def multi_threshold_attention(
     return _attention(
         q, k, v, thresholds=thresholds, degrees=degrees, sketch_dims=sketch_dims, sketch_seed=sketch_seed,
         kernel=kernel, causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
-        chunk_size=chunk_size, max_feature_bytes=max_feature_bytes, evaluation=evaluation, stats=stats,
+        radius_limit=radius_limit, chunk_size=chunk_size, max_feature_bytes=max_feature_bytes, evaluation=evaluation,
+        stats=stats,
     )
 
 
 def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel, causal, scale, key_padding_mask,
-               sliding_window, radius, chunk_size, max_feature_bytes, evaluation, stats):
+               sliding_window, radius, radius_limit, chunk_size, max_feature_bytes, evaluation, stats):
     threshold = thresholds[0]
     shapes = check_inputs(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
-        degree=max(degrees), threshold=threshold, scale=scale, radius=radius,
+        degree=max(degrees), threshold=threshold, scale=scale, radius=radius, radius_limit=radius_limit,
     )
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -188,12 +196,12 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
             radii = []
             for b in range(len(thresholds)):
                 norms = torch.where(k_bucket == b, k_norm, torch.zeros_like(k_norm))
-                k_max = _visible_max(norms, window)[..., offset:] if causal else norms.amax(-1, keepdim=True)
+                k_max = visible_key_max(norms, window)[..., offset:] if causal else norms.amax(-1, keepdim=True)
                 radii.append(scale * q_norm * k_max[:, :, None, :])
             row_radius = torch.stack(radii, dim=-1).clamp_min(RADIUS_FLOOR)  # (B, Hk, G, Lq, m)
         else:
             row_radius = torch.full((*qg.shape[:-1], len(thresholds)), float(radius), dtype=compute, device=q.device)
-        q_large = q_large | (row_radius.amax(dim=-1) > RADIUS_LIMIT)  # a fit on such an interval is meaningless
+        q_large = q_large | (row_radius.amax(dim=-1) > radius_limit)  # outside the fit's (calibrated) range
         row_radius = torch.where(q_large[..., None], torch.full_like(row_radius, RADIUS_FLOOR), row_radius)
         row_center = (_row_centers(qg, k, k_bucket, len(thresholds), scale, causal, window, offset)
                       if kernel == "taylor" else torch.zeros_like(row_radius))
@@ -450,15 +458,6 @@ def _row_centers(qg, k, k_bucket, buckets, scale, causal, window, offset):
         mean = sums / counts.clamp_min(1)[..., None]  # (B, Hk, Lq or 1, d)
         centers.append(scale * (qg * mean[:, :, None]).sum(dim=-1))
     return torch.stack(centers, dim=-1)
-
-
-def _visible_max(values: torch.Tensor, window: int | None) -> torch.Tensor:
-    """For every key position p, the max of ``values`` (>= 0) over the keys a causal query at p
-    sees: the prefix, or the last ``window`` positions."""
-    if window is None:
-        return values.cummax(dim=-1).values
-    flat = torch.nn.functional.pad(values.reshape(-1, 1, values.shape[-1]), (window - 1, 0))
-    return torch.nn.functional.max_pool1d(flat, kernel_size=window, stride=1).reshape(values.shape)
 
 
 def _gather_rows(flags: torch.Tensor, tensors: tuple[torch.Tensor, ...]):
