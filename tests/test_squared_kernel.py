@@ -144,6 +144,26 @@ def test_taylor_fit_is_the_centred_power(degree):
     assert relative.max() < 0.02 * 8 / degree
 
 
+@pytest.mark.parametrize("evaluation", ["features", "scores"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_taylor_degree_zero_is_the_mean_value_of_the_small_keys(window, evaluation):
+    """Degree 0: every small-small pair weighs ``exp(c_i)``, one feature. With no large row, each output
+    row is therefore the plain mean of the visible values (``c_i`` cancels), whatever q and k are."""
+    q, k, v = make_qkv(batch=2, q_heads=4, kv_heads=2, q_len=29, seed=14)
+    kw = dict(threshold=INF, degree=0, kernel="taylor", sliding_window=window)
+    out = support_basis_attention(q, k, v, chunk_size=8, evaluation=evaluation, **kw)
+    torch.testing.assert_close(out, reference.support_basis_attention(q, k, v, **kw), rtol=1e-10, atol=1e-10)
+    pos = torch.arange(29)
+    seen = (pos[None, :] <= pos[:, None]) & ((pos[:, None] - pos[None, :] < window) if window else True)
+    mean = (seen.double() @ v.repeat_interleave(2, dim=1)) / seen.sum(-1, keepdim=True)
+    torch.testing.assert_close(out, mean, rtol=1e-10, atol=1e-10)
+    assert FeatureMap(8, 0, kernel="taylor").dim == 1
+    # with large rows, the exact part and the constant far field mix: fast == twin
+    kw["threshold"] = 1.5
+    out = support_basis_attention(q, k, v, chunk_size=8, evaluation=evaluation, **kw)
+    torch.testing.assert_close(out, reference.support_basis_attention(q, k, v, **kw), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("sketch_dim", [None, 5])
 def test_squared_features_give_squared_inner_products(sketch_dim):
     """``<F(q; w), F(k)> = <w * psi(q), psi(k)>^2`` for the symmetric square of the base features."""
@@ -240,10 +260,12 @@ def test_bad_input():
         SupportBasisConfig(kernel="squared", degree=3)
     with pytest.raises(ValueError, match="even degrees >= 2"):
         SupportBasisConfig(layers={2: {"kernel": "squared", "degree": 1}})
-    with pytest.raises(ValueError, match="even degrees >= 2"):
+    with pytest.raises(ValueError, match="even degrees >= 0"):
         support_basis_attention(q, k, v, threshold=2.0, degree=3, kernel="taylor")
-    with pytest.raises(ValueError, match="even degrees >= 2"):
+    with pytest.raises(ValueError, match="even degrees >= 0"):
         SupportBasisConfig(kernel="taylor", degree=1)
+    with pytest.raises(ValueError, match="even degrees >= 2"):
+        support_basis_attention(q, k, v, threshold=2.0, degree=0, kernel="squared")
     config = SupportBasisConfig(kernel="squared", degree=4)
     assert SupportBasisConfig.from_dict(config.to_dict()).op_kwargs()["kernel"] == "squared"
 

@@ -64,13 +64,16 @@ def kernel_fit(radius: torch.Tensor, shift: torch.Tensor, degree: int, kernel: s
     """Coefficients in ``t = x / radius`` of the kernel that replaces ``exp(x - shift)``: the degree-``degree``
     fit (``"chebyshev"``); the degree-``degree / 2`` fit of ``exp((x - shift) / 2)`` whose square is the
     kernel (``"squared"``); or ``exp((c - shift) / 2) (1 + (x - c) / p)^(p / 2)``, ``p = degree``, whose
-    square is the kernel (``"taylor"``, ``c = center``, the same shape as ``radius``)."""
+    square is the kernel (``"taylor"``, ``c = center``, the same shape as ``radius``; degree 0: the constant
+    ``exp(c - shift)``)."""
     if kernel == "squared":
         return exp_fit_coefficients(radius / 2, shift / 2, degree // 2)
     if kernel == "taylor":
         half = degree // 2
         m = torch.arange(half + 1, device=radius.device, dtype=radius.dtype)
         binomial = torch.tensor([math.comb(half, j) for j in range(half + 1)], device=radius.device, dtype=radius.dtype)
+        if degree == 0:  # the limit p -> 0 is not the point; degree 0 is the constant exp(c) (1 feature)
+            return torch.exp((center - shift) / 2)[..., None]
         alpha = 1 - center / degree  # (1 + (x - c) / p) = alpha + x / p = alpha + (radius / p) t
         powers = alpha[..., None] ** (half - m) * (radius[..., None] / degree) ** m
         return torch.exp((center - shift) / 2)[..., None] * binomial * powers
@@ -86,9 +89,10 @@ def kernel_on_scores(coefficients: torch.Tensor, t: torch.Tensor, kernel: str) -
 def check_kernel(kernel: str, degrees: list[int]) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel in SQUARED_KERNELS and any(g < 2 or g % 2 for g in degrees):
-        raise ValueError(f"the {kernel} kernel needs even degrees >= 2 (it squares a polynomial of half the degree), "
-                         f"got {degrees!r}; use an even degree, or kernel='chebyshev' for any degree")
+    lowest = 0 if kernel == "taylor" else 2  # taylor at degree 0: the constant exp(c), one feature
+    if kernel in SQUARED_KERNELS and any(g < lowest or g % 2 for g in degrees):
+        raise ValueError(f"the {kernel} kernel needs even degrees >= {lowest} (it squares a polynomial of half the "
+                         f"degree), got {degrees!r}; use an even degree, or kernel='chebyshev' for any degree")
 
 
 def evaluate_polynomial(coefficients: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
