@@ -56,6 +56,8 @@ def _method_arguments(parser: argparse.ArgumentParser, methods: str, thresholds:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sb_hf.ops.polynomial import KERNELS
+
     parser = argparse.ArgumentParser(prog="sb-hf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -96,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--budget", type=float, required=True,
                            help="largest relative output error per layer, e.g. 0.05 for 5%%")
     calibrate.add_argument("--layers", type=_layers, default=None, help="comma list of layers or 'all' (default all)")
-    calibrate.add_argument("--thresholds", type=_floats, default=[12.0, 8.0, 6.0, 4.0, 3.0, 2.5],
+    calibrate.add_argument("--thresholds", type=_floats, default=None,
                            help="candidate support_basis thresholds (default 12,8,6,4,3,2.5)")
     calibrate.add_argument("--degree", type=int, default=2, help="polynomial degree of the candidates (default 2)")
-    calibrate.add_argument("--kernel", choices=["taylor", "squared", "chebyshev"], default="taylor",
+    calibrate.add_argument("--kernel", choices=KERNELS, default="taylor",
                            help="polynomial kernel of the candidates (default taylor: non-negative, centred per query)")
     calibrate.add_argument("--save-model", default=None,
                            help="folder to save the model and tokenizer with the calibrated settings in config.json")
@@ -231,11 +233,11 @@ def run_sweep(args) -> int:
 
 
 def run_calibrate(args) -> int:
-    from sb_hf.calibration import calibrate, default_candidates, markdown_table, write_report
+    from sb_hf.calibration import DEFAULT_THRESHOLDS, calibrate, default_candidates, markdown_table, write_report
 
     start = time.perf_counter()
     capture = _capture(args, args.layers)
-    candidates = default_candidates(args.thresholds, args.degree, args.kernel)
+    candidates = default_candidates(DEFAULT_THRESHOLDS if args.thresholds is None else args.thresholds, args.degree, args.kernel)
     calibration = calibrate(capture, budget=args.budget, candidates=candidates, progress=True)
     report, settings = write_report(calibration, args.output)
     print(f"layers {capture.meta['layers']}, {capture.meta['tokens']} tokens, budget {100 * args.budget:g}%; "

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_ops import F64, INF, assert_matches, make_qkv, padding_mask
+from test_ops import F64, INF, assert_matches, gradients, make_qkv, padding_mask, with_evaluations
 
 from sb_hf.ops import multi_threshold_attention, reference, support_basis_attention
 from sb_hf.ops.common import key_buckets
@@ -40,11 +40,7 @@ def _inputs(c):
     return q, k, v, kw
 
 
-@pytest.mark.parametrize(
-    "case,evaluation",
-    [pytest.param(c.values[0], e, id=f"{c.id}-{e}") for c in CASES for e in ("features", "scores")
-     if e == "features" or c.values[0]["sketch_dim"] is None],
-)
+@pytest.mark.parametrize("case,evaluation", with_evaluations(CASES))
 def test_fast_matches_reference(case, evaluation):  # a sketched kernel has no score form
     q, k, v, kw = _inputs(case)
     out = multi_threshold_attention(q, k, v, chunk_size=case["chunk_size"], evaluation=evaluation, **kw)
@@ -89,12 +85,8 @@ def test_gradients_match_reference():
     weights = torch.randn(2, 4, 23, 8, dtype=F64, generator=torch.Generator().manual_seed(6))
     kw = dict(thresholds=THRESHOLDS, degrees=[2, 3, 2], sketch_dim=[None, 8, None], key_padding_mask=padding_mask(2, 23, "left"),
               sliding_window=7)
-    grads = []
-    for fn, extra in ((multi_threshold_attention, dict(chunk_size=6)), (reference.multi_threshold_attention, {})):
-        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = fn(*inputs, **kw, **extra)
-        grads.append(torch.autograd.grad((out * weights).sum(), inputs))
-    for g_fast, g_ref in zip(*grads):
+    fast = gradients(multi_threshold_attention, q, k, v, weights, chunk_size=6, **kw)
+    for g_fast, g_ref in zip(fast, gradients(reference.multi_threshold_attention, q, k, v, weights, **kw)):
         assert torch.isfinite(g_fast).all() and g_fast.abs().max() > 0
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-8)
 

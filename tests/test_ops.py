@@ -86,6 +86,19 @@ def assert_matches(a, b, dtype):
     torch.testing.assert_close(a.to(F64), b.to(F64), **TOLERANCES[dtype])
 
 
+def gradients(fn, q, k, v, weights, **kwargs):
+    """Gradients of ``sum(fn(q, k, v, **kwargs) * weights)`` with respect to q, k and v."""
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    return torch.autograd.grad((fn(*inputs, **kwargs) * weights).sum(), inputs)
+
+
+def with_evaluations(cases):
+    """``(case, evaluation)`` params: both forms, only the feature form for sketched cases (a sketched
+    kernel has no score form)."""
+    return [pytest.param(c.values[0], e, id=f"{c.id}-{e}") for c in cases for e in ("features", "scores")
+            if e == "features" or c.values[0]["sketch_dim"] is None]
+
+
 # --------------------------------------------------------------------------- fast vs reference grid
 
 
@@ -288,13 +301,9 @@ def test_gradients_match_reference(sliding_window, threshold, evaluation):
     q, k, v = make_qkv(batch=3, q_heads=4, kv_heads=2, q_len=29, seed=20)
     mask = padding_mask(3, 29, "left", pad=4)
     weights = torch.randn(3, 4, 29, 8, dtype=F64, generator=torch.Generator().manual_seed(21))
-    grads = []
-    for fn, extra in ((support_basis_attention, dict(chunk_size=8, evaluation=evaluation)), (reference.support_basis_attention, {})):
-        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = fn(*inputs, threshold=threshold, degree=2, causal=True, key_padding_mask=mask,
-                 sliding_window=sliding_window, **extra)
-        grads.append(torch.autograd.grad((out * weights).sum(), inputs))
-    for g_fast, g_ref in zip(*grads):
+    kw = dict(threshold=threshold, degree=2, causal=True, key_padding_mask=mask, sliding_window=sliding_window)
+    fast = gradients(support_basis_attention, q, k, v, weights, chunk_size=8, evaluation=evaluation, **kw)
+    for g_fast, g_ref in zip(fast, gradients(reference.support_basis_attention, q, k, v, weights, **kw)):
         assert torch.isfinite(g_fast).all()
         assert g_fast.abs().max() > 0
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-8)
@@ -305,12 +314,9 @@ def test_gradients_non_causal_match_reference(evaluation):
     q, k, v = make_qkv(batch=2, q_heads=6, kv_heads=2, q_len=13, kv_len=21, seed=22)
     mask = padding_mask(2, 21, "right", pad=3)
     weights = torch.randn(2, 6, 13, 8, dtype=F64, generator=torch.Generator().manual_seed(23))
-    grads = []
-    for fn, extra in ((support_basis_attention, dict(evaluation=evaluation, chunk_size=5)), (reference.support_basis_attention, {})):
-        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = fn(*inputs, threshold=1.5, degree=3, causal=False, key_padding_mask=mask, **extra)
-        grads.append(torch.autograd.grad((out * weights).sum(), inputs))
-    for g_fast, g_ref in zip(*grads):
+    kw = dict(threshold=1.5, degree=3, causal=False, key_padding_mask=mask)
+    fast = gradients(support_basis_attention, q, k, v, weights, evaluation=evaluation, chunk_size=5, **kw)
+    for g_fast, g_ref in zip(fast, gradients(reference.support_basis_attention, q, k, v, weights, **kw)):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-8)
 
 
@@ -922,12 +928,8 @@ def test_sketched_gradients_match_reference():
     mask = padding_mask(2, 21, "left", pad=3)
     weights = torch.randn(2, 4, 21, 8, dtype=F64, generator=torch.Generator().manual_seed(91))
     kw = dict(threshold=2.0, degree=2, key_padding_mask=mask, sliding_window=6, sketch_dim=16, sketch_seed=3)
-    grads = []
-    for fn, extra in ((support_basis_attention, dict(chunk_size=8)), (reference.support_basis_attention, {})):
-        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = fn(*inputs, **kw, **extra)
-        grads.append(torch.autograd.grad((out * weights).sum(), inputs))
-    for g_fast, g_ref in zip(*grads):
+    fast = gradients(support_basis_attention, q, k, v, weights, chunk_size=8, **kw)
+    for g_fast, g_ref in zip(fast, gradients(reference.support_basis_attention, q, k, v, weights, **kw)):
         assert torch.isfinite(g_fast).all()
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-8)
 

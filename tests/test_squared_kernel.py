@@ -4,7 +4,7 @@ row needed)."""
 
 import pytest
 import torch
-from test_ops import F64, INF, TOLERANCES, assert_matches, make_qkv, padding_mask
+from test_ops import F64, INF, TOLERANCES, assert_matches, gradients, make_qkv, padding_mask, with_evaluations
 
 from sb_hf.config import SupportBasisConfig
 from sb_hf.ops import as23_attention, multi_threshold_attention, reference, support_basis_attention
@@ -45,11 +45,7 @@ def _inputs(c, kernel):
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize(
-    "case,evaluation",
-    [pytest.param(c.values[0], e, id=f"{c.id}-{e}") for c in CASES for e in ("features", "scores")
-     if e == "features" or c.values[0]["sketch_dim"] is None],
-)
+@pytest.mark.parametrize("case,evaluation", with_evaluations(CASES))
 def test_fast_matches_reference(case, evaluation, kernel):
     q, k, v, kw = _inputs(case, kernel)
     out = support_basis_attention(q, k, v, chunk_size=case["chunk_size"], evaluation=evaluation, **kw)
@@ -85,12 +81,8 @@ def test_gradients_match_reference(sketch_dim, kernel):
     kw = dict(threshold=2.0, degree=4, key_padding_mask=padding_mask(2, 21, "left", pad=3), sliding_window=6,
               sketch_dim=sketch_dim, kernel=kernel)
     weights = torch.randn(2, 4, 21, 8, dtype=F64, generator=torch.Generator().manual_seed(8))
-    grads = []
-    for fn, extra in ((support_basis_attention, dict(chunk_size=8)), (reference.support_basis_attention, {})):
-        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = fn(*inputs, **kw, **extra)
-        grads.append(torch.autograd.grad((out * weights).sum(), inputs))
-    for g_fast, g_ref in zip(*grads):
+    fast = gradients(support_basis_attention, q, k, v, weights, chunk_size=8, **kw)
+    for g_fast, g_ref in zip(fast, gradients(reference.support_basis_attention, q, k, v, weights, **kw)):
         assert torch.isfinite(g_fast).all()
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-8)
 

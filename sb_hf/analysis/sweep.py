@@ -22,7 +22,7 @@ import torch
 
 from ..ops import reference
 from ..ops.common import large_rows
-from ..ops.polynomial import KERNELS, FeatureMap
+from ..ops.polynomial import FeatureMap, check_kernel
 from ..ops.support_basis import DEFAULT_CHUNK_SIZE
 from .capture import Capture
 
@@ -83,12 +83,8 @@ def grid(methods, thresholds, degrees, sinks, windows, sketch_dims=(None,), buck
     points = []
     sketches = [({} if r is None else {"sketch_dim": r}) | ({} if kernel == "chebyshev" else {"kernel": kernel})
                 for kernel in kernels for r in sketch_dims]
-    unknown = [kernel for kernel in kernels if kernel not in KERNELS]
-    if unknown:
-        raise ValueError(f"unknown kernels {unknown}; choose from {list(KERNELS)}")
-    odd = [g for g in degrees if g % 2] if set(kernels) & {"squared", "taylor"} else []
-    if odd and any(m != "sink_window" for m in methods):
-        raise ValueError(f"the squared and taylor kernels need even degrees, got {odd}; give --degrees with even values")
+    for kernel in kernels:  # before any point runs, with the ops' own rule
+        check_kernel(kernel, degrees if any(m != "sink_window" for m in methods) else [])
     for method in methods:
         if method == "support_basis":
             points += [(method, {"threshold": t, "degree": g, **x}) for x in sketches for g in degrees for t in thresholds]

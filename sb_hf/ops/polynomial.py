@@ -69,11 +69,11 @@ def kernel_fit(radius: torch.Tensor, shift: torch.Tensor, degree: int, kernel: s
     if kernel == "squared":
         return exp_fit_coefficients(radius / 2, shift / 2, degree // 2)
     if kernel == "taylor":
+        if degree == 0:  # the limit p -> 0 is not the point; degree 0 is the constant exp(c) (1 feature)
+            return torch.exp((center - shift) / 2)[..., None]
         half = degree // 2
         m = torch.arange(half + 1, device=radius.device, dtype=radius.dtype)
         binomial = torch.tensor([math.comb(half, j) for j in range(half + 1)], device=radius.device, dtype=radius.dtype)
-        if degree == 0:  # the limit p -> 0 is not the point; degree 0 is the constant exp(c) (1 feature)
-            return torch.exp((center - shift) / 2)[..., None]
         alpha = 1 - center / degree  # (1 + (x - c) / p) = alpha + x / p = alpha + (radius / p) t
         powers = alpha[..., None] ** (half - m) * (radius[..., None] / degree) ** m
         return torch.exp((center - shift) / 2)[..., None] * binomial * powers

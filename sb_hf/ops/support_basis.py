@@ -203,9 +203,10 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
             row_radius = torch.full((*qg.shape[:-1], len(thresholds)), float(radius), dtype=compute, device=q.device)
         q_large = q_large | (row_radius.amax(dim=-1) > radius_limit)  # outside the fit's (calibrated) range
         row_radius = torch.where(q_large[..., None], torch.full_like(row_radius, RADIUS_FLOOR), row_radius)
-        row_center = (_row_centers(qg, k, k_bucket, len(thresholds), scale, causal, window, offset)
-                      if kernel == "taylor" else torch.zeros_like(row_radius))
-        row_center = torch.where(q_large[..., None], torch.zeros_like(row_center), row_center)
+        row_center = torch.zeros_like(row_radius)  # only the taylor kernel has a centre
+        if kernel == "taylor":
+            centers = _row_centers(qg, k, k_bucket, len(thresholds), scale, causal, window, offset)
+            row_center = torch.where(q_large[..., None], row_center, centers)
         row_fit = torch.stack([row_radius, row_center], dim=-1)  # (B, Hk, G, Lq, m, 2): each bucket's interval and centre
         large_keys = _gather_rows(exact_keys, (k, v))
         rows = _RowAttention(scale, feature_maps, causal, window, large_keys, q.device)
