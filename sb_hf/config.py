@@ -9,11 +9,21 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from .ops.common import RADIUS_LIMIT
 from .ops.polynomial import KERNELS, MAX_DEGREE, check_kernel
 from .ops.support_basis import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_FEATURE_BYTES
 
 INTERVALS = ("query", "fixed")
+# What a config left None means, per method: sink_window's StreamingLLM pattern; support basis with the
+# non-negative Taylor kernel and no structure; AS23a with the Chebyshev fit of exp it was published with.
+METHOD_DEFAULTS = {
+    "sink_window": {"sinks": 4, "local_window": 256},
+    "support_basis": {"kernel": "taylor", "sinks": 0, "local_window": 0},
+    "support_basis_multi": {"kernel": "taylor", "sinks": 0, "local_window": 0},
+    "as23": {"kernel": "chebyshev"},
+}
 
 
 @dataclass
@@ -36,17 +46,25 @@ class SupportBasisConfig:
         kernel: ``"chebyshev"`` (the fit of ``exp``, signed), ``"squared"`` (the square of a
             half-degree fit of ``exp(x / 2)``: non-negative for every pair, even ``degree``) or ``"taylor"``
             (``exp(c) (1 + (x - c) / degree)^degree`` around each query's mean score ``c``: non-negative, even ``degree``).
+            None: the method's default (support basis: ``"taylor"``; ``as23``: ``"chebyshev"``, as published).
         radius_limit: query rows whose interval is wider are computed exactly (the run-time guard;
             ``sb-hf calibrate`` sets it per layer from the calibration data; at most 150).
         thresholds: ``support_basis_multi``: ``T1 > T2 > ... > Tm`` (None: ``threshold`` and two evenly
             spaced below it, ``[T, 2T/3, T/3]``).
         degrees: ``support_basis_multi``: one degree per bucket (None: ``degree`` for every bucket).
-        sinks: ``sink_window``: every query also attends to the first ``sinks`` real tokens (>= 0).
-        local_window: ``sink_window``: query ``p`` attends to the keys ``p - local_window < j <= p`` (>= 1).
+        sinks: every query attends exactly to the first ``sinks`` real tokens (>= 0). None: the
+            method's default (``sink_window``: 4, the support-basis methods: 0).
+        local_window: query ``p`` attends exactly to the keys ``p - local_window < j <= p``. None: the
+            method's default (``sink_window``: 256, >= 1; the support-basis methods: 0, none, and the
+            polynomial part covers only the keys beyond the window).
+        column_queries: support basis: a mean query per head, ``[[...head_dim floats] x q_heads]``
+            (``sb-hf calibrate`` measures it); keys with ``scale * qbar_h . k_j > column_threshold`` for a
+            head of their KV group are exact for every query. None: no columns.
+        column_threshold: a number, or one per query head (needs ``column_queries``).
         layers: per-layer overrides, ``{layer_index: {field: value}}``.
     """
 
-    threshold: float = 2.5
+    threshold: float = 4.0
     degree: int = 2
     interval: str = "query"
     radius: float | None = None
@@ -54,12 +72,14 @@ class SupportBasisConfig:
     max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES
     sketch_dim: int | None = None
     sketch_seed: int = 0
-    kernel: str = "chebyshev"
+    kernel: str | None = None
     radius_limit: float = RADIUS_LIMIT
     thresholds: list[float] | None = None
     degrees: list[int] | None = None
-    sinks: int = 4
-    local_window: int = 256
+    sinks: int | None = None
+    local_window: int | None = None
+    column_queries: list[list[float]] | None = None
+    column_threshold: float | list[float] | None = None
     layers: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -99,12 +119,42 @@ class SupportBasisConfig:
             t = self.threshold
             thresholds = [t] if t == 0 or math.isinf(t) else [t, 2 * t / 3, t / 3]
         degrees = self.degrees if self.degrees is not None else [self.degree] * len(thresholds)
-        kwargs = self.op_kwargs()
+        kwargs = self.op_kwargs("support_basis_multi")
         del kwargs["threshold"], kwargs["degree"]
         return dict(kwargs, thresholds=list(thresholds), degrees=list(degrees))
 
-    def op_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`sb_hf.ops.support_basis_attention`."""
+    def method_settings(self, method: str) -> dict[str, Any]:
+        """The settings whose default depends on the method, resolved for ``method`` (:data:`METHOD_DEFAULTS`):
+        ``kernel``, ``sinks``, ``local_window``, and for the support-basis methods the key columns (tensors)."""
+        defaults = METHOD_DEFAULTS[method]
+        out = {name: defaults[name] if getattr(self, name) is None else getattr(self, name) for name in defaults}
+        if method.startswith("support_basis"):
+            out["column_queries"] = None if self.column_queries is None else torch.tensor(self.column_queries)
+            out["column_threshold"] = None if self.column_threshold is None else torch.tensor(self.column_threshold)
+        return out
+
+    def check_method(self, method: str) -> None:
+        """Raise ``ValueError`` when a layer's settings do not suit ``method`` (its default kernel needs even
+        degrees; ``sink_window`` needs a ``local_window`` >= 1)."""
+        if method not in METHOD_DEFAULTS:
+            raise ValueError(f"method must be one of {sorted(METHOD_DEFAULTS)}, got {method!r}")
+        for index in [None, *self.layers]:
+            layer = self.for_layer(index)
+            resolved = layer.method_settings(method)
+            where = "" if index is None else f"layers[{index}]: "
+            if "kernel" in resolved:
+                degrees = layer.degrees if method == "support_basis_multi" and layer.degrees is not None else [layer.degree]
+                try:
+                    check_kernel(resolved["kernel"], degrees)
+                except ValueError as err:
+                    default = " (the default kernel of " + method + ")" if layer.kernel is None else ""
+                    raise ValueError(f"{where}{err}{default}") from None
+            if method == "sink_window" and resolved["local_window"] < 1:
+                raise ValueError(f"{where}sink_window needs local_window >= 1 (query p attends to keys p - local_window < j <= p), "
+                                 f"got {resolved['local_window']}")
+
+    def op_kwargs(self, method: str = "support_basis") -> dict[str, Any]:
+        """Keyword arguments for :func:`sb_hf.ops.support_basis_attention` (``method``'s defaults filled in)."""
         return dict(
             threshold=self.threshold,
             degree=self.degree,
@@ -113,9 +163,8 @@ class SupportBasisConfig:
             max_feature_bytes=self.max_feature_bytes,
             sketch_dim=self.sketch_dim,
             sketch_seed=self.sketch_seed,
-            kernel=self.kernel,
             radius_limit=self.radius_limit,
-        )
+        ) | self.method_settings(method)
 
 
 SETTING_FLAGS = ("threshold", "degree", "kernel", "sinks", "local_window")  # settings that have their own command-line flag
@@ -128,16 +177,17 @@ def add_settings_arguments(parser, prefix: str = "") -> None:
                         help="JSON file of SupportBasisConfig settings (a saved settings dict, or a config.json "
                         "holding a 'support_basis' entry); the flags below override it")
     parser.add_argument(f"--{prefix}threshold", dest="threshold", type=float, default=None,
-                        help="support_basis row threshold (default 2.5)")
+                        help="support_basis row threshold (default 4)")
     parser.add_argument(f"--{prefix}degree", dest="degree", type=int, default=None,
                         help="polynomial degree of support_basis and as23 (default 2)")
     parser.add_argument(f"--{prefix}kernel", dest="kernel", choices=KERNELS, default=None,
                         help="polynomial kernel: chebyshev (signed fit of exp), squared (square of a half-degree "
                         "fit, non-negative) or taylor (exp(c)(1+(x-c)/p)^p around the query's mean score c, "
-                        "non-negative); squared and taylor need an even degree (default chebyshev)")
-    parser.add_argument(f"--{prefix}sinks", dest="sinks", type=int, default=None, help="sink tokens of sink_window (default 4)")
+                        "non-negative); squared and taylor need an even degree (default: taylor for support_basis, chebyshev for as23)")
+    parser.add_argument(f"--{prefix}sinks", dest="sinks", type=int, default=None,
+                        help="first tokens every query attends to exactly (default: sink_window 4, support_basis 0)")
     parser.add_argument(f"--{prefix}local-window", dest="local_window", type=int, default=None,
-                        help="local window of sink_window (default 256)")
+                        help="query p attends exactly to keys p - W < j <= p (default: sink_window 256, support_basis 0)")
 
 
 def settings_given(args) -> bool:
@@ -182,7 +232,7 @@ def _json_threshold(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 _LAYER_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size", "sketch_dim", "sketch_seed", "kernel",
-                 "radius_limit", "thresholds", "degrees", "sinks", "local_window"}
+                 "radius_limit", "thresholds", "degrees", "sinks", "local_window", "column_queries", "column_threshold"}
 
 
 def _layer_index(key: Any) -> int:
@@ -228,8 +278,30 @@ def _validate(c: SupportBasisConfig) -> None:
     if isinstance(c.radius_limit, bool) or not isinstance(c.radius_limit, (int, float)) or not 0 < c.radius_limit <= RADIUS_LIMIT:
         raise ValueError(f"radius_limit must be a number in (0, {RADIUS_LIMIT}], got {c.radius_limit!r}")
     c.radius_limit = float(c.radius_limit)
-    check_kernel(c.kernel, c.degrees if c.degrees is not None else [c.degree])
-    if isinstance(c.sinks, bool) or not isinstance(c.sinks, int) or c.sinks < 0:
-        raise ValueError(f"sinks must be an integer >= 0, got {c.sinks!r}")
-    if isinstance(c.local_window, bool) or not isinstance(c.local_window, int) or c.local_window < 1:
-        raise ValueError(f"local_window must be an integer >= 1, got {c.local_window!r}")
+    if c.kernel is not None:  # None: the method's default, checked with the method (check_method)
+        check_kernel(c.kernel, c.degrees if c.degrees is not None else [c.degree])
+    if c.sinks is not None and (isinstance(c.sinks, bool) or not isinstance(c.sinks, int) or c.sinks < 0):
+        raise ValueError(f"sinks must be an integer >= 0 or None (the method's default), got {c.sinks!r}")
+    if c.local_window is not None and (
+        isinstance(c.local_window, bool) or not isinstance(c.local_window, int) or c.local_window < 0
+    ):
+        raise ValueError(f"local_window must be an integer >= 0 (sink_window: >= 1) or None (the method's default), "
+                         f"got {c.local_window!r}")
+    if c.column_queries is not None:
+        rows = c.column_queries
+        if (not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows)
+                or len({len(r) for r in rows}) != 1 or not all(_finite_number(x) for r in rows for x in r)):
+            raise ValueError("column_queries must be a list of one list of head_dim finite numbers per query head")
+        c.column_queries = [[float(x) for x in r] for r in rows]
+        threshold = c.column_threshold
+        per_head = isinstance(threshold, list) and len(threshold) == len(rows) and all(_finite_number(x) for x in threshold)
+        if not (per_head or _finite_number(threshold)):
+            raise ValueError(f"column_threshold must be a finite number or a list of one per query head "
+                             f"({len(rows)}) with column_queries, got {threshold!r}")
+        c.column_threshold = [float(x) for x in threshold] if per_head else float(threshold)
+    elif c.column_threshold is not None:
+        raise ValueError("column_threshold needs column_queries (the per-head mean queries); give both or neither")
+
+
+def _finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import add_settings_arguments, settings_from_arguments, settings_given
+from .config import SupportBasisConfig, add_settings_arguments, settings_from_arguments, settings_given
 
 EXACT = "exact"
 METHODS = (EXACT, "support_basis", "support_basis_multi", "as23", "sink_window")
@@ -134,11 +134,17 @@ def method_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The settings that matter for ``method`` (for the report)."""
     if method == EXACT:
         return {}
-    shown = {"support_basis": ("threshold", "degree", "kernel", "sketch_dim", "interval", "radius"),
-             "support_basis_multi": ("thresholds", "degrees", "kernel", "sketch_dim", "interval", "radius"),
+    structure = ("sinks", "local_window")
+    shown = {"support_basis": ("threshold", "degree", "kernel", "sketch_dim", "interval", "radius", *structure),
+             "support_basis_multi": ("thresholds", "degrees", "kernel", "sketch_dim", "interval", "radius", *structure),
              "as23": ("degree", "kernel", "sketch_dim", "interval", "radius"),
-             "sink_window": ("sinks", "local_window")}[method]
+             "sink_window": structure}[method]
+    resolved = {k: v for k, v in SupportBasisConfig.from_dict(settings).method_settings(method).items()
+                if not k.startswith("column_")}  # None -> the method's default
+    settings = dict(settings) | resolved
     out = {k: settings[k] for k in shown if k in settings and settings[k] is not None}
+    if method.startswith("support_basis") and not out.get("sinks") and not out.get("local_window"):
+        out.pop("sinks", None), out.pop("local_window", None)
     if out.get("interval") == "query":
         out.pop("interval")
     if out.get("kernel") == "chebyshev":

@@ -24,6 +24,7 @@ class MethodResult:
     top1_agreement: float
     exact_pair_share: float
     seconds: float
+    label: str = ""  # shown instead of the settings (e.g. the file a calibrated config came from)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,8 +59,10 @@ def compare_methods(
 ) -> list[MethodResult]:
     """Run every method on every block; ``methods`` lists (name, settings) pairs, the name a
     registered implementation (``"support_basis"``, ``"as23"``, ``"sink_window"``), the settings
-    those of :class:`sb_hf.SupportBasisConfig`. Exact attention (``sdpa``) runs first as the reference."""
-    for name, _ in methods:
+    those of :class:`sb_hf.SupportBasisConfig`; a third item, a label, is shown instead of the settings.
+    Exact attention (``sdpa``) runs first as the reference."""
+    methods = [(m[0], m[1], m[2] if len(m) > 2 else "") for m in methods]
+    for name, _, _ in methods:
         if name != EXACT and name not in IMPLEMENTATIONS:
             raise ValueError(f"unknown method {name!r}; choose from {[EXACT, *IMPLEMENTATIONS]}")
     model.set_attn_implementation("sdpa")
@@ -68,7 +71,7 @@ def compare_methods(
     exact_seconds = time.perf_counter() - start
 
     results = []
-    for name, settings in [(EXACT, {}), *methods]:
+    for name, settings, label in [(EXACT, {}, ""), *methods]:
         if name == EXACT:
             totals = _pool(exact_logits, exact_logits, blocks)
             results.append(_result(EXACT, {}, totals, 1.0, exact_seconds))
@@ -79,7 +82,7 @@ def compare_methods(
             logits = [model(input_ids=ids).logits.float() for ids in tqdm(blocks, desc=name, disable=not progress)]
         seconds = time.perf_counter() - start
         share = (stats["exact_pairs"] / stats["pairs"]).item() if stats else float("nan")
-        results.append(_result(name, dict(settings), _pool(logits, exact_logits, blocks), share, seconds))
+        results.append(_result(name, dict(settings), _pool(logits, exact_logits, blocks), share, seconds, label))
     model.set_attn_implementation("sdpa")
     return results
 
@@ -92,7 +95,7 @@ def _pool(logits, exact_logits, blocks) -> dict:
     return totals
 
 
-def _result(name, settings, totals, share, seconds) -> MethodResult:
+def _result(name, settings, totals, share, seconds, label="") -> MethodResult:
     count = totals["count"]
     return MethodResult(
         method=name,
@@ -102,6 +105,7 @@ def _result(name, settings, totals, share, seconds) -> MethodResult:
         top1_agreement=totals["agree"] / count,
         exact_pair_share=share,
         seconds=seconds,
+        label=label,
     )
 
 
@@ -112,7 +116,7 @@ def markdown_table(results: list[MethodResult]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        settings = ", ".join(f"{k}={v}" for k, v in r.settings.items())
+        settings = r.label or ", ".join(f"{k}={v}" for k, v in r.settings.items())
         lines.append(
             f"| {r.method} | {settings or '-'} | {r.perplexity:.3f} | {100 * (r.perplexity / exact_ppl - 1):+.1f}% "
             f"| {r.kl_from_exact:.4f} | {100 * r.top1_agreement:.1f}% | {100 * r.exact_pair_share:.1f}% | {r.seconds:.1f} |"

@@ -173,3 +173,88 @@ def test_calibrated_guard_catches_inputs_outside_the_calibrated_range(model_and_
         exact = reference.exact_attention(2 * q, k, v, scale=scale)
         guarded = (out - exact).abs().amax(-1) < 1e-9
         assert int(guarded.sum()) >= int(stats["exact_rows"]) - int(unguarded["exact_rows"])
+
+
+# ----------------------------------------------------------------------------- structure and key columns
+
+
+def test_column_settings_are_the_mean_query_and_a_score_quantile(model_and_capture):
+    _, _, capture = model_and_capture
+    from sb_hf.calibration import column_settings
+
+    q, k = capture.layers[1]["q"].float(), capture.layers[1]["k"].float()
+    scale = float(capture.meta["scale"])
+    columns = column_settings(q, k, scale, 0.1)
+    mean = torch.stack([q[0, h].double().mean(dim=0) for h in range(q.shape[1])])  # per head, over positions
+    torch.testing.assert_close(columns["column_queries"].double(), mean, rtol=1e-5, atol=1e-6)
+    for h in range(q.shape[1]):
+        scores = scale * k[0, h].double() @ mean[h]
+        above = float((scores > columns["column_threshold"][h].double()).double().mean())
+        assert abs(above - 0.1) <= 2 / k.shape[2], (h, above)
+    with pytest.raises(ValueError, match="column_share"):
+        column_settings(q, k, scale, 1.5)
+
+
+def test_structured_candidates_meet_the_budget_and_load_calibrated(model_and_capture, tmp_path):
+    """Candidates with sinks, a local window and key columns: the chosen per-layer settings (mean queries
+    stored as lists) meet the budget by the naive twin, and a saved model runs them."""
+    model, ids, capture = model_and_capture
+    candidates = [dict(c, chunk_size=8) for c in default_candidates(
+        (float("inf"), 3.0), 0, sinks=2, local_windows=(16, 64), column_shares=(0.05,))]
+    assert len(candidates) == 4 and all(c["column_share"] == 0.05 for c in candidates)
+    calibration = calibrate(capture, budget=0.3, candidates=candidates, min_saving=0.0)
+    config = calibration.config()
+    assert all("column_queries" in c.settings for c in calibration.layers), [c.settings for c in calibration.layers]
+    for c in calibration.layers:
+        settings = dict(c.settings)
+        assert "column_share" not in settings and settings["local_window"] in (16, 64) and settings["sinks"] == 2
+        if "column_queries" in settings:
+            assert torch.tensor(settings["column_queries"]).shape == (4, 8)  # (q_heads, head_dim) of the tiny model
+            settings["column_queries"] = torch.tensor(settings["column_queries"], dtype=torch.float64)
+            settings["column_threshold"] = torch.tensor(settings["column_threshold"], dtype=torch.float64)
+        error = _layer_error(capture, c.layer, settings)
+        assert error <= 0.3 + 1e-4 and error == pytest.approx(c.output_error, rel=1e-3, abs=1e-4), (c.layer, error)
+    sb_hf.apply_support_basis(model, config=config)
+    with torch.no_grad(), attention_stats() as stats:
+        expected = model(input_ids=ids).logits
+    assert float(stats["exact_pairs"] / stats["pairs"]) < 0.9
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="support_basis").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+    sb_hf.revert_support_basis(model)
+
+
+def test_cli_structure_flags_and_partial_heads(model_and_capture, tmp_path):
+    model, ids, capture = model_and_capture
+    path = save_capture(capture, tmp_path / "capture.safetensors")
+    out = tmp_path / "calibration"
+    code = main(["calibrate", "--capture", str(path), "--budget", "10", "--thresholds", "inf", "--degrees", "0",
+                 "--sinks", "2", "--local-windows", "16", "--column-shares", "0.05", "--output", str(out)])
+    assert code == 0
+    config = SupportBasisConfig.from_dict(load_settings(out / "support_basis.json"))
+    for i in range(3):  # budget 10: every layer takes the one (cheap) candidate
+        layer = config.for_layer(i)
+        assert (layer.sinks, layer.local_window, layer.degree) == (2, 16, 0)
+        assert len(layer.column_queries) == 4 and len(layer.column_queries[0]) == 8 and len(layer.column_threshold) == 4
+    partial = capture_activations(model, ids, heads=[0, 1])
+    with pytest.raises(ValueError, match="every head"):
+        calibrate(partial, budget=0.1, candidates=[{"threshold": 2.0, "degree": 0, "kernel": "taylor", "column_share": 0.1}])
+
+
+def test_several_budgets_from_one_measurement(model_and_capture, tmp_path):
+    """A list of budgets gives the same choices as one calibration per budget, and the CLI writes one folder each."""
+    _, _, capture = model_and_capture
+    from sb_hf.calibration import calibrate_budgets
+
+    candidates = CANDIDATES[:3]
+    together = calibrate_budgets(capture, budgets=[0.02, 0.2], candidates=candidates)
+    for calibration in together:
+        alone = calibrate(capture, budget=calibration.budget, candidates=candidates)
+        assert [c.settings for c in calibration.layers] == [c.settings for c in alone.layers]
+    assert together[0].flops_ratio() >= together[1].flops_ratio()
+    path = save_capture(capture, tmp_path / "capture.safetensors")
+    out = tmp_path / "calibration"
+    assert main(["calibrate", "--capture", str(path), "--budgets", "0.02,0.2", "--thresholds", "6,2", "--output", str(out)]) == 0
+    assert (out / "budget_0.02" / "support_basis.json").is_file() and (out / "budget_0.2" / "calibration.json").is_file()
+    assert main(["calibrate", "--capture", str(path), "--budgets", "0.02,0.2", "--save-model", str(tmp_path / "m")]) == 2

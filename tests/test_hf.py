@@ -77,13 +77,14 @@ def test_split_settings_are_a_real_split():
 
 SETTINGS = [
     dict(implementation="support_basis", threshold=SPLIT, degree=2),
-    dict(implementation="support_basis", threshold=SPLIT, degree=3, chunk_size=5),
+    dict(implementation="support_basis", threshold=SPLIT, degree=3, chunk_size=5, kernel="chebyshev"),
     dict(implementation="support_basis"),  # defaults
     dict(implementation="as23", degree=2),
     dict(implementation="support_basis", threshold=SPLIT, degree=2, sketch_dim=16, sketch_seed=3),
     dict(implementation="support_basis", threshold=SPLIT, degree=4, sketch_dim=8, kernel="squared"),
     dict(implementation="support_basis_multi", thresholds=[SPLIT, 0.7], degrees=[2, 4], kernel="taylor"),
-    dict(implementation="support_basis_multi", thresholds=[SPLIT, 0.8, 0.6], degrees=[2, 3, 2], chunk_size=5),
+    dict(implementation="support_basis_multi", thresholds=[SPLIT, 0.8, 0.6], degrees=[2, 3, 2], chunk_size=5,
+         kernel="chebyshev"),
     dict(implementation="sink_window", sinks=2, local_window=5),
 ]
 
@@ -198,7 +199,7 @@ def test_dropout_is_refused_in_training():
 
 def test_apply_stores_settings_and_save_pretrained_round_trips(tmp_path):
     model = tiny_model("mistral")
-    sb_hf.apply_support_basis(model, threshold=SPLIT, degree=3, layers={1: {"threshold": 0}})
+    sb_hf.apply_support_basis(model, threshold=SPLIT, degree=3, kernel="chebyshev", layers={1: {"threshold": 0}})
     assert model.config._attn_implementation == "support_basis"
     stored = model.config.support_basis
     assert stored["threshold"] == SPLIT and stored["degree"] == 3 and stored["layers"] == {"1": {"threshold": 0}}
@@ -217,7 +218,7 @@ def test_per_layer_override_changes_the_computation():
     ids, mask = padded_batch()
     model = tiny_model("llama")
     exact = logits(model, ids, mask, "support_basis", threshold=0)
-    approx = logits(model, ids, mask, "support_basis", threshold=SPLIT)
+    approx = logits(model, ids, mask, "support_basis", threshold=SPLIT, kernel="chebyshev")
     both_exact = logits(model, ids, mask, "support_basis", threshold=SPLIT, layers={0: {"threshold": 0}, 1: {"threshold": 0}})
     real = mask.bool()
     torch.testing.assert_close(both_exact[real], exact[real])
@@ -254,13 +255,30 @@ def test_support_basis_multi_model_matches_the_op_settings():
     one bucket equals `support_basis`, several differ; defaults split below `threshold` evenly."""
     model = tiny_model("llama")
     ids, mask = padded_batch()
-    one = logits(model, ids, mask, "support_basis_multi", thresholds=[SPLIT], degrees=[3])
-    single = logits(model, ids, mask, "support_basis", threshold=SPLIT, degree=3)
+    one = logits(model, ids, mask, "support_basis_multi", thresholds=[SPLIT], degrees=[3], kernel="chebyshev")
+    single = logits(model, ids, mask, "support_basis", threshold=SPLIT, degree=3, kernel="chebyshev")
     torch.testing.assert_close(one, single, rtol=0, atol=0)
-    several = logits(model, ids, mask, "support_basis_multi", thresholds=[SPLIT, 0.8, 0.6], degrees=[3, 2, 2])
+    several = logits(model, ids, mask, "support_basis_multi", thresholds=[SPLIT, 0.8, 0.6], degrees=[3, 2, 2],
+                     kernel="chebyshev")
     assert torch.isfinite(several).all() and (several - single).abs().max() > 1e-5
     assert SupportBasisConfig(threshold=3.0).bucket_settings()["thresholds"] == [3.0, 2.0, 1.0]
     with pytest.raises(ValueError, match="strictly decreasing"):
         sb_hf.apply_support_basis(model, method="support_basis_multi", thresholds=[1.0, 2.0])
     with pytest.raises(ValueError, match="needs thresholds"):
         sb_hf.apply_support_basis(model, method="support_basis_multi", degrees=[2, 2])
+
+
+def test_apply_takes_a_settings_file(tmp_path):
+    """``config`` may be a JSON file: a settings dict (``sb-hf calibrate``'s support_basis.json) or a model's config.json."""
+    model = tiny_model("llama")
+    settings = sb_hf.SupportBasisConfig(threshold=SPLIT, kernel="taylor", degree=0, layers={1: {"threshold": 0}})
+    path = tmp_path / "support_basis.json"
+    path.write_text(json.dumps(settings.to_dict()))
+    sb_hf.apply_support_basis(model, config=str(path))
+    assert SupportBasisConfig.from_dict(model.config.support_basis) == settings
+    model.save_pretrained(tmp_path / "model")
+    other = tiny_model("llama")
+    sb_hf.apply_support_basis(other, config=tmp_path / "model" / "config.json")
+    assert SupportBasisConfig.from_dict(other.config.support_basis) == settings
+    with pytest.raises(FileNotFoundError):
+        sb_hf.apply_support_basis(other, config=str(tmp_path / "missing.json"))

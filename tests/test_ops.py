@@ -831,7 +831,13 @@ def test_config_from_dict_unknown_setting_raises():
 
 def test_config_defaults_and_conversions():
     c = SupportBasisConfig()
-    assert (c.threshold, c.degree, c.interval, c.radius, c.layers) == (2.5, 2, "query", None, {})
+    assert (c.threshold, c.degree, c.interval, c.radius, c.kernel, c.layers) == (4.0, 2, "query", None, None, {})
+    # None means the method's default: the non-negative Taylor kernel for support basis, AS23a's Chebyshev fit
+    assert c.op_kwargs("support_basis")["kernel"] == "taylor" and c.op_kwargs("as23")["kernel"] == "chebyshev"
+    with pytest.raises(ValueError, match="even degrees.*default kernel of support_basis"):
+        SupportBasisConfig(degree=3).check_method("support_basis")
+    SupportBasisConfig(degree=3).check_method("as23")  # chebyshev: any degree
+    SupportBasisConfig(degree=3, kernel="chebyshev").check_method("support_basis")
     assert SupportBasisConfig.from_dict(None) == c
     assert SupportBasisConfig.from_dict({}) == c
     c = SupportBasisConfig(threshold="inf")
@@ -872,14 +878,15 @@ def test_config_for_layer_and_op_kwargs():
     assert two.op_kwargs()["radius"] == 5.0 and two.degree == 2
     assert c.for_layer(None) == dataclasses.replace(c, layers={})
     assert c.op_kwargs() == dict(threshold=2.0, degree=2, radius=None, chunk_size=c.chunk_size,
-                                 max_feature_bytes=c.max_feature_bytes, sketch_dim=None, sketch_seed=0, kernel="chebyshev",
-                                 radius_limit=150.0)
+                                 max_feature_bytes=c.max_feature_bytes, sketch_dim=None, sketch_seed=0, kernel="taylor",
+                                 radius_limit=150.0, sinks=0, local_window=0, column_queries=None, column_threshold=None)
     # op_kwargs drive the op
     q, k, v = make_qkv(q_len=9, seed=80)
     out = support_basis_attention(q, k, v, **one.op_kwargs())
     torch.testing.assert_close(out, reference.exact_attention(q, k, v), rtol=1e-10, atol=1e-10)
     out = support_basis_attention(q, k, v, **two.op_kwargs())
-    torch.testing.assert_close(out, reference.support_basis_attention(q, k, v, threshold=2.0, degree=2, radius=5.0), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, reference.support_basis_attention(q, k, v, threshold=2.0, degree=2, radius=5.0,
+                                                                      kernel="taylor"), rtol=1e-10, atol=1e-10)
 
 
 

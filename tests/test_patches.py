@@ -56,7 +56,7 @@ def _logits(model, seed=1):
 def test_one_line_patch_switches_models_loaded_afterwards(saved, kind):
     plain = AutoModelForCausalLM.from_pretrained(saved[kind], dtype=torch.float32).eval()
     assert plain.config._attn_implementation == "sdpa"
-    sb_hf.apply_support_basis(threshold=1.0, degree=3)
+    sb_hf.apply_support_basis(threshold=1.0, degree=3, kernel="chebyshev")
     assert is_patched()
     model = AutoModelForCausalLM.from_pretrained(saved[kind], dtype=torch.float32).eval()
     assert model.config._attn_implementation == "support_basis"
@@ -64,7 +64,7 @@ def test_one_line_patch_switches_models_loaded_afterwards(saved, kind):
     patched_logits, pairs = _ran_sb(lambda: _logits(model))
     assert pairs > 0
     # the same as switching the loaded model by hand with the same settings
-    expected = _logits(sb_hf.apply_support_basis(plain, threshold=1.0, degree=3))
+    expected = _logits(sb_hf.apply_support_basis(plain, threshold=1.0, degree=3, kernel="chebyshev"))
     torch.testing.assert_close(patched_logits, expected, rtol=0, atol=0)
     assert sb_hf.revert_support_basis() is True
     again = AutoModelForCausalLM.from_pretrained(saved[kind], dtype=torch.float32)

@@ -306,15 +306,18 @@ def test_bad_chunk_size_and_shapes_raise():
 
 def test_config_sinks_and_local_window():
     c = SupportBasisConfig()
-    assert (c.sinks, c.local_window) == (4, 256)
+    assert (c.sinks, c.local_window) == (None, None)  # each method's default
+    assert c.method_settings("sink_window") == dict(sinks=4, local_window=256)
+    assert c.method_settings("support_basis") == dict(kernel="taylor", sinks=0, local_window=0, column_queries=None,
+                                                      column_threshold=None)
     c = SupportBasisConfig(sinks=0, local_window=1, layers={1: {"sinks": 8, "local_window": 32}})
     assert (c.for_layer(0).sinks, c.for_layer(0).local_window) == (0, 1)
     assert (c.for_layer(1).sinks, c.for_layer(1).local_window) == (8, 32)
     assert SupportBasisConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
     for kwargs, field in [
         (dict(sinks=-1), "sinks"), (dict(sinks=2.0), "sinks"), (dict(sinks=True), "sinks"),
-        (dict(local_window=0), "local_window"), (dict(local_window="8"), "local_window"),
-        (dict(layers={0: {"local_window": 0}}), "local_window"), (dict(layers={0: {"sinks": -2}}), "sinks"),
+        (dict(local_window=-1), "local_window"), (dict(local_window="8"), "local_window"),
+        (dict(layers={0: {"local_window": -3}}), "local_window"), (dict(layers={0: {"sinks": -2}}), "sinks"),
     ]:
         with pytest.raises(ValueError, match=field):
             SupportBasisConfig(**kwargs)
@@ -323,8 +326,12 @@ def test_config_sinks_and_local_window():
 def test_each_method_gets_only_its_settings():
     c = SupportBasisConfig(threshold=1.5, degree=3, chunk_size=16, sinks=2, local_window=9)
     assert _op_kwargs(c, "sink_window") == dict(sinks=2, local_window=9, chunk_size=16)
-    assert _op_kwargs(c, "support_basis") == c.op_kwargs()
-    assert _op_kwargs(c, "as23") == {key: value for key, value in c.op_kwargs().items() if key != "threshold"}
+    assert _op_kwargs(c, "support_basis") == c.op_kwargs() and c.op_kwargs()["local_window"] == 9
+    as23 = {key: value for key, value in c.op_kwargs("as23").items() if key != "threshold"}
+    assert _op_kwargs(c, "as23") == as23 and as23["kernel"] == "chebyshev" and "sinks" not in as23
+    # left unset, each method gets its own default: the baseline's pattern, no structure for support basis
+    c = SupportBasisConfig()
+    assert (_op_kwargs(c, "sink_window")["local_window"], _op_kwargs(c, "support_basis")["local_window"]) == (256, 0)
 
 
 # --------------------------------------------------------------------------- Transformers backend

@@ -99,20 +99,28 @@ def test_modelled_flops_by_hand():
 
 def test_grid_and_outputs(tmp_path):
     points = grid(["support_basis", "as23", "sink_window"], [1.0, 2.0], [2], 4, [8])
-    assert points == [("support_basis", {"threshold": 1.0, "degree": 2}), ("support_basis", {"threshold": 2.0, "degree": 2}),
-                      ("as23", {"degree": 2}), ("sink_window", {"sinks": 4, "local_window": 8})]
+    cheb = {"kernel": "chebyshev"}  # always explicit: a model's settings without it take the method's default
+    assert points == [("support_basis", {"threshold": 1.0, "degree": 2, **cheb}),
+                      ("support_basis", {"threshold": 2.0, "degree": 2, **cheb}),
+                      ("as23", {"degree": 2, **cheb}), ("sink_window", {"sinks": 4, "local_window": 8})]
     assert grid(["support_basis_multi", "as23"], [3.0], [2], 4, [8], sketch_dims=[None, 16]) == [
-        ("support_basis_multi", {"thresholds": [3.0, 2.0, 1.0], "degrees": 2}),
-        ("support_basis_multi", {"thresholds": [3.0, 2.0, 1.0], "degrees": 2, "sketch_dim": 16}),
-        ("as23", {"degree": 2}), ("as23", {"degree": 2, "sketch_dim": 16})]
+        ("support_basis_multi", {"thresholds": [3.0, 2.0, 1.0], "degrees": 2, **cheb}),
+        ("support_basis_multi", {"thresholds": [3.0, 2.0, 1.0], "degrees": 2, "sketch_dim": 16, **cheb}),
+        ("as23", {"degree": 2, **cheb}), ("as23", {"degree": 2, "sketch_dim": 16, **cheb})]
     assert features(64, {"degree": 2}) == 2145 and features(64, {"degree": 2, "sketch_dim": 100}) == 165
     assert features(64, {"thresholds": [3.0, 2.0], "degrees": [2, 1], "sketch_dim": 100}) == 165 + 65
     with pytest.raises(ValueError, match="unknown method"):
         grid(["bogus"], [1.0], [2], 4, [8])
     assert grid(["support_basis"], [3.0], [2], 4, [8], sketch_dims=[None, 16], kernels=["chebyshev", "squared"]) == [
-        ("support_basis", {"threshold": 3.0, "degree": 2}), ("support_basis", {"threshold": 3.0, "degree": 2, "sketch_dim": 16}),
+        ("support_basis", {"threshold": 3.0, "degree": 2, **cheb}),
+        ("support_basis", {"threshold": 3.0, "degree": 2, "sketch_dim": 16, **cheb}),
         ("support_basis", {"threshold": 3.0, "degree": 2, "kernel": "squared"}),
         ("support_basis", {"threshold": 3.0, "degree": 2, "sketch_dim": 16, "kernel": "squared"})]
+    # the support-basis structure: every support-basis point gets it, as23 (the published baseline) does not
+    assert grid(["support_basis", "as23"], [3.0], [0], 4, [8], kernels=["taylor"], sb_sinks=4, sb_windows=[0, 16]) == [
+        ("support_basis", {"threshold": 3.0, "degree": 0, "kernel": "taylor", "sinks": 4}),
+        ("support_basis", {"threshold": 3.0, "degree": 0, "kernel": "taylor", "sinks": 4, "local_window": 16}),
+        ("as23", {"degree": 0, "kernel": "taylor"})]
     assert features(64, {"degree": 2, "kernel": "squared"}) == 2145  # sym2 of [1, k]: the degree-2 monomials
     assert features(64, {"degree": 4, "sketch_dim": 16, "kernel": "squared"}) == 81 * 82 // 2
     with pytest.raises(ValueError, match="even degrees"):
@@ -125,7 +133,7 @@ def test_grid_and_outputs(tmp_path):
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert [r["method"] for r in saved["results"]] == ["support_basis", "support_basis", "as23", "sink_window"]
     assert (tmp_path / "sweep.png").stat().st_size > 1000
-    assert "| support_basis | threshold=1.0, degree=2 |" in (tmp_path / "sweep.md").read_text()
+    assert "| support_basis | threshold=1.0, degree=2, kernel=chebyshev |" in (tmp_path / "sweep.md").read_text()
 
 
 def test_quantile_buckets_by_hand():

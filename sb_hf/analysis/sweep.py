@@ -76,13 +76,16 @@ def capture_row_maxima(capture: Capture, max_rows: int = 200_000) -> torch.Tenso
 
 
 def grid(methods, thresholds, degrees, sinks, windows, sketch_dims=(None,), buckets=bucket_thresholds,
-         kernels=("chebyshev",)) -> list[tuple[str, dict]]:
+         kernels=("chebyshev",), sb_sinks=0, sb_windows=(0,)) -> list[tuple[str, dict]]:
     """The (method, settings) pairs of a sweep (``sketch_dims``: None for exact features;
     ``buckets``: threshold -> the thresholds of ``support_basis_multi``; ``kernels``: polynomial kernels,
-    the squared and taylor ones only at even degrees)."""
+    the squared and taylor ones only at even degrees; ``sb_sinks``, ``sb_windows``: the exact sinks and
+    local windows of the support-basis points, 0 for none; ``sinks``, ``windows``: sink_window's)."""
     points = []
-    sketches = [({} if r is None else {"sketch_dim": r}) | ({} if kernel == "chebyshev" else {"kernel": kernel})
-                for kernel in kernels for r in sketch_dims]
+    structures = [({} if not sb_sinks else {"sinks": sb_sinks}) | ({} if not w else {"local_window": w}) for w in sb_windows]
+    # the kernel always explicit: a model's settings without one take the method's default (taylor for support basis)
+    plain = [({} if r is None else {"sketch_dim": r}) | {"kernel": kernel} for kernel in kernels for r in sketch_dims]
+    sketches = [p | x for p in plain for x in structures]
     for kernel in kernels:  # before any point runs, with the ops' own rule
         check_kernel(kernel, degrees if any(m != "sink_window" for m in methods) else [])
     for method in methods:
@@ -92,7 +95,7 @@ def grid(methods, thresholds, degrees, sinks, windows, sketch_dims=(None,), buck
             points += [(method, {"thresholds": buckets(t), "degrees": g, **x})
                        for x in sketches for g in degrees for t in thresholds]
         elif method == "as23":
-            points += [(method, {"degree": g, **x}) for x in sketches for g in degrees]
+            points += [(method, {"degree": g, **x}) for x in plain for g in degrees]  # the baseline as published
         elif method == "sink_window":
             points += [(method, {"sinks": sinks, "local_window": w}) for w in windows]
         else:
@@ -167,6 +170,13 @@ def _matrix_error_terms(method, settings, q, k, v, scale, sliding_window, rows) 
     return diff, ref
 
 
+def layer_op_settings(settings: dict, layer: int) -> dict:
+    """A point's op settings for one layer: ``settings`` with ``settings["layers"][layer]`` merged in
+    (per-layer values such as the key columns' mean queries)."""
+    out = {key: value for key, value in settings.items() if key != "layers"}
+    return out | settings.get("layers", {}).get(layer, {})
+
+
 @torch.no_grad()
 def sweep_capture(
     capture: Capture, points: list[tuple[str, dict]], *, matrix_rows: int = 32, progress: bool = True
@@ -195,13 +205,15 @@ def sweep_capture(
         for i in layers:
             q, k, v = (capture.layers[i][name].float() for name in ("q", "k", "v"))
             stats: dict = {}
+            layer_settings = layer_op_settings(settings, i)
             start = time.perf_counter()
-            out = op(q, k, v, scale=scale, sliding_window=window, stats=stats, **settings)
+            out = op(q, k, v, scale=scale, sliding_window=window, stats=stats, **layer_settings)
             seconds = time.perf_counter() - start
             err = float((out - exact_out[i]).pow(2).sum())
             ref = float(exact_out[i].pow(2).sum())
-            mdiff, mref = _matrix_error_terms(method, settings, q, k, v, scale, window, _sample_rows(q.shape[2], matrix_rows))
-            flops, exact_flops = modelled_flops(method, settings, q=q, k=k, stats=stats)
+            mdiff, mref = _matrix_error_terms(method, layer_settings, q, k, v, scale, window,
+                                              _sample_rows(q.shape[2], matrix_rows))
+            flops, exact_flops = modelled_flops(method, layer_settings, q=q, k=k, stats=stats)
             layer = dict(
                 layer=i, output_error=math.sqrt(err / ref), matrix_error=math.sqrt(mdiff / mref),
                 exact_pair_share=float(stats["exact_pairs"]) / float(stats["pairs"]),

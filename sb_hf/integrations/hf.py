@@ -10,6 +10,7 @@ would hand us no mask at all, silently dropping padding.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Iterator
 
 import torch
@@ -20,7 +21,7 @@ from transformers.masking_utils import (
     prepare_padding_mask,
 )
 
-from ..config import SupportBasisConfig
+from ..config import SupportBasisConfig, load_settings
 from ..ops import as23_attention, multi_threshold_attention, sink_window_attention, support_basis_attention
 
 IMPLEMENTATIONS = {
@@ -30,11 +31,12 @@ IMPLEMENTATIONS = {
     "sink_window": sink_window_attention,
 }
 # The settings (fields of SupportBasisConfig, as op keyword arguments) each implementation takes.
+STRUCTURE = ("sinks", "local_window", "column_queries", "column_threshold")
 OP_SETTINGS = {
     "support_basis": ("threshold", "degree", "radius", "chunk_size", "max_feature_bytes", "sketch_dim", "sketch_seed", "kernel",
-                      "radius_limit"),
+                      "radius_limit", *STRUCTURE),
     "support_basis_multi": ("thresholds", "degrees", "radius", "chunk_size", "max_feature_bytes", "sketch_dim",
-                            "sketch_seed", "kernel", "radius_limit"),
+                            "sketch_seed", "kernel", "radius_limit", *STRUCTURE),
     "as23": ("degree", "radius", "chunk_size", "max_feature_bytes", "sketch_dim", "sketch_seed", "kernel", "radius_limit"),
     "sink_window": ("sinks", "local_window", "chunk_size"),
 }
@@ -91,7 +93,7 @@ def _make_attention_forward(name: str):
                 )
             dropped = attention_mask.shape[-1] - key.shape[2]
             if dropped > 0:  # leading keys that a sliding-window cache dropped (see `support_basis_mask`)
-                if name == "sink_window":  # their real tokens still hold the first sink ranks
+                if "sinks" in OP_SETTINGS[name]:  # their real tokens still hold the first sink ranks
                     extra["dropped_real_keys"] = attention_mask[:, :dropped].sum(dim=-1)
                 attention_mask = attention_mask[:, dropped:]
             keys = attention_mask.shape[-1]
@@ -109,8 +111,7 @@ def _make_attention_forward(name: str):
 
 
 def _op_kwargs(settings: SupportBasisConfig, name: str) -> dict[str, Any]:
-    buckets = settings.bucket_settings() if name == "support_basis_multi" else {}  # per call: only where used
-    available = {**settings.op_kwargs(), **buckets, "sinks": settings.sinks, "local_window": settings.local_window}
+    available = settings.bucket_settings() if name == "support_basis_multi" else settings.op_kwargs(name)
     return {field: available[field] for field in OP_SETTINGS[name]}
 
 
@@ -204,7 +205,8 @@ def apply_support_basis(
 
     The settings are stored as a plain dict in ``model.config.support_basis`` (so
     ``save_pretrained``/``from_pretrained`` round-trip them); ``layers={i: {...}}`` overrides
-    single layers. ``method="support_basis_multi"`` the multi-threshold variant (settings
+    single layers; ``config`` may also be the path of a JSON settings file (``support_basis.json`` from
+    ``sb-hf calibrate``, or a model's ``config.json``). ``method="support_basis_multi"`` the multi-threshold variant (settings
     ``thresholds``, ``degrees``), ``method="as23"`` the bounded-entry baseline, ``method="sink_window"``
     the attention sinks + local window baseline (settings ``sinks``, ``local_window``).
 
@@ -221,10 +223,14 @@ def apply_support_basis(
         settings = {}
     elif isinstance(config, dict):
         settings = dict(config)
+    elif isinstance(config, (str, os.PathLike)):  # a support_basis.json from `sb-hf calibrate`, or a config.json
+        settings = load_settings(config)
     else:
-        raise ValueError(f"config must be a SupportBasisConfig, a dict or None, got {type(config).__name__}")
+        raise ValueError(f"config must be a SupportBasisConfig, a dict, a JSON file path or None, got {type(config).__name__}")
     settings.update(overrides)
-    validated = SupportBasisConfig.from_dict(settings).to_dict()
+    checked = SupportBasisConfig.from_dict(settings)
+    checked.check_method(method)
+    validated = checked.to_dict()
     if model is None:
         from ..patches import patch_loading
 

@@ -116,17 +116,78 @@ def check_sink_window(
         raise ValueError(
             f"local_window must be an integer >= 1 (query p attends to keys p - local_window < j <= p), got {local_window!r}"
         )
+    check_dropped(dropped_real_keys, batch)
+
+
+def check_dropped(dropped_real_keys: torch.Tensor | None, batch: int) -> None:
+    """``dropped_real_keys``: None or ``(batch,)`` integers >= 0 (real keys a sliding-window cache dropped)."""
+    if dropped_real_keys is None:
+        return
+    integer = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    if not isinstance(dropped_real_keys, torch.Tensor) or dropped_real_keys.dtype not in integer or (
+        tuple(dropped_real_keys.shape) != (batch,)
+    ):
+        raise ValueError(
+            f"dropped_real_keys must be an integer tensor of shape (batch,) = ({batch},), got "
+            f"{getattr(dropped_real_keys, 'dtype', type(dropped_real_keys))} {tuple(getattr(dropped_real_keys, 'shape', ()))}"
+        )
+    if bool((dropped_real_keys < 0).any()):
+        raise ValueError("dropped_real_keys must be >= 0")
+
+
+def check_structure(sinks, local_window, column_queries, column_threshold, causal: bool, shapes: Shapes,
+                    dropped_real_keys: torch.Tensor | None = None) -> None:
+    """Validate the structural exact part of support basis (sinks, local window, key columns)."""
+    check_dropped(dropped_real_keys, shapes.batch)
+    for name, value in (("sinks", sinks), ("local_window", local_window)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0 (0: none), got {value!r}")
+    if local_window and not causal:
+        raise ValueError("local_window (exact keys p - local_window < j <= p) needs causal=True; use local_window=0")
+    if column_queries is None:
+        if column_threshold is not None:
+            raise ValueError("column_threshold needs column_queries (the per-head mean queries); give both or neither")
+        return
+    if not isinstance(column_queries, torch.Tensor) or not column_queries.is_floating_point() or (
+        tuple(column_queries.shape) != (shapes.q_heads, shapes.head_dim)
+    ):
+        raise ValueError(
+            f"column_queries must be a float tensor (q_heads, head_dim) = {(shapes.q_heads, shapes.head_dim)}, got "
+            f"{getattr(column_queries, 'dtype', type(column_queries))} {tuple(getattr(column_queries, 'shape', ()))}"
+        )
+    threshold = column_threshold if isinstance(column_threshold, torch.Tensor) else torch.tensor(
+        column_threshold if isinstance(column_threshold, (int, float)) and not isinstance(column_threshold, bool) else float("nan"))
+    if threshold.shape not in ((), (shapes.q_heads,)) or not bool(torch.isfinite(threshold).all()):
+        raise ValueError(f"column_threshold must be a finite number or a tensor of one per query head ({shapes.q_heads},), "
+                         f"got {column_threshold!r}")
+    if not bool(torch.isfinite(column_queries).all()):
+        raise ValueError("column_queries contains NaN or inf")
+
+
+def sink_keys(key_valid: torch.Tensor, sinks: int, dropped_real_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """The first ``sinks`` real keys of each sequence, ``(B, Lk)`` bool: rank among the keys with ``key_valid``
+    True, counting the ``dropped_real_keys`` a sliding-window cache no longer holds (they had the first ranks)."""
+    rank = key_valid.long().cumsum(dim=-1) - 1
     if dropped_real_keys is not None:
-        integer = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-        if not isinstance(dropped_real_keys, torch.Tensor) or dropped_real_keys.dtype not in integer or (
-            tuple(dropped_real_keys.shape) != (batch,)
-        ):
-            raise ValueError(
-                f"dropped_real_keys must be an integer tensor of shape (batch,) = ({batch},), got "
-                f"{getattr(dropped_real_keys, 'dtype', type(dropped_real_keys))} {tuple(getattr(dropped_real_keys, 'shape', ()))}"
-            )
-        if bool((dropped_real_keys < 0).any()):
-            raise ValueError("dropped_real_keys must be >= 0")
+        rank = rank + dropped_real_keys.to(rank.device)[:, None]
+    return key_valid & (rank < sinks)
+
+
+def structural_keys(k: torch.Tensor, key_valid: torch.Tensor, *, sinks: int, column_queries: torch.Tensor | None,
+                    column_threshold, scale: float, dropped_real_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Keys every query attends to exactly because of where or what they are, ``(B, Hk, Lk)`` bool:
+    the first ``sinks`` real keys (rank among real keys, after ``dropped_real_keys``), and the *columns*,
+    keys whose score with a head's mean query ``scale * qbar_h . k_j`` exceeds ``column_threshold`` for
+    some query head of the KV group. Both rules look at the key alone, so a KV cache agrees."""
+    batch, kv_heads, kv_len, d = k.shape
+    keys = sink_keys(key_valid, sinks, dropped_real_keys)[:, None, :].expand(batch, kv_heads, kv_len)
+    if column_queries is not None:
+        groups = column_queries.shape[0] // kv_heads
+        mean_queries = column_queries.to(device=k.device, dtype=k.dtype).view(kv_heads, groups, d)
+        threshold = torch.as_tensor(column_threshold, dtype=k.dtype, device=k.device).expand(kv_heads * groups)
+        scores = scale * torch.einsum("bhnd,hgd->bhng", k, mean_queries)
+        keys = keys | (scores > threshold.view(kv_heads, 1, groups)).any(dim=-1)
+    return keys & key_valid[:, None, :]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

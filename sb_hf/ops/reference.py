@@ -17,10 +17,13 @@ from .common import (
     add_stats,
     check_inputs,
     check_sink_window,
+    check_structure,
     compute_dtype,
     large_rows,
     masked_softmax,
     polynomial_shift,
+    sink_keys,
+    structural_keys,
     suspect_rows,
     visible,
 )
@@ -46,6 +49,11 @@ def support_basis_attention(
     sketch_seed: int = 0,
     kernel: str = "chebyshev",
     radius_limit: float = RADIUS_LIMIT,
+    sinks: int = 0,
+    local_window: int = 0,
+    column_queries: torch.Tensor | None = None,
+    column_threshold: float | torch.Tensor | None = None,
+    dropped_real_keys: torch.Tensor | None = None,
     stats: dict | None = None,
     return_weights: bool = False,
 ) -> torch.Tensor:
@@ -60,7 +68,8 @@ def support_basis_attention(
     return _support_basis(
         q, k, v, thresholds=[threshold], degrees=[degree], sketch_dims=[sketch_dim], sketch_seed=sketch_seed,
         kernel=kernel, causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
-        radius_limit=radius_limit, stats=stats, return_weights=return_weights,
+        radius_limit=radius_limit, sinks=sinks, local_window=local_window, column_queries=column_queries,
+        column_threshold=column_threshold, dropped_real_keys=dropped_real_keys, stats=stats, return_weights=return_weights,
     )
 
 
@@ -83,6 +92,11 @@ def multi_threshold_attention(
     chunk_size: int | None = None,
     max_feature_bytes: int | None = None,
     evaluation: str | None = None,
+    sinks: int = 0,
+    local_window: int = 0,
+    column_queries: torch.Tensor | None = None,
+    column_threshold: float | torch.Tensor | None = None,
+    dropped_real_keys: torch.Tensor | None = None,
     stats: dict | None = None,
     return_weights: bool = False,
 ) -> torch.Tensor:
@@ -91,24 +105,37 @@ def multi_threshold_attention(
     return _support_basis(
         q, k, v, thresholds=thresholds, degrees=degrees, sketch_dims=sketch_dims, sketch_seed=sketch_seed,
         kernel=kernel, causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
-        radius_limit=radius_limit, stats=stats, return_weights=return_weights,
+        radius_limit=radius_limit, sinks=sinks, local_window=local_window, column_queries=column_queries,
+        column_threshold=column_threshold, dropped_real_keys=dropped_real_keys, stats=stats, return_weights=return_weights,
     )
 
 
 def _support_basis(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel, causal, scale, key_padding_mask,
-                   sliding_window, radius, radius_limit, stats, return_weights):
+                   sliding_window, radius, radius_limit, sinks, local_window, column_queries, column_threshold,
+                   dropped_real_keys, stats, return_weights):
     threshold = thresholds[0]
     shapes = check_inputs(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
         degree=max(degrees), threshold=threshold, scale=scale, radius=radius, radius_limit=radius_limit,
     )
+    check_structure(sinks, local_window, column_queries, column_threshold, causal, shapes, dropped_real_keys)
     check_kernel(kernel, degrees)
     out_dtype = q.dtype
+    structural = structural_keys(  # on the KV heads, before _dense repeats them
+        k.to(compute_dtype(k.dtype)),
+        torch.ones(shapes.batch, shapes.kv_len, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask,
+        sinks=sinks, column_queries=column_queries, column_threshold=column_threshold,
+        scale=shapes.head_dim**-0.5 if scale is None else float(scale), dropped_real_keys=dropped_real_keys,
+    ).repeat_interleave(shapes.groups, dim=1)
     q, k, v, scale, mask, key_valid = _dense(q, k, v, shapes, scale, key_padding_mask, causal, sliding_window)
 
     q_large = large_rows(q, threshold)  # (B, H, Lq)
-    k_large = large_rows(k, threshold)  # (B, H, Lk)
-    k_bucket = torch.where(key_valid[:, None, :], key_buckets(k, thresholds), -1)  # -1: large or padding
+    exact_key = large_rows(k, threshold) | structural  # (B, H, Lk): exact for every query that sees them
+    k_bucket = torch.where(key_valid[:, None, :] & ~exact_key, key_buckets(k, thresholds), -1)  # -1: exact or padding
+    q_pos = torch.arange(shapes.q_len, device=q.device) + (shapes.kv_len - shapes.q_len)
+    behind = q_pos[:, None] - torch.arange(shapes.kv_len, device=q.device)[None, :]
+    local = (behind >= 0) & (behind < local_window)  # (Lq, Lk): p - local_window < j <= p
+    far = mask & ~local  # the pairs the polynomial may cover
     scores = scale * q @ k.transpose(-1, -2)
 
     # Interval of query i for bucket b: scale * |q_i| * max |k_j| over the keys of bucket b visible to
@@ -116,7 +143,7 @@ def _support_basis(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, ke
     k_norm = k.norm(dim=-1)[..., None, :].expand_as(scores)
     radii = []
     for b in range(len(thresholds)):
-        reach = mask & (k_bucket == b)[..., None, :]
+        reach = far & (k_bucket == b)[..., None, :]
         k_max = torch.where(reach, k_norm, torch.zeros_like(k_norm)).amax(dim=-1)
         radii.append(scale * q.norm(dim=-1) * k_max if radius is None else torch.full_like(k_max, float(radius)))
     row_radius = torch.stack(radii, dim=-1)
@@ -124,7 +151,7 @@ def _support_basis(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, ke
         row_radius = row_radius.clamp_min(RADIUS_FLOOR)
     q_large = q_large | (row_radius.amax(dim=-1) > radius_limit)  # too wide for the (calibrated) fit: exact
     row_radius = torch.where(q_large[..., None], torch.full_like(row_radius, RADIUS_FLOOR), row_radius)  # unused there
-    exact_pair = q_large[..., :, None] | k_large[..., None, :]
+    exact_pair = q_large[..., :, None] | exact_key[..., None, :] | local
 
     exact_scores = torch.where(mask & exact_pair, scores, torch.full_like(scores, float("-inf")))
     shift = polynomial_shift(exact_scores.amax(dim=-1), row_radius.amax(dim=-1))
@@ -137,7 +164,7 @@ def _support_basis(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, ke
         radius_b = row_radius[..., b]
         center_b = None
         if kernel == "taylor":  # the query's mean score over the visible keys of the bucket
-            reach = (mask & (k_bucket == b)[..., None, :]).to(q.dtype)
+            reach = (far & (k_bucket == b)[..., None, :]).to(q.dtype)
             mean_key = (reach @ k) / reach.sum(dim=-1, keepdim=True).clamp_min(1)
             center_b = torch.where(q_large, torch.zeros_like(radius_b), scale * (q * mean_key).sum(dim=-1))
         coefficients = kernel_fit(radius_b, shift, degree, kernel, center_b)
@@ -225,11 +252,7 @@ def sink_window_attention(
     out_dtype = q.dtype
     q, k, v, scale, mask, key_valid = _dense(q, k, v, shapes, scale, key_padding_mask, causal, sliding_window)
 
-    # Rank of each key among the real keys of its sequence (after the dropped ones); sinks: rank < sinks.
-    rank = key_valid.long().cumsum(dim=-1) - 1
-    if dropped_real_keys is not None:
-        rank = rank + dropped_real_keys[:, None]
-    sink = key_valid & (rank < sinks)  # (B, Lk)
+    sink = sink_keys(key_valid, sinks, dropped_real_keys)  # (B, Lk)
     q_pos = torch.arange(shapes.q_len, device=q.device) + (shapes.kv_len - shapes.q_len)
     k_pos = torch.arange(shapes.kv_len, device=q.device)
     local = (q_pos[:, None] - k_pos[None, :]) < local_window  # (Lq, Lk)

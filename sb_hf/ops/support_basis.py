@@ -28,12 +28,14 @@ from .common import (
     Shapes,
     add_stats,
     check_inputs,
+    check_structure,
     compute_dtype,
     key_spans,
     large_rows,
     masked_softmax,
     polynomial_shift,
     span_counts,
+    structural_keys,
     suspect_rows,
     visible,
     visible_key_max,
@@ -65,6 +67,11 @@ def support_basis_attention(
     sketch_seed: int = 0,
     kernel: str = "chebyshev",
     radius_limit: float = RADIUS_LIMIT,
+    sinks: int = 0,
+    local_window: int = 0,
+    column_queries: torch.Tensor | None = None,
+    column_threshold: float | torch.Tensor | None = None,
+    dropped_real_keys: torch.Tensor | None = None,
     stats: dict | None = None,
 ) -> torch.Tensor:
     """Support-basis attention of ``q (B, Hq, Lq, d)`` over ``k, v (B, Hk, Lk, d)``, returns ``(B, Hq, Lq, dv)``.
@@ -93,6 +100,14 @@ def support_basis_attention(
         radius_limit: query rows whose interval (any bucket) is wider than this are computed exactly:
             the guard against inputs outside the calibrated range (``sb-hf calibrate`` sets it per
             layer); at most and by default 150, beyond which no fit is meaningful.
+        sinks: the first ``sinks`` real keys (rank among keys with ``key_padding_mask`` True, after
+            ``dropped_real_keys``, the real keys a sliding-window cache no longer holds) are exact for every query.
+        local_window: with ``causal``, query ``p`` attends exactly to the keys ``p - local_window < j <= p``;
+            the polynomial part then covers only the keys ``j <= p - local_window`` (it lags the window).
+        column_queries: ``(q_heads, head_dim)``, a mean query per head (``sb-hf calibrate`` measures it):
+            keys with ``scale * column_queries[h] . k_j > column_threshold`` for some query head ``h`` of
+            their KV group are exact for every query (the keys that collect attention everywhere).
+        column_threshold: a number, or a tensor with one per query head.
         stats: optional dict; receives tensors ``exact_pairs``, ``pairs``, ``exact_rows``, ``rows``.
 
     Rows whose approximate mass is not positive, or whose output is not finite, are recomputed
@@ -102,7 +117,8 @@ def support_basis_attention(
         q, k, v, thresholds=[threshold], degrees=[degree], sketch_dims=[sketch_dim], sketch_seed=sketch_seed,
         kernel=kernel, causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
         radius_limit=radius_limit, chunk_size=chunk_size, max_feature_bytes=max_feature_bytes, evaluation=evaluation,
-        stats=stats,
+        sinks=sinks, local_window=local_window, column_queries=column_queries, column_threshold=column_threshold,
+        dropped_real_keys=dropped_real_keys, stats=stats,
     )
 
 
@@ -125,6 +141,11 @@ def multi_threshold_attention(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
     evaluation: str = "auto",
+    sinks: int = 0,
+    local_window: int = 0,
+    column_queries: torch.Tensor | None = None,
+    column_threshold: float | torch.Tensor | None = None,
+    dropped_real_keys: torch.Tensor | None = None,
     stats: dict | None = None,
 ) -> torch.Tensor:
     """Multi-threshold support-basis attention: thresholds ``T1 > T2 > ... > Tm``.
@@ -143,17 +164,20 @@ def multi_threshold_attention(
         q, k, v, thresholds=thresholds, degrees=degrees, sketch_dims=sketch_dims, sketch_seed=sketch_seed,
         kernel=kernel, causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
         radius_limit=radius_limit, chunk_size=chunk_size, max_feature_bytes=max_feature_bytes, evaluation=evaluation,
-        stats=stats,
+        sinks=sinks, local_window=local_window, column_queries=column_queries, column_threshold=column_threshold,
+        dropped_real_keys=dropped_real_keys, stats=stats,
     )
 
 
 def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel, causal, scale, key_padding_mask,
-               sliding_window, radius, radius_limit, chunk_size, max_feature_bytes, evaluation, stats):
+               sliding_window, radius, radius_limit, chunk_size, max_feature_bytes, evaluation, sinks, local_window,
+               column_queries, column_threshold, dropped_real_keys, stats):
     threshold = thresholds[0]
     shapes = check_inputs(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
         degree=max(degrees), threshold=threshold, scale=scale, radius=radius, radius_limit=radius_limit,
     )
+    check_structure(sinks, local_window, column_queries, column_threshold, causal, shapes, dropped_real_keys)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if evaluation not in EVALUATIONS:
@@ -183,48 +207,114 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
         torch.ones(s.batch, s.kv_len, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
     )
     q_large = large_rows(qg, threshold)  # (B, Hk, G, Lq)
+    if (RADIUS_FLOOR if radius is None else radius) > radius_limit:  # every row's interval is at least this wide
+        q_large = torch.ones_like(q_large)  # (rows without far keys too, which skip the far part)
     buckets = key_buckets(k, thresholds)  # (B, Hk, Lk), -1 for large keys
-    exact_keys = (buckets == -1) & key_valid[:, None, :]  # the real large keys: exact for every query
-    k_bucket = torch.where(key_valid[:, None, :], buckets, -1)  # -1: no polynomial
+    exact_keys = structural_keys(k, key_valid, sinks=sinks, column_queries=column_queries, column_threshold=column_threshold,
+                                 scale=scale, dropped_real_keys=dropped_real_keys)
+    exact_keys = exact_keys | ((buckets == -1) & key_valid[:, None, :])  # exact for every query that sees them
+    k_bucket = torch.where(key_valid[:, None, :] & ~exact_keys, buckets, -1)  # -1: no polynomial
 
-    if bool(q_large.all()):  # every row exact: skip the polynomial part entirely
-        out = qg.new_zeros(s.batch, s.kv_heads, s.groups, s.q_len, s.value_dim)
-        exact_rows = q_large
-    else:
-        if radius is None:  # per bucket: scale |q_i| max |k_j| over the visible keys of the bucket
-            k_norm, q_norm = k.norm(dim=-1), qg.norm(dim=-1)
-            radii = []
-            for b in range(len(thresholds)):
-                norms = torch.where(k_bucket == b, k_norm, torch.zeros_like(k_norm))
-                k_max = visible_key_max(norms, window)[..., offset:] if causal else norms.amax(-1, keepdim=True)
-                radii.append(scale * q_norm * k_max[:, :, None, :])
-            row_radius = torch.stack(radii, dim=-1).clamp_min(RADIUS_FLOOR)  # (B, Hk, G, Lq, m)
-        else:
-            row_radius = torch.full((*qg.shape[:-1], len(thresholds)), float(radius), dtype=compute, device=q.device)
-        q_large = q_large | (row_radius.amax(dim=-1) > radius_limit)  # outside the fit's (calibrated) range
-        row_radius = torch.where(q_large[..., None], torch.full_like(row_radius, RADIUS_FLOOR), row_radius)
-        row_center = torch.zeros_like(row_radius)  # only the taylor kernel has a centre
-        if kernel == "taylor":
-            centers = _row_centers(qg, k, k_bucket, len(thresholds), scale, causal, window, offset)
-            row_center = torch.where(q_large[..., None], row_center, centers)
-        row_fit = torch.stack([row_radius, row_center], dim=-1)  # (B, Hk, G, Lq, m, 2): each bucket's interval and centre
-        large_keys = _gather_rows(exact_keys, (k, v))
-        rows = _RowAttention(scale, feature_maps, causal, window, large_keys, q.device)
-        if evaluation == "scores":
-            num, den = _score_chunks(
-                rows, k, v, k_bucket, qg, row_fit, q_large, offset, chunk_size, causal, window, recompute
-            )
-        else:
-            key_features = _KeyFeatures(k, v, k_bucket, feature_maps)
-            scan = _causal_scan if causal else _global_sum
-            num, den = scan(rows, key_features, qg, row_fit, q_large, offset, chunk_size, window, recompute)
-        out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
-        exact_rows = q_large | suspect_rows(den, out, out_dtype)
+    # The far part (exact keys + polynomial) covers the keys j <= p - local_window: it runs in a frame lagged
+    # by the window, where query i sits at p - local_window and only the first kv_len - local_window keys exist.
+    lag = local_window
+    first = min(max(lag - offset, 0), s.q_len) if lag else 0  # earlier queries have no far key
+    far_window = None if window is None else window - lag
+    rows_shape = (s.batch, s.kv_heads, s.groups, s.q_len)
+    num, den = qg.new_zeros(*rows_shape, s.value_dim), qg.new_zeros(rows_shape)
+    shift = qg.new_full(rows_shape, float("-inf"))
+    if first < s.q_len and (far_window is None or far_window > 0) and not bool(q_large[..., first:].all()):
+        far_large, far_num, far_den, far_shift = _far_part(
+            qg[..., first:, :], k[:, :, : s.kv_len - lag], v[:, :, : s.kv_len - lag], k_bucket[..., : s.kv_len - lag],
+            exact_keys[..., : s.kv_len - lag], q_large[..., first:], offset - lag + first, far_window,
+            thresholds=thresholds, feature_maps=feature_maps, kernel=kernel, scale=scale, causal=causal, radius=radius,
+            radius_limit=radius_limit, evaluation=evaluation, chunk_size=chunk_size, recompute=recompute,
+        )
+        q_large = torch.cat([q_large[..., :first], far_large], dim=-1)
+        num, den = torch.cat([num[..., :first, :], far_num], dim=-2), torch.cat([den[..., :first], far_den], dim=-1)
+        shift = torch.cat([shift[..., :first], far_shift], dim=-1)
+    if lag:
+        band = _local_band(qg, k, v, key_valid, scale, lag, window, offset, chunk_size, recompute)
+        num, den = _merge((num, den, shift), band)
+    out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+    exact_rows = q_large | suspect_rows(den, out, out_dtype)
 
     out = _exact_rows(qg, k, v, out, exact_rows, scale, causal, window, key_valid, offset, recompute)
     if stats is not None:
-        _count_pairs(stats, exact_rows, exact_keys, key_valid, causal, window)
+        _count_pairs(stats, exact_rows, exact_keys, key_valid, causal, window, lag)
     return out.reshape(s.batch, s.q_heads, s.q_len, s.value_dim).to(out_dtype)
+
+
+def _far_part(qg, k, v, k_bucket, exact_keys, q_large, offset, window, *, thresholds, feature_maps, kernel, scale, causal,
+              radius, radius_limit, evaluation, chunk_size, recompute):
+    """The exact keys plus each bucket's polynomial, for the rows of ``qg`` over the keys ``k``, ``v``
+    (queries at positions ``offset + i``). Returns ``q_large`` (with the rows the guard sends to the exact
+    path), and per row the numerator, the mass and the shift they are taken relative to."""
+    if radius is None:  # per bucket: scale |q_i| max |k_j| over the visible keys of the bucket
+        k_norm, q_norm = k.norm(dim=-1), qg.norm(dim=-1)
+        radii = []
+        for b in range(len(thresholds)):
+            norms = torch.where(k_bucket == b, k_norm, torch.zeros_like(k_norm))
+            k_max = visible_key_max(norms, window)[..., offset:] if causal else norms.amax(-1, keepdim=True)
+            radii.append(scale * q_norm * k_max[:, :, None, :])
+        row_radius = torch.stack(radii, dim=-1).clamp_min(RADIUS_FLOOR)  # (B, Hk, G, Lq, m)
+    else:
+        row_radius = torch.full((*qg.shape[:-1], len(thresholds)), float(radius), dtype=qg.dtype, device=qg.device)
+    q_large = q_large | (row_radius.amax(dim=-1) > radius_limit)  # outside the fit's (calibrated) range
+    row_radius = torch.where(q_large[..., None], torch.full_like(row_radius, RADIUS_FLOOR), row_radius)
+    row_center = torch.zeros_like(row_radius)  # only the taylor kernel has a centre
+    if kernel == "taylor":
+        centers = _row_centers(qg, k, k_bucket, len(thresholds), scale, causal, window, offset)
+        row_center = torch.where(q_large[..., None], row_center, centers)
+    row_fit = torch.stack([row_radius, row_center], dim=-1)  # (B, Hk, G, Lq, m, 2): each bucket's interval and centre
+    exact = _gather_rows(exact_keys, (k, v))
+    rows = _RowAttention(scale, feature_maps, causal, window, exact, qg.device)
+    if evaluation == "scores":
+        num, den, shift = _score_chunks(
+            rows, k, v, k_bucket, qg, row_fit, q_large, offset, chunk_size, causal, window, recompute
+        )
+    else:
+        key_features = _KeyFeatures(k, v, k_bucket, feature_maps)
+        scan = _causal_scan if causal else _global_sum
+        num, den, shift = scan(rows, key_features, qg, row_fit, q_large, offset, chunk_size, window, recompute)
+    return q_large, num, den, shift
+
+
+def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk, recompute):
+    """Exact attention of every query ``p`` to the keys ``p - local_window < j <= p`` it may see, query
+    chunk by chunk (a ``(c, c + local_window)`` block): per row the numerator, the mass and the maximum
+    score they are taken relative to (``-inf`` when the row sees no key)."""
+    reach = local_window if window is None else min(local_window, window)
+    q_len = qg.shape[3]
+    parts = []
+    for i0 in range(0, q_len, chunk):
+        i1 = min(i0 + chunk, q_len)
+        lo, hi = max(offset + i0 - reach + 1, 0), offset + i1
+
+        def block(i0=i0, i1=i1, lo=lo, hi=hi):
+            q_pos, k_pos = torch.arange(i0, i1, device=qg.device) + offset, torch.arange(lo, hi, device=k.device)
+            mask = visible(q_pos, k_pos, causal=True, sliding_window=reach) & key_valid[:, None, None, None, lo:hi]
+            scores = scale * qg[:, :, :, i0:i1] @ k[:, :, None, lo:hi].transpose(-1, -2)  # (B, Hk, G, c, n)
+            row_max = torch.where(mask, scores, torch.full_like(scores, float("-inf"))).amax(dim=-1)
+            safe = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))[..., None]
+            weights = torch.where(mask, torch.exp(torch.where(mask, scores, safe) - safe), torch.zeros_like(scores))
+            return weights @ v[:, :, None, lo:hi], weights.sum(dim=-1), row_max
+
+        parts.append(_step(recompute, block))
+    return _concat_rows(parts)
+
+
+def _merge(a, b):
+    """Sum two partial attentions ``(num, den, shift)``, each relative to its own per-row shift
+    (``-inf``: empty), relative to the larger shift (log-sum-exp style): returns ``(num, den)``."""
+    (num_a, den_a, shift_a), (num_b, den_b, shift_b) = a, b
+    top = torch.maximum(shift_a, shift_b)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    scale_a = torch.where(torch.isfinite(shift_a), torch.exp(torch.where(torch.isfinite(shift_a), shift_a, top) - top),
+                          torch.zeros_like(top))
+    scale_b = torch.where(torch.isfinite(shift_b), torch.exp(torch.where(torch.isfinite(shift_b), shift_b, top) - top),
+                          torch.zeros_like(top))
+    return num_a * scale_a[..., None] + num_b * scale_b[..., None], den_a * scale_a + den_b * scale_b
 
 
 def as23_attention(q, k, v, *, degree: int, causal: bool = True, scale: float | None = None, **kwargs) -> torch.Tensor:
@@ -289,7 +379,8 @@ class _RowAttention:
         """``q_rows (B, Hk, G, c, d)`` at positions ``q_pos (c,)``; ``state`` = (S, z) running sums of
         ``phi(k) v^T`` and ``phi(k)`` over keys fully visible to every row; ``blocks`` = key feature
         blocks that need the positional mask; or ``key_rows`` = ``(k, v, positions, small)`` of raw
-        keys, the polynomial then evaluated on the scores. Returns ``num (B, Hk, G, c, dv)``, ``den (B, Hk, G, c)``."""
+        keys, the polynomial then evaluated on the scores. Returns ``num (B, Hk, G, c, dv)``, ``den (B, Hk, G, c)``
+        and the per-row ``shift`` both are relative to."""
         num = den = 0
         row_radius, row_center = row_fit.unbind(dim=-1)
         exact_max = torch.full_like(row_radius[..., 0], float("-inf"))
@@ -318,7 +409,7 @@ class _RowAttention:
                 pair = kernel_on_scores(c[..., None, :], t, self.feature_maps[b].kernel)
                 pair = torch.where(keep, pair, torch.zeros_like(t))  # (NaN grads)
                 num, den = num + pair @ v_rows[:, :, None], den + pair.sum(dim=-1)
-            return num, den
+            return num, den, shift
         q_features = []
         per_map = base_features_per_map(self.feature_maps, q_rows)
         for b, (f, psi, degrees, c) in enumerate(zip(self.feature_maps, per_map, self.base_degrees, coefficients)):
@@ -335,7 +426,7 @@ class _RowAttention:
             pair = pair * visible(q_pos, k_pos, causal=self.causal, sliding_window=self.window)
             num = num + pair @ v_block[:, :, None]
             den = den + pair.sum(dim=-1)
-        return num, den
+        return num, den, shift
 
 
 def _step(recompute: bool, fn, *args):
@@ -354,7 +445,7 @@ def _causal_scan(rows, key_features, qg, row_fit, q_large, offset, chunk, window
     kv_len = key_features.k.shape[2]
     kv_state = k_state = trail_kv = trail_k = None
     trail_end = 0
-    nums, dens = [], []
+    parts = []
     for a in range(0, kv_len, chunk):
         b = min(a + chunk, kv_len)
         first_full = a
@@ -381,11 +472,15 @@ def _causal_scan(rows, key_features, qg, row_fit, q_large, offset, chunk, window
             return rows(qg[:, :, :, i0:i1], q_pos, row_fit[..., i0:i1, :, :], q_large[..., i0:i1], state, blocks)
 
         if b > offset:
-            num, den = _step(recompute, chunk_rows, kv_state, k_state, trail_kv, trail_k)
-            nums.append(num)
-            dens.append(den)
+            parts.append(_step(recompute, chunk_rows, kv_state, k_state, trail_kv, trail_k))
         kv_state, k_state = _step(recompute, _accumulate, key_features, kv_state, k_state, a, b)
-    return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
+    return _concat_rows(parts)
+
+
+def _concat_rows(parts):
+    """``(num, den, shift)`` of consecutive query chunks, joined along the rows."""
+    num, den, shift = zip(*parts)
+    return torch.cat(num, dim=3), torch.cat(den, dim=3), torch.cat(shift, dim=3)
 
 
 def _accumulate(key_features, kv_state, k_state, start, end):
@@ -401,7 +496,7 @@ def _accumulate(key_features, kv_state, k_state, start, end):
 def _score_chunks(rows, k, v, k_bucket, qg, row_fit, q_large, offset, chunk, causal, window, recompute):
     """The polynomial on the scores: each query chunk against the key range it can see."""
     kv_len, q_len = k.shape[2], qg.shape[3]
-    nums, dens = [], []
+    parts = []
     for i0 in range(0, q_len, chunk):
         i1 = min(i0 + chunk, q_len)
         lo, hi = 0, kv_len
@@ -415,10 +510,8 @@ def _score_chunks(rows, k, v, k_bucket, qg, row_fit, q_large, offset, chunk, cau
             q_pos = torch.arange(i0, i1, device=qg.device) + offset
             return rows(qg[:, :, :, i0:i1], q_pos, row_fit[..., i0:i1, :, :], q_large[..., i0:i1], None, [], key_rows)
 
-        num, den = _step(recompute, chunk_rows)
-        nums.append(num)
-        dens.append(den)
-    return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
+        parts.append(_step(recompute, chunk_rows))
+    return _concat_rows(parts)
 
 
 def _global_sum(rows, key_features, qg, row_fit, q_large, offset, chunk, window, recompute):
@@ -427,7 +520,7 @@ def _global_sum(rows, key_features, qg, row_fit, q_large, offset, chunk, window,
     kv_state = k_state = None
     for a in range(0, kv_len, chunk):
         kv_state, k_state = _step(recompute, _accumulate, key_features, kv_state, k_state, a, min(a + chunk, kv_len))
-    nums, dens = [], []
+    parts = []
     for i0 in range(0, q_len, chunk):
         i1 = min(i0 + chunk, q_len)
 
@@ -435,10 +528,8 @@ def _global_sum(rows, key_features, qg, row_fit, q_large, offset, chunk, window,
             q_pos = torch.arange(i0, i1, device=qg.device)  # unused without a causal mask
             return rows(qg[:, :, :, i0:i1], q_pos, row_fit[..., i0:i1, :, :], q_large[..., i0:i1], (kv_state, k_state), [])
 
-        num, den = _step(recompute, chunk_rows, kv_state, k_state)
-        nums.append(num)
-        dens.append(den)
-    return torch.cat(nums, dim=3), torch.cat(dens, dim=3)
+        parts.append(_step(recompute, chunk_rows, kv_state, k_state))
+    return _concat_rows(parts)
 
 
 def _row_centers(qg, k, k_bucket, buckets, scale, causal, window, offset):
@@ -504,11 +595,14 @@ def _exact_rows(qg, k, v, out, rows, scale, causal, window, key_valid, offset, r
     return out
 
 
-def _count_pairs(stats, exact_rows, exact_keys, key_valid, causal, window):
-    """Visible pairs and pairs computed exactly, from prefix counts (linear time)."""
+def _count_pairs(stats, exact_rows, exact_keys, key_valid, causal, window, local_window):
+    """Visible pairs and pairs computed exactly (the local band, and the exact keys before it), from
+    prefix counts (linear time)."""
     start, end = key_spans(exact_rows.shape[-1], key_valid.shape[-1], causal=causal, window=window, device=key_valid.device)
+    band_start = torch.maximum(start, end - local_window)
     pairs = span_counts(key_valid, start, end)[:, None, None, :]  # (B, 1, 1, Lq)
-    exact = torch.where(exact_rows, pairs, span_counts(exact_keys, start, end)[:, :, None, :])
+    band = span_counts(key_valid, band_start, end)[:, None, None, :]
+    exact = torch.where(exact_rows, pairs, band + span_counts(exact_keys, start, band_start)[:, :, None, :])
     add_stats(
         stats, exact_pairs=exact.sum(), pairs=pairs.expand_as(exact).sum(), exact_rows=exact_rows.sum(),
         rows=torch.tensor(exact_rows.numel(), device=exact_rows.device),
