@@ -379,3 +379,13 @@ def test_smollm2_two_mmlu_questions(require_assets, tmp_path):
     assert exact["n"] == sb["n"] == 2 and exact["agreement"] == 1.0
     assert 0 <= sb["agreement"] <= 1 and not math.isnan(sb["accuracy"])
     assert 0.95 <= sb["exact_pair_share"] <= 1.0  # default threshold 4: nearly every pair exact on SmolLM2 at this length
+
+
+def test_report_settings_resolve_defaults_and_summarize_layers():
+    """The report shows each method's resolved kernel and structure, and a count for per-layer entries."""
+    shown = evaluation.method_settings("support_basis", {"threshold": 4.0, "layers": {"0": {"local_window": 64},
+                                                                                      "3": {"threshold": 0.0}}})
+    assert shown["kernel"] == "taylor" and shown["layers"] == "2 per-layer entries"
+    assert "kernel" not in evaluation.method_settings("as23", {"degree": 2})  # chebyshev, the published baseline
+    assert evaluation.method_settings("support_basis", {"sinks": 4, "local_window": 128})["local_window"] == 128
+    assert evaluation.method_settings("sink_window", {}) == {"sinks": 4, "local_window": 256}

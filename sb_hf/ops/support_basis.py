@@ -10,6 +10,9 @@ Split the rows: a query/key row is *large* when one of its entries exceeds the t
   is cheaper evaluated on the scores of each query chunk (``Lq x Lk x d`` instead of
   ``Lk x features x d``); ``evaluation`` picks the form, the result is the same.
 Both parts share a per-row shift; the output is their summed numerators over their summed masses.
+- Structure (optional): sinks and key columns join the large keys in the gathered exact block; a local
+  window is an exact band computed apart, the two parts above then lag it (they run in a frame shifted
+  by the window) and the band is merged with them by log-sum-exp.
 ``sb_hf.ops.reference.support_basis_attention`` is the quadratic twin that defines the result.
 """
 
