@@ -14,7 +14,13 @@ interval ``R_i`` its small query rows had on the calibration data (at most 150).
 rows need a wider interval, outside the calibrated range, has those rows computed exactly (they are
 counted among the exact rows of ``attention_stats``).
 
-Settings are per layer: the op has one setting per call, and a layer's heads share the call.
+Candidates may carry the structural exact part (``sinks``, ``local_window``) and a ``column_share``: the
+calibration then measures each head's mean query on the capture and the score threshold the top share
+of keys exceed (:func:`column_settings`), and a chosen candidate stores them per layer as
+``column_queries``/``column_threshold`` (per head).
+
+Settings are per layer (the column thresholds per head): the op has one setting per call, and a layer's
+heads share the call.
 """
 
 from __future__ import annotations
