@@ -282,3 +282,20 @@ def test_apply_takes_a_settings_file(tmp_path):
     assert SupportBasisConfig.from_dict(other.config.support_basis) == settings
     with pytest.raises(FileNotFoundError):
         sb_hf.apply_support_basis(other, config=str(tmp_path / "missing.json"))
+
+
+def test_settings_edited_in_place_take_effect():
+    """Each module caches its parsed settings; an edit of the stored dict, even in place, is seen on the next call."""
+    ids, mask = padded_batch()
+    real = mask.bool()
+    model = tiny_model("llama")
+    sb_hf.apply_support_basis(model, threshold=0.0, kernel="chebyshev")
+    with torch.no_grad():
+        exact = model(input_ids=ids, attention_mask=mask).logits
+        model.config.support_basis["threshold"] = SPLIT  # in place: no apply_support_basis call
+        approx = model(input_ids=ids, attention_mask=mask).logits
+        model.config.support_basis["layers"]["0"] = {"threshold": 0.0}  # a nested in-place edit
+        model.config.support_basis["layers"]["1"] = {"threshold": 0.0}
+        again = model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(approx[real], exact[real], atol=1e-3)
+    torch.testing.assert_close(again[real], exact[real])

@@ -10,6 +10,7 @@ would hand us no mask at all, silently dropping padding.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from typing import Any, Iterator
 
@@ -98,11 +99,10 @@ def _make_attention_forward(name: str):
                 attention_mask = attention_mask[:, dropped:]
             keys = attention_mask.shape[-1]
             key, value, key_padding_mask = key[:, :, :keys], value[:, :, :keys], attention_mask
-        settings = settings_for(module)
         out = op(
             query, key, value, causal=causal, scale=scaling, key_padding_mask=key_padding_mask,
             sliding_window=sliding_window, stats=_active_stats[-1] if _active_stats else None,
-            **_op_kwargs(settings, name), **extra,
+            **_module_op_kwargs(module, name, query.device), **extra,
         )
         return out.transpose(1, 2).contiguous(), None
 
@@ -113,6 +113,21 @@ def _make_attention_forward(name: str):
 def _op_kwargs(settings: SupportBasisConfig, name: str) -> dict[str, Any]:
     available = settings.bucket_settings() if name == "support_basis_multi" else settings.op_kwargs(name)
     return {field: available[field] for field in OP_SETTINGS[name]}
+
+
+def _module_op_kwargs(module: torch.nn.Module, name: str, device: torch.device) -> dict[str, Any]:
+    """The op keyword arguments of ``module`` for implementation ``name``, tensors on ``device``. Parsed once
+    and cached on the module: validating a calibrated config (per-head mean queries of every layer) on
+    every call would cost more than the attention of a decoding step. The cache holds a copy of the stored
+    settings and is rebuilt whenever they compare different (replaced or edited in place)."""
+    stored = getattr(getattr(module, "config", None), "support_basis", None)
+    cached = module.__dict__.get("_sb_hf_op_kwargs")
+    if cached is not None and cached[0] == name and cached[1] == device and cached[2] == stored:
+        return cached[3]
+    kwargs = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+              for key, value in _op_kwargs(settings_for(module), name).items()}
+    module.__dict__["_sb_hf_op_kwargs"] = (name, device, copy.deepcopy(stored), kwargs)
+    return kwargs
 
 
 def settings_for(module: torch.nn.Module) -> SupportBasisConfig:
