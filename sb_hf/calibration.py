@@ -138,18 +138,16 @@ def calibrate_budgets(capture: Capture, *, budgets: list[float], candidates: lis
     for c in candidates:
         SupportBasisConfig(**{key: value for key, value in c.items() if key != "column_share"})  # the config's messages
     scale = float(capture.meta["scale"])
-    columns = {}  # (candidate index, layer) -> the layer's column settings
-    for n, c in enumerate(candidates):
-        if c.get("column_share"):
-            _check_all_heads(capture)
-            for i in sorted(capture.layers):
-                layer = capture.layers[i]
-                columns[n, i] = column_settings(layer["q"].float(), layer["k"].float(), scale, c["column_share"])
+    shares = sorted({c["column_share"] for c in candidates if c.get("column_share")})
+    if shares:
+        _check_all_heads(capture)
+    columns = {(share, i): column_settings(layer["q"].float(), layer["k"].float(), scale, share)
+               for share in shares for i, layer in capture.layers.items()}  # (share, layer) -> column settings
     points = []
-    for n, c in enumerate(candidates):
+    for c in candidates:
         settings = {key: value for key, value in c.items() if key != "column_share"}
         if c.get("column_share"):
-            settings["layers"] = {i: columns[n, i] for i in capture.layers}
+            settings["layers"] = {i: columns[c["column_share"], i] for i in capture.layers}
         points.append(("support_basis", settings))
     results = sweep_capture(capture, points, matrix_rows=1, progress=progress)
     window = None if capture.meta.get("sliding_window", "none") == "none" else int(capture.meta["sliding_window"])
@@ -174,8 +172,7 @@ def calibrate_budgets(capture: Capture, *, budgets: list[float], candidates: lis
             settings = {key: value for key, value in best["settings"].items() if key != "column_share"}
             settings["radius_limit"] = min(RADIUS_LIMIT, math.ceil(guard_margin * widest * 1e4) / 1e4)  # covers `widest`
             if best["settings"].get("column_share"):
-                n = next(n for n, c in enumerate(candidates) if c is best["settings"])
-                settings |= {key: value.tolist() for key, value in columns[n, i].items()}
+                settings |= {key: value.tolist() for key, value in columns[best["settings"]["column_share"], i].items()}
             choices.append(LayerChoice(i, settings, best["output_error"], best["exact_pair_share"],
                                        best["flops_ratio"], measured[i]))
         calibrations.append(Calibration(budget=float(budget), layers=choices, meta=dict(capture.meta)))

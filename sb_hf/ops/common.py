@@ -305,11 +305,17 @@ def visible_key_max(values: torch.Tensor, window: int | None) -> torch.Tensor:
     return torch.nn.functional.max_pool1d(flat, kernel_size=window, stride=1).reshape(values.shape)
 
 
+def masked_exp(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``exp(score - row max)`` over the last dim where ``mask``, 0 elsewhere, and the row max the weights
+    are relative to (``-inf`` for a row with no visible entry, whose weights are all 0)."""
+    scores = torch.where(mask, scores, torch.full_like(scores, float("-inf")))
+    row_max = scores.amax(dim=-1)
+    safe = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    return torch.exp(scores - safe[..., None]), row_max
+
+
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim restricted to ``mask``; a row with no visible entry gives zeros."""
-    scores = torch.where(mask, scores, torch.full_like(scores, float("-inf")))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    weights = torch.exp(scores - row_max)
+    weights, _ = masked_exp(scores, mask)
     den = weights.sum(dim=-1, keepdim=True)
     return weights / torch.where(den > 0, den, torch.ones_like(den))

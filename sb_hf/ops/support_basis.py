@@ -35,6 +35,7 @@ from .common import (
     compute_dtype,
     key_spans,
     large_rows,
+    masked_exp,
     masked_softmax,
     polynomial_shift,
     span_counts,
@@ -226,10 +227,11 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
     rows_shape = (s.batch, s.kv_heads, s.groups, s.q_len)
     num, den = qg.new_zeros(*rows_shape, s.value_dim), qg.new_zeros(rows_shape)
     shift = qg.new_full(rows_shape, float("-inf"))
+    far_keys = s.kv_len - lag
     if first < s.q_len and (far_window is None or far_window > 0) and not bool(q_large[..., first:].all()):
         far_large, far_num, far_den, far_shift = _far_part(
-            qg[..., first:, :], k[:, :, : s.kv_len - lag], v[:, :, : s.kv_len - lag], k_bucket[..., : s.kv_len - lag],
-            exact_keys[..., : s.kv_len - lag], q_large[..., first:], offset - lag + first, far_window,
+            qg[..., first:, :], k[:, :, :far_keys], v[:, :, :far_keys], k_bucket[..., :far_keys],
+            exact_keys[..., :far_keys], q_large[..., first:], offset - lag + first, far_window,
             thresholds=thresholds, feature_maps=feature_maps, kernel=kernel, scale=scale, causal=causal, radius=radius,
             radius_limit=radius_limit, evaluation=evaluation, chunk_size=chunk_size, recompute=recompute,
         )
@@ -298,9 +300,7 @@ def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk,
             q_pos, k_pos = torch.arange(i0, i1, device=qg.device) + offset, torch.arange(lo, hi, device=k.device)
             mask = visible(q_pos, k_pos, causal=True, sliding_window=reach) & key_valid[:, None, None, None, lo:hi]
             scores = scale * qg[:, :, :, i0:i1] @ k[:, :, None, lo:hi].transpose(-1, -2)  # (B, Hk, G, c, n)
-            row_max = torch.where(mask, scores, torch.full_like(scores, float("-inf"))).amax(dim=-1)
-            safe = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))[..., None]
-            weights = torch.where(mask, torch.exp(torch.where(mask, scores, safe) - safe), torch.zeros_like(scores))
+            weights, row_max = masked_exp(scores, mask)
             return weights @ v[:, :, None, lo:hi], weights.sum(dim=-1), row_max
 
         parts.append(_step(recompute, block))
@@ -313,10 +313,12 @@ def _merge(a, b):
     (num_a, den_a, shift_a), (num_b, den_b, shift_b) = a, b
     top = torch.maximum(shift_a, shift_b)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    scale_a = torch.where(torch.isfinite(shift_a), torch.exp(torch.where(torch.isfinite(shift_a), shift_a, top) - top),
-                          torch.zeros_like(top))
-    scale_b = torch.where(torch.isfinite(shift_b), torch.exp(torch.where(torch.isfinite(shift_b), shift_b, top) - top),
-                          torch.zeros_like(top))
+
+    def factor(shift):  # exp(shift - top), 0 for an empty part (no inf reaches exp: NaN-free gradients)
+        finite = torch.isfinite(shift)
+        return torch.where(finite, torch.exp(torch.where(finite, shift, top) - top), torch.zeros_like(top))
+
+    scale_a, scale_b = factor(shift_a), factor(shift_b)
     return num_a * scale_a[..., None] + num_b * scale_b[..., None], den_a * scale_a + den_b * scale_b
 
 
