@@ -112,16 +112,20 @@ def widest_interval(q: torch.Tensor, k: torch.Tensor, threshold: float, scale: f
 
 
 def calibrate(capture: Capture, *, budget: float, candidates: list[dict[str, Any]] | None = None,
-              min_saving: float = 0.05, guard_margin: float = 1.25, progress: bool = False) -> Calibration:
+              min_saving: float = 0.05, guard_margin: float = 1.25, per_kv_head: bool = False,
+              progress: bool = False) -> Calibration:
     """Choose per layer the candidate with the lowest modelled FLOPs whose output error is at most
     ``budget`` and whose FLOPs are at most ``1 - min_saving`` of exact attention's; guard it with
-    ``radius_limit = guard_margin x`` the widest interval seen on the calibration data."""
+    ``radius_limit = guard_margin x`` the widest interval seen on the calibration data.
+    ``per_kv_head``: a candidate (or exact attention) per KV head, the least mean FLOPs that keeps the
+    layer's output error within ``budget`` (stored as the layer's ``kv_heads``)."""
     return calibrate_budgets(capture, budgets=[budget], candidates=candidates, min_saving=min_saving,
-                             guard_margin=guard_margin, progress=progress)[0]
+                             guard_margin=guard_margin, per_kv_head=per_kv_head, progress=progress)[0]
 
 
 def calibrate_budgets(capture: Capture, *, budgets: list[float], candidates: list[dict[str, Any]] | None = None,
-                      min_saving: float = 0.05, guard_margin: float = 1.25, progress: bool = False) -> list[Calibration]:
+                      min_saving: float = 0.05, guard_margin: float = 1.25, per_kv_head: bool = False,
+                      progress: bool = False) -> list[Calibration]:
     """:func:`calibrate` for several budgets, measuring the candidates once: one calibration per budget."""
     if not budgets:
         raise ValueError("give at least one budget")
@@ -156,27 +160,110 @@ def calibrate_budgets(capture: Capture, *, budgets: list[float], candidates: lis
         measured[i] = []
         for c, result in zip(candidates, results):
             layer = next(p for p in result.per_layer if p["layer"] == i)
-            measured[i].append({"settings": c, "output_error": layer["output_error"],
-                                "exact_pair_share": layer["exact_pair_share"], "flops_ratio": layer["flops_ratio"]})
+            measured[i].append({"settings": c, **{key: layer[key] for key in (
+                "output_error", "exact_pair_share", "flops_ratio", "head_output_error", "head_output_norm")}})
     calibrations = []
     for budget in budgets:
         choices = []
         for i in sorted(capture.layers):
-            within = [m for m in measured[i] if m["output_error"] <= budget and m["flops_ratio"] <= 1 - min_saving]
-            if not within:
+            q, k = capture.layers[i]["q"].float(), capture.layers[i]["k"].float()
+            kv_heads = int(capture.meta.get("num_key_value_heads", 0) or 0) if per_kv_head else 0
+            picks = (_per_kv_head_choice(measured[i], budget, kv_heads) if per_kv_head
+                     else [_layer_choice(measured[i], budget)])
+            if sum(m["flops_ratio"] for m in picks if m) / len(picks) > 1 - min_saving or not any(picks):
                 choices.append(LayerChoice(i, dict(EXACT), 0.0, 1.0, 1.0, measured[i]))
                 continue
-            best = min(within, key=lambda m: (m["flops_ratio"], m["output_error"]))
-            q, k = capture.layers[i]["q"].float(), capture.layers[i]["k"].float()
-            widest = widest_interval(q, k, best["settings"]["threshold"], scale, window)
-            settings = {key: value for key, value in best["settings"].items() if key != "column_share"}
-            settings["radius_limit"] = min(RADIUS_LIMIT, math.ceil(guard_margin * widest * 1e4) / 1e4)  # covers `widest`
-            if best["settings"].get("column_share"):
-                settings |= {key: value.tolist() for key, value in columns[best["settings"]["column_share"], i].items()}
-            choices.append(LayerChoice(i, settings, best["output_error"], best["exact_pair_share"],
-                                       best["flops_ratio"], measured[i]))
+            rep = q.shape[1] // len(picks)
+            guarded = [None if m is None else _guarded_settings(
+                m["settings"], q[:, g * rep:(g + 1) * rep], k[:, g * rep:(g + 1) * rep], scale, window, guard_margin,
+                None if not m["settings"].get("column_share") else
+                {key: value[g * rep:(g + 1) * rep] for key, value in columns[m["settings"]["column_share"], i].items()})
+                for g, m in enumerate(picks)]
+            settings = guarded[0] if not per_kv_head else {
+                "threshold": 0.0, "kv_heads": {g: s for g, s in enumerate(guarded) if s is not None}}
+            chosen = [m or {"flops_ratio": 1.0, "exact_pair_share": 1.0} for m in picks]
+            choices.append(LayerChoice(
+                i, settings, _pooled_error(picks, measured[i][0]["head_output_norm"]),
+                sum(m["exact_pair_share"] for m in chosen) / len(chosen), sum(m["flops_ratio"] for m in chosen) / len(chosen),
+                measured[i]))
         calibrations.append(Calibration(budget=float(budget), layers=choices, meta=dict(capture.meta)))
     return calibrations
+
+
+def _layer_choice(measured: list[dict], budget: float) -> dict | None:
+    """The cheapest candidate whose layer output error is within ``budget`` (None: none is)."""
+    within = [m for m in measured if m["output_error"] <= budget]
+    return min(within, key=lambda m: (m["flops_ratio"], m["output_error"])) if within else None
+
+
+def _per_kv_head_choice(measured: list[dict], budget: float, kv_heads: int) -> list[dict | None]:
+    """One candidate (None: exact) per KV head such that the layer's output error stays within ``budget``
+    at low mean FLOPs. A Lagrangian choice: each KV head takes the candidate that minimises ``flops + lam x
+    its squared error share`` (its query heads' squared output error over the layer's squared output norm),
+    with the smallest ``lam`` (bisection) whose pooled error meets the budget; then single KV heads move to
+    cheaper candidates while the budget holds; the result is never dearer than the best one-candidate
+    choice for the whole layer. A KV head's cost is the candidate's cost on the whole layer (the
+    measurement runs every head with the same settings)."""
+    if kv_heads < 1:
+        raise ValueError("per-KV-head calibration needs the capture's num_key_value_heads; capture again with this version")
+    norms = torch.tensor(measured[0]["head_output_norm"], dtype=torch.float64)
+    rep = len(norms) // kv_heads
+    reference = float(norms.pow(2).sum())
+    options = []  # per KV head: (flops, squared error share, candidate), exact first
+    for g in range(kv_heads):
+        heads = slice(g * rep, (g + 1) * rep)
+        options.append([(1.0, 0.0, None)] + [
+            (m["flops_ratio"], float((torch.tensor(m["head_output_error"][heads], dtype=torch.float64)
+                                      * norms[heads]).pow(2).sum()) / reference, m) for m in measured])
+    limit = budget ** 2
+
+    def pick(lam: float) -> list[tuple]:
+        return [min(opts, key=lambda o: (o[0] + lam * o[1], o[1])) for opts in options]
+
+    def error(picked: list[tuple]) -> float:
+        return sum(o[1] for o in picked)
+
+    low, high = 0.0, 1.0
+    if error(pick(low)) > limit:
+        while error(pick(high)) > limit:
+            high *= 10
+        for _ in range(60):
+            middle = (low + high) / 2
+            low, high = (low, middle) if error(pick(middle)) <= limit else (middle, high)
+        low = high
+    picked = pick(low)
+    improved = True
+    while improved:  # the Lagrangian choice can leave slack: spend it where it saves most
+        improved = False
+        moves = [(o[0] - picked[g][0], g, o) for g, opts in enumerate(options) for o in opts
+                 if o[0] < picked[g][0] and error(picked) - picked[g][1] + o[1] <= limit]
+        if moves:
+            _, g, o = min(moves, key=lambda move: move[0])
+            picked[g], improved = o, True
+    uniform = _layer_choice(measured, budget)
+    if uniform is not None and uniform["flops_ratio"] < sum(o[0] for o in picked) / kv_heads:
+        return [uniform] * kv_heads
+    return [o[2] for o in picked]
+
+
+def _pooled_error(picks: list[dict | None], norms: list[float]) -> float:
+    """The layer's relative output error with each KV head's pick (None: exact, no error)."""
+    norms_t = torch.tensor(norms, dtype=torch.float64)
+    rep = len(norms) // len(picks)
+    err = sum(float((torch.tensor(m["head_output_error"][g * rep:(g + 1) * rep], dtype=torch.float64)
+                     * norms_t[g * rep:(g + 1) * rep]).pow(2).sum()) for g, m in enumerate(picks) if m is not None)
+    return math.sqrt(err / float(norms_t.pow(2).sum()))
+
+
+def _guarded_settings(candidate: dict, q: torch.Tensor, k: torch.Tensor, scale: float, window: int | None,
+                      guard_margin: float, columns: dict[str, torch.Tensor] | None) -> dict:
+    """A chosen candidate as settings to store: its radius guard from the heads it serves, its key columns."""
+    settings = {key: value for key, value in candidate.items() if key != "column_share"}
+    widest = widest_interval(q, k, candidate["threshold"], scale, window)
+    settings["radius_limit"] = min(RADIUS_LIMIT, math.ceil(guard_margin * widest * 1e4) / 1e4)  # covers `widest`
+    if columns is not None:
+        settings |= {key: value.tolist() for key, value in columns.items()}
+    return settings
 
 
 def _check_all_heads(capture: Capture) -> None:
@@ -201,10 +288,21 @@ def write_report(calibration: Calibration, out_dir: str | Path) -> tuple[Path, P
 
 def markdown_table(calibration: Calibration) -> str:
     lines = ["| layer | settings | output error | pairs exact | modelled FLOPs vs exact |", "|---|---|---|---|---|"]
+    kv_heads = int(calibration.meta.get("num_key_value_heads", 0) or 0)
     for c in calibration.layers:
-        shown = {k: v for k, v in c.settings.items() if not k.startswith("column_")}
-        settings = "exact" if c.settings == EXACT else ", ".join(f"{k}={v}" for k, v in shown.items())
-        settings += ", key columns" if "column_queries" in c.settings else ""
+        if "kv_heads" in c.settings:
+            heads = c.settings["kv_heads"]
+            settings = "; ".join(f"KV head {g}: " + (_describe(heads[g]) if g in heads else "exact")
+                                 for g in range(max(kv_heads, max(heads) + 1)))
+        else:
+            settings = _describe(c.settings)
         lines.append(f"| {c.layer} | {settings} | {100 * c.output_error:.1f}% | {100 * c.exact_pair_share:.1f}% "
                      f"| {100 * c.flops_ratio:.1f}% |")
     return "\n".join(lines)
+
+
+def _describe(settings: dict) -> str:
+    if settings == EXACT:
+        return "exact"
+    shown = ", ".join(f"{k}={v}" for k, v in settings.items() if not k.startswith("column_"))
+    return shown + (", key columns" if "column_queries" in settings else "")

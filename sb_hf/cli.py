@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--column-shares", type=_floats, default=[0.0],
                            help="comma list of key-column shares to try: keys whose score with the head's mean query "
                            "(measured on this text) is in the top share are exact for every query (default 0: none)")
+    calibrate.add_argument("--per-kv-head", action="store_true",
+                           help="choose a candidate (or exact attention) per KV head: the least FLOPs that keeps each "
+                           "layer's output error within the budget (default: one candidate per layer)")
     calibrate.add_argument("--kernel", choices=KERNELS, default="taylor",
                            help="polynomial kernel of the candidates (default taylor: non-negative, centred per query)")
     calibrate.add_argument("--save-model", default=None,
@@ -267,7 +270,8 @@ def run_calibrate(args) -> int:
     candidates = default_candidates(DEFAULT_THRESHOLDS if args.thresholds is None else args.thresholds, args.degrees,
                                     args.kernel, sinks=args.sinks, local_windows=args.local_windows,
                                     column_shares=args.column_shares)
-    calibrations = calibrate_budgets(capture, budgets=args.budgets, candidates=candidates, progress=True)
+    calibrations = calibrate_budgets(capture, budgets=args.budgets, candidates=candidates, per_kv_head=args.per_kv_head,
+                                     progress=True)
     print(f"layers {capture.meta['layers']}, {capture.meta['tokens']} tokens; {time.perf_counter() - start:.0f} s")
     for calibration in calibrations:
         out = Path(args.output) if len(calibrations) == 1 else Path(args.output) / f"budget_{calibration.budget:g}"

@@ -61,6 +61,10 @@ class SupportBasisConfig:
             (``sb-hf calibrate`` measures it); keys with ``scale * qbar_h . k_j > column_threshold`` for a
             head of their KV group are exact for every query. None: no columns.
         column_threshold: a number, or one per query head (needs ``column_queries``).
+        kv_heads: per-KV-head overrides, ``{kv_head_index: {field: value}}`` (inside a ``layers`` entry,
+            or for every layer): the query heads that share KV head ``g`` run with these settings. A KV head
+            is the unit because the key columns are exact for a key's whole query group. With ``kv_heads``,
+            key columns are given per KV head (``column_queries``: the rows of that KV head's query heads).
         layers: per-layer overrides, ``{layer_index: {field: value}}``.
     """
 
@@ -80,18 +84,13 @@ class SupportBasisConfig:
     local_window: int | None = None
     column_queries: list[list[float]] | None = None
     column_threshold: float | list[float] | None = None
+    kv_heads: dict[int, dict[str, Any]] = field(default_factory=dict)
     layers: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _validate(self)
-        self.layers = {_layer_index(i): dict(o) for i, o in self.layers.items()}
-        for index, overrides in self.layers.items():
-            unknown = set(overrides) - _LAYER_FIELDS
-            if unknown:
-                raise ValueError(
-                    f"layers[{index}] has unknown fields {sorted(unknown)}; per-layer fields are {sorted(_LAYER_FIELDS)}"
-                )
-            _validate(dataclasses.replace(self, layers={}, **overrides))
+        self.kv_heads = _check_overrides(self, self.kv_heads, "kv_heads", _HEAD_FIELDS)
+        self.layers = _check_overrides(self, self.layers, "layers", _LAYER_FIELDS)
 
     @classmethod
     def from_dict(cls, settings: dict[str, Any] | None) -> SupportBasisConfig:
@@ -104,13 +103,21 @@ class SupportBasisConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (``inf`` threshold as the string ``"inf"``, layer keys as strings)."""
         out = _json_threshold(dataclasses.asdict(self))
+        out["kv_heads"] = {str(g): _json_threshold(dict(o)) for g, o in self.kv_heads.items()}
         out["layers"] = {str(i): _json_threshold(dict(o)) for i, o in self.layers.items()}
+        for layer in out["layers"].values():
+            if "kv_heads" in layer:
+                layer["kv_heads"] = {str(g): _json_threshold(dict(o)) for g, o in layer["kv_heads"].items()}
         return out
 
     def for_layer(self, layer_index: int | None) -> SupportBasisConfig:
         """The settings of one layer: the defaults merged with that layer's overrides."""
-        overrides = self.layers.get(_layer_index(layer_index), {}) if layer_index is not None else {}
+        overrides = self.layers.get(_index(layer_index, "layers"), {}) if layer_index is not None else {}
         return dataclasses.replace(self, layers={}, **overrides)
+
+    def for_kv_head(self, kv_head: int) -> SupportBasisConfig:
+        """The settings of the query heads of one KV head (of a layer's settings, :meth:`for_layer`)."""
+        return dataclasses.replace(self, layers={}, kv_heads={}, **self.kv_heads.get(kv_head, {}))
 
     def bucket_settings(self) -> dict[str, Any]:
         """Keyword arguments for :func:`sb_hf.ops.multi_threshold_attention` (``support_basis_multi``)."""
@@ -138,10 +145,14 @@ class SupportBasisConfig:
         degrees; ``sink_window`` needs a ``local_window`` >= 1)."""
         if method not in METHOD_DEFAULTS:
             raise ValueError(f"method must be one of {sorted(METHOD_DEFAULTS)}, got {method!r}")
-        for index in [None, *self.layers]:
-            layer = self.for_layer(index)
+        scopes = [(index, g) for index in [None, *self.layers] for g in [None, *self.for_layer(index).kv_heads]]
+        for index, g in scopes:
+            layer = self.for_layer(index) if g is None else self.for_layer(index).for_kv_head(g)
+            if g is not None and not method.startswith("support_basis"):
+                raise ValueError(f"kv_heads settings are for the support-basis methods, not {method!r}; "
+                                 "remove kv_heads or use support_basis")
             resolved = layer.method_settings(method)
-            where = "" if index is None else f"layers[{index}]: "
+            where = ("" if index is None else f"layers[{index}]: ") + ("" if g is None else f"kv_heads[{g}]: ")
             if "kernel" in resolved:
                 degrees = layer.degrees if method == "support_basis_multi" and layer.degrees is not None else [layer.degree]
                 try:
@@ -231,17 +242,39 @@ def _json_threshold(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-_LAYER_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size", "sketch_dim", "sketch_seed", "kernel",
-                 "radius_limit", "thresholds", "degrees", "sinks", "local_window", "column_queries", "column_threshold"}
+_HEAD_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size", "sketch_dim", "sketch_seed", "kernel",
+                "radius_limit", "thresholds", "degrees", "sinks", "local_window", "column_queries", "column_threshold"}
+_LAYER_FIELDS = _HEAD_FIELDS | {"kv_heads"}
 
 
-def _layer_index(key: Any) -> int:
+def _check_overrides(config: SupportBasisConfig, overrides: dict, name: str, fields: set[str]) -> dict[int, dict]:
+    """Validated ``layers``/``kv_heads`` overrides of ``config``, keyed by int: each merged into ``config``
+    must be valid settings (a layer's ``kv_heads`` are checked against that layer's merged settings)."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{name} must be a dict {{index: {{field: value}}}}, got {overrides!r}")
+    if name == "kv_heads" and overrides and config.column_queries is not None:
+        raise ValueError("with kv_heads, give column_queries in each kv_heads entry (the rows of that KV head's "
+                         "query heads), not for the whole layer")
+    out = {_index(i, name): dict(o) for i, o in overrides.items()}
+    for index, entry in out.items():
+        unknown = set(entry) - fields
+        if unknown:
+            raise ValueError(f"{name}[{index}] has unknown fields {sorted(unknown)}; its fields are {sorted(fields)}")
+        try:
+            merged = dataclasses.replace(config, layers={}, **({"kv_heads": {}} if name == "kv_heads" else {}), **entry)
+        except ValueError as err:
+            raise ValueError(f"{name}[{index}]: {err}") from None
+        out[index] = {key: getattr(merged, key) for key in entry}  # as validated ("inf" -> inf, integer keys)
+    return out
+
+
+def _index(key: Any, name: str) -> int:
     try:
         index = int(key)
     except (TypeError, ValueError):
-        raise ValueError(f"layers keys must be layer indices (integers >= 0), got {key!r}") from None
+        raise ValueError(f"{name} keys must be indices (integers >= 0), got {key!r}") from None
     if index < 0 or str(index) != str(key).strip():
-        raise ValueError(f"layers keys must be layer indices (integers >= 0), got {key!r}")
+        raise ValueError(f"{name} keys must be indices (integers >= 0), got {key!r}")
     return index
 
 

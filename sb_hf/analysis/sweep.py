@@ -2,7 +2,8 @@
 
 For each layer of a capture (post-RoPE q, k, v, one head count for all three) and each method
 setting this measures, against exact causal attention on the same tensors:
-- the relative Frobenius error of the attention output,
+- the relative Frobenius error of the attention output (per layer also per head, with each head's
+  exact output norm, so that per-head errors pool back into the layer's),
 - the relative Frobenius error of the attention matrix on a sample of query rows (dense
   weights from the naive twins in ``sb_hf.ops.reference``),
 - the share of visible (query, key) pairs computed exactly,
@@ -209,8 +210,9 @@ def sweep_capture(
             start = time.perf_counter()
             out = op(q, k, v, scale=scale, sliding_window=window, stats=stats, **layer_settings)
             seconds = time.perf_counter() - start
-            err = float((out - exact_out[i]).pow(2).sum())
-            ref = float(exact_out[i].pow(2).sum())
+            head_err = (out - exact_out[i]).double().pow(2).sum(dim=(0, 2, 3))  # (heads,)
+            head_ref = exact_out[i].double().pow(2).sum(dim=(0, 2, 3))
+            err, ref = float(head_err.sum()), float(head_ref.sum())
             mdiff, mref = _matrix_error_terms(method, layer_settings, q, k, v, scale, window,
                                               _sample_rows(q.shape[2], matrix_rows))
             flops, exact_flops = modelled_flops(method, layer_settings, q=q, k=k, stats=stats)
@@ -218,6 +220,7 @@ def sweep_capture(
                 layer=i, output_error=math.sqrt(err / ref), matrix_error=math.sqrt(mdiff / mref),
                 exact_pair_share=float(stats["exact_pairs"]) / float(stats["pairs"]),
                 flops_ratio=flops / exact_flops, time_ratio=seconds / exact_time[i],
+                head_output_error=(head_err / head_ref).sqrt().tolist(), head_output_norm=head_ref.sqrt().tolist(),
             )
             per_layer.append(layer)
             for key, value in (("err", err), ("ref", ref), ("mdiff", mdiff), ("mref", mref),
