@@ -82,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "config.json), each run as one more support_basis method; with --methods '' only these run")
     compare.add_argument("--output", default="runs/compare", help="folder for results.json and results.md")
 
+    frontier = sub.add_parser(
+        "frontier", help="plot error vs share of exact pairs from `sb-hf compare` results (one line per method / calibration)",
+        description="Perplexity change, KL from exact and top-1 agreement against the share of pairs computed exactly, "
+        "for results.json files of `sb-hf compare` on the same tokens: each method's settings form one line, "
+        "calibrated configs one line per calibration folder.")
+    frontier.add_argument("results", nargs="+", help="results.json files of sb-hf compare (same text and length)")
+    frontier.add_argument("--goal", default="ppl=0.03,kl=0.02,top1=0.95,share=0.3",
+                          help="dashed goal lines, e.g. ppl=0.03,kl=0.02,top1=0.95,share=0.3 ('' for none)")
+    frontier.add_argument("--output", default="runs/frontier.png")
+
     capture = sub.add_parser("capture", help="save post-RoPE q/k/v of a model on a text (safetensors)")
     _model_arguments(capture, 2048)
     capture.add_argument("--layers", type=_layers, default=None, help="comma list of layers or 'all' (default all)")
@@ -201,11 +211,31 @@ def run_compare(args) -> int:
               f"{' (second half)' if args.second_half else ''}; {args.sequences} x {args.tokens} tokens")
     (out / "results.md").write_text(header + "\n\n" + table + "\n")
     (out / "results.json").write_text(json.dumps(
-        {"model": args.model, "text": str(path), "tokens": args.tokens, "sequences": args.sequences,
+        {"model": args.model, "text": str(path), "second_half": args.second_half, "tokens": args.tokens,
+         "sequences": args.sequences,
          "results": [r.as_dict() for r in results]}, indent=2))
     print(header)
     print(table)
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    return 0
+
+
+def run_frontier(args) -> int:
+    from sb_hf.quality import plot_frontier
+
+    runs = []
+    for name in args.results:
+        path = Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (give results.json files of sb-hf compare)")
+        runs.append(json.loads(path.read_text()))
+    goal = {}
+    for item in filter(None, args.goal.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("ppl", "kl", "top1", "share"):
+            raise ValueError(f"--goal keys are ppl, kl, top1, share; got {key!r}")
+        goal[key] = float(value)
+    print(f"wrote {plot_frontier(runs, args.output, goal=goal)}")
     return 0
 
 
@@ -300,7 +330,7 @@ def run_eval(args) -> int:
 
 
 COMMANDS = {"compare": run_compare, "ppl": run_compare, "capture": run_capture, "inspect": run_inspect,
-            "sweep": run_sweep, "calibrate": run_calibrate, "eval": run_eval}
+            "sweep": run_sweep, "calibrate": run_calibrate, "eval": run_eval, "frontier": run_frontier}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -122,3 +123,60 @@ def markdown_table(results: list[MethodResult]) -> str:
             f"| {r.kl_from_exact:.4f} | {100 * r.top1_agreement:.1f}% | {100 * r.exact_pair_share:.1f}% | {r.seconds:.1f} |"
         )
     return "\n".join(lines)
+
+
+def frontier_series(results: list[dict]) -> dict[str, list[dict]]:
+    """Compare results (``results.json`` entries, several runs on the same tokens) grouped into frontiers:
+    a method's own settings form one series per method; calibrated configs one per calibration folder
+    (the folder above ``budget_B/``), each series sorted by share of pairs computed exactly."""
+    series: dict[str, list[dict]] = {}
+    for r in results:
+        if r["method"] == EXACT:
+            continue
+        name = r["method"]
+        if r.get("label"):
+            folder = Path(r["label"]).parent
+            name = f"{r['method']} {folder.parent if folder.name.startswith('budget_') else folder}"
+        series.setdefault(name, []).append(r)
+    return {name: sorted(points, key=lambda r: r["exact_pair_share"]) for name, points in series.items()}
+
+
+def plot_frontier(runs: list[dict], path: str | Path, *, goal: dict | None = None) -> Path:
+    """Perplexity change, KL from exact and top-1 agreement against the share of pairs computed exactly,
+    one line per series (:func:`frontier_series`), for ``runs`` (loaded ``results.json`` files of
+    ``sb-hf compare`` on the same tokens). ``goal``: dashed reference lines (``ppl``: relative change,
+    ``kl``, ``top1``, ``share``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    exact = {(run["tokens"], run["text"]): next(r["perplexity"] for r in run["results"] if r["method"] == EXACT)
+             for run in runs}
+    if len(exact) != 1 or len({round(v, 6) for v in exact.values()}) != 1:
+        raise ValueError(f"the runs measured different tokens (tokens, text: {sorted(exact)}); plot one frontier per text and length")
+    reference = next(iter(exact.values()))
+    results = [r for run in runs for r in run["results"]]
+    panels = [("perplexity vs exact (%)", lambda r: 100 * (r["perplexity"] / reference - 1), "ppl", 100),
+              ("KL from exact (nats)", lambda r: r["kl_from_exact"], "kl", 1),
+              ("top-1 agreement (%)", lambda r: 100 * r["top1_agreement"], "top1", 100)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (title, value, key, factor) in zip(axes, panels):
+        for name, points in frontier_series(results).items():
+            ax.plot([100 * r["exact_pair_share"] for r in points], [value(r) for r in points], "o-", label=name)
+        if goal and key in goal:
+            ax.axhline(factor * goal[key], linestyle="--", color="gray")
+        if goal and "share" in goal:
+            ax.axvline(100 * goal["share"], linestyle=":", color="gray")
+        ax.set(xlabel="pairs computed exactly (%)", title=title)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    tokens, text = next(iter(exact))
+    half = " (second half)" if runs[0].get("second_half") else ""
+    fig.suptitle(f"{tokens} tokens of {Path(text).name}{half}: error vs cost (dashed: the goal)")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -79,3 +79,36 @@ def test_cli_reports_bad_input(capture_file, tmp_path, capsys):
     assert code == 2 and "unknown method" in capsys.readouterr().err
     code = main(["inspect", "--capture", str(tmp_path / "missing.safetensors"), "--output", str(tmp_path)])
     assert code == 2
+
+
+def _run(tmp_path, name, results, tokens=2048, exact_ppl=20.0):
+    rows = [{"method": "exact", "settings": {}, "perplexity": exact_ppl, "kl_from_exact": 0.0, "top1_agreement": 1.0,
+             "exact_pair_share": 1.0, "seconds": 1.0, "label": ""}]
+    for method, label, share, ppl in results:
+        rows.append({"method": method, "settings": {}, "perplexity": ppl, "kl_from_exact": 0.01, "top1_agreement": 0.9,
+                     "exact_pair_share": share, "seconds": 1.0, "label": label})
+    path = tmp_path / name
+    path.write_text(json.dumps({"model": None, "text": "news.txt", "second_half": True, "tokens": tokens,
+                                "sequences": 1, "results": rows}))
+    return path
+
+
+def test_frontier_groups_series_and_plots(tmp_path, capsys):
+    from sb_hf.quality import frontier_series
+
+    a = _run(tmp_path, "a.json", [("sink_window", "", 0.4, 21.0), ("sink_window", "", 0.2, 23.0),
+                                  ("support_basis", "runs/cal/budget_0.1/support_basis.json", 0.3, 20.5)])
+    b = _run(tmp_path, "b.json", [("support_basis", "runs/cal/budget_0.05/support_basis.json", 0.35, 20.2),
+                                  ("support_basis", "other.json", 0.5, 20.1)])
+    series = frontier_series([r for p in (a, b) for r in json.loads(p.read_text())["results"]])
+    assert list(series) == ["sink_window", "support_basis runs/cal", "support_basis ."]
+    assert [r["exact_pair_share"] for r in series["sink_window"]] == [0.2, 0.4]  # sorted by cost
+    assert [r["exact_pair_share"] for r in series["support_basis runs/cal"]] == [0.3, 0.35]  # budgets of one folder
+    out = tmp_path / "frontier.png"
+    assert main(["frontier", str(a), str(b), "--output", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    other = _run(tmp_path, "c.json", [("sink_window", "", 0.4, 21.0)], tokens=8192, exact_ppl=19.0)
+    assert main(["frontier", str(a), str(other), "--output", str(out)]) == 2
+    assert "different tokens" in capsys.readouterr().err
+    assert main(["frontier", str(a), "--goal", "loss=1", "--output", str(out)]) == 2
+    assert "--goal keys" in capsys.readouterr().err
