@@ -19,8 +19,10 @@ calibration then measures each head's mean query on the capture and the score th
 of keys exceed (:func:`column_settings`), and a chosen candidate stores them per layer as
 ``column_queries``/``column_threshold`` (per head).
 
-Settings are per layer (the column thresholds per head): the op has one setting per call, and a layer's
-heads share the call.
+Settings are per layer (the column thresholds per head), or with ``per_kv_head`` per KV head: each KV head
+of a layer takes a candidate or exact attention so that the layer's error stays within the budget at the
+least mean FLOPs, stored as the layer's ``kv_heads`` (the model then runs one op call per group of KV heads
+that share settings, :mod:`sb_hf.ops.heads`).
 """
 
 from __future__ import annotations

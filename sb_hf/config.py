@@ -255,6 +255,9 @@ def _check_overrides(config: SupportBasisConfig, overrides: dict, name: str, fie
     if name == "kv_heads" and overrides and config.column_queries is not None:
         raise ValueError("with kv_heads, give column_queries in each kv_heads entry (the rows of that KV head's "
                          "query heads), not for the whole layer")
+    for i, entry in overrides.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"{name}[{i}] must be a dict of settings {{field: value}}, got {entry!r}")
     out = {_index(i, name): dict(o) for i, o in overrides.items()}
     for index, entry in out.items():
         unknown = set(entry) - fields

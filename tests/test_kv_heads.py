@@ -137,6 +137,7 @@ def test_settings_round_trip_and_resolve():
     (dict(layers={1: {"column_queries": [[1.0] * 8], "column_threshold": 1.0, "kv_heads": {0: {}}}}),
      r"layers\[1\]: with kv_heads, give column_queries in each kv_heads entry"),
     (dict(kv_heads=[{}]), "kv_heads must be a dict"),
+    (dict(layers={0: {"kv_heads": {1: 4.0}}}), r"kv_heads\[1\] must be a dict of settings"),
 ])
 def test_bad_settings(settings, message):
     with pytest.raises(ValueError, match=message):
