@@ -172,7 +172,7 @@ def plot_frontier(runs: list[dict], path: str | Path, *, goal: dict | None = Non
     axes[1].set_yscale("log")
     axes[0].legend(fontsize=7)
     tokens, text = next(iter(exact))
-    half = " (second half)" if runs[0].get("second_half") else ""
+    half = " (second half)" if any(run.get("second_half") for run in runs) else ""
     fig.suptitle(f"{tokens} tokens of {Path(text).name}{half}: error vs cost (dashed: the goal)")
     fig.tight_layout()
     out = Path(path)
