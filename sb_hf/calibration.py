@@ -145,8 +145,12 @@ def calibrate_budgets(capture: Capture, *, budgets: list[float], candidates: lis
         SupportBasisConfig(**{key: value for key, value in c.items() if key != "column_share"})  # the config's messages
     scale = float(capture.meta["scale"])
     shares = sorted({c["column_share"] for c in candidates if c.get("column_share")})
-    if shares:
-        _check_all_heads(capture)
+    if shares or per_kv_head:
+        _check_all_heads(capture, "key columns need a mean query for every head" if shares else
+                         "per-KV-head calibration needs every query head of each KV head")
+    kv_heads = int(capture.meta.get("num_key_value_heads", 0) or 0) if per_kv_head else 0
+    if per_kv_head and kv_heads < 1:
+        raise ValueError("per-KV-head calibration needs the capture's num_key_value_heads; capture again with this version")
     columns = {(share, i): column_settings(layer["q"].float(), layer["k"].float(), scale, share)
                for share in shares for i, layer in capture.layers.items()}  # (share, layer) -> column settings
     points = []
@@ -169,7 +173,6 @@ def calibrate_budgets(capture: Capture, *, budgets: list[float], candidates: lis
         choices = []
         for i in sorted(capture.layers):
             q, k = capture.layers[i]["q"].float(), capture.layers[i]["k"].float()
-            kv_heads = int(capture.meta.get("num_key_value_heads", 0) or 0) if per_kv_head else 0
             picks = (_per_kv_head_choice(measured[i], budget, kv_heads) if per_kv_head
                      else [_layer_choice(measured[i], budget)])
             if sum(m["flops_ratio"] for m in picks if m) / len(picks) > 1 - min_saving or not any(picks):
@@ -206,8 +209,6 @@ def _per_kv_head_choice(measured: list[dict], budget: float, kv_heads: int) -> l
     cheaper candidates while the budget holds; the result is never dearer than the best one-candidate
     choice for the whole layer. A KV head's cost is the candidate's cost on the whole layer (the
     measurement runs every head with the same settings)."""
-    if kv_heads < 1:
-        raise ValueError("per-KV-head calibration needs the capture's num_key_value_heads; capture again with this version")
     norms = torch.tensor(measured[0]["head_output_norm"], dtype=torch.float64)
     rep = len(norms) // kv_heads
     reference = float(norms.pow(2).sum())
@@ -268,12 +269,12 @@ def _guarded_settings(candidate: dict, q: torch.Tensor, k: torch.Tensor, scale: 
     return settings
 
 
-def _check_all_heads(capture: Capture) -> None:
+def _check_all_heads(capture: Capture, why: str) -> None:
     heads = capture.meta.get("heads", "")
     total = int(capture.meta.get("num_attention_heads", 0) or 0)
     if heads and total and heads != ",".join(map(str, range(total))):
-        raise ValueError(f"key columns need a mean query for every head; the capture holds heads {heads} of {total}. "
-                         "Capture all heads (no --heads) or drop column_share from the candidates")
+        raise ValueError(f"{why}; the capture holds heads {heads} of {total}. Capture all heads (no --heads), "
+                         "or drop column_share from the candidates and --per-kv-head")
 
 
 def write_report(calibration: Calibration, out_dir: str | Path) -> tuple[Path, Path]:

@@ -341,3 +341,6 @@ def test_cli_per_kv_head(two_kinds_of_heads, tmp_path, capsys):
     config = SupportBasisConfig.from_dict(load_settings(out / "support_basis.json"))
     assert any(config.for_layer(i).kv_heads for i in range(2))
     assert "KV head 1: " in capsys.readouterr().out  # the table lists each KV head's choice
+    model, ids, _ = two_kinds_of_heads
+    with pytest.raises(ValueError, match="every query head of each KV head"):
+        calibrate(capture_activations(model, ids, heads=[0, 1]), budget=0.1, candidates=CANDIDATES[:1], per_kv_head=True)
