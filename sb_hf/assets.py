@@ -40,6 +40,50 @@ def news_text_path() -> Path:
     return path
 
 
+WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def wiki_text_path() -> Path:
+    """A shortened English Wikipedia dump (articles "Anarchism" onwards, wiki markup) from the ``gensim`` package."""
+    path = package_dir(TEXT_PACKAGE, "gensim==4.4.0") / WIKI_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall gensim==4.4.0")
+    return path
+
+
+def wiki_text(path: Path | None = None) -> str:
+    """The running prose of the Wikipedia dump (another domain than the news text): each article's
+    paragraphs with links, templates, references, tables, lists and headings removed, articles
+    separated by blank lines. A plain regex clean-up, good enough for perplexity."""
+    import bz2
+    import html
+    import re
+
+    raw = bz2.decompress((path or wiki_text_path()).read_bytes()).decode("utf-8")
+    articles = []
+    for body in re.findall(r"<text[^>]*>(.*?)</text>", raw, flags=re.S):
+        text = html.unescape(body)
+        text = re.sub(r"<ref[^>]*/>|<ref[^>]*>.*?</ref>|<!--.*?-->|<[^>]+>", "", text, flags=re.S)
+        depth, kept = 0, []
+        for piece in re.split(r"(\{\{|\}\})", text):  # templates nest: drop everything at depth > 0
+            if piece == "{{" or (piece == "}}" and depth):
+                depth += 1 if piece == "{{" else -1
+            elif not depth:
+                kept.append(piece)
+        text = "".join(kept)
+        for _ in range(3):  # links nest in file captions: the innermost first
+            text = re.sub(r"\[\[(?!File:|Image:|Category:)(?:[^\[\]|]*\|)?([^\[\]|]*)\]\]", r"\1", text)
+            text = re.sub(r"\[\[(?:File|Image|Category):[^\[\]]*\]\]", "", text)
+        text = re.sub(r"\[https?://\S+ ?([^\]]*)\]", r"\1", text)
+        text = text.replace("'''", "").replace("''", "")
+        text = html.unescape(text)  # entities the wiki source itself escaped (&lt; for a literal <)
+        paragraphs = [line.strip() for line in text.split("\n")
+                      if line.strip() and line.strip()[0] not in "*#:;|!{}=[" and len(line.split()) >= 20]
+        if paragraphs:
+            articles.append("\n".join(paragraphs))
+    return "\n\n".join(articles)
+
+
 def load_model(model: str | None = None, *, attn_implementation: str = "sdpa", dtype=None):
     """Load a causal LM and its tokenizer: a local folder (or GGUF file), default the packaged SmolLM2."""
     import torch

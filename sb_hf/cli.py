@@ -32,7 +32,8 @@ def _layers(text: str) -> list[int] | None:
 
 def _model_arguments(parser: argparse.ArgumentParser, tokens: int) -> None:
     parser.add_argument("--model", default=None, help="local model folder or .gguf file (default: packaged SmolLM2-135M)")
-    parser.add_argument("--text", default=None, help="UTF-8 text file (default: gensim's lee_background.cor)")
+    parser.add_argument("--text", default=None, help="UTF-8 text file, or 'wiki' for the prose of gensim's shortened "
+                        "Wikipedia dump (another domain; default: gensim's lee_background.cor news text)")
     parser.add_argument("--tokens", type=int, default=tokens, help=f"tokens per sequence (default {tokens})")
     parser.add_argument("--second-half", action="store_true",
                         help="read the text from the middle (by characters): held-out text for settings calibrated "
@@ -175,10 +176,13 @@ def _method_points(args) -> list[tuple[str, dict]]:
 
 
 def _text(args) -> tuple[Path, str]:
-    from sb_hf.assets import news_text_path
+    from sb_hf.assets import news_text_path, wiki_text, wiki_text_path
 
-    path = Path(args.text) if args.text else news_text_path()
-    text = path.read_text(encoding="utf-8")
+    if args.text == "wiki":
+        path, text = wiki_text_path(), wiki_text()
+    else:
+        path = Path(args.text) if args.text else news_text_path()
+        text = path.read_text(encoding="utf-8")
     return path, text[len(text) // 2 :] if getattr(args, "second_half", False) else text
 
 
