@@ -188,7 +188,7 @@ def calibrate_budgets(capture: Capture, *, budgets: list[float], candidates: lis
                 "threshold": 0.0, "kv_heads": {g: s for g, s in enumerate(guarded) if s is not None}}
             chosen = [m or {"flops_ratio": 1.0, "exact_pair_share": 1.0} for m in picks]
             choices.append(LayerChoice(
-                i, settings, _pooled_error(picks, measured[i][0]["head_output_norm"]),
+                i, settings, _pooled_error(picks),
                 sum(m["exact_pair_share"] for m in chosen) / len(chosen), sum(m["flops_ratio"] for m in chosen) / len(chosen),
                 measured[i]))
         calibrations.append(Calibration(budget=float(budget), layers=choices, meta=dict(capture.meta)))
@@ -209,15 +209,10 @@ def _per_kv_head_choice(measured: list[dict], budget: float, kv_heads: int) -> l
     cheaper candidates while the budget holds; the result is never dearer than the best one-candidate
     choice for the whole layer. A KV head's cost is the candidate's cost on the whole layer (the
     measurement runs every head with the same settings)."""
-    norms = torch.tensor(measured[0]["head_output_norm"], dtype=torch.float64)
-    rep = len(norms) // kv_heads
-    reference = float(norms.pow(2).sum())
-    options = []  # per KV head: (flops, squared error share, candidate), exact first
-    for g in range(kv_heads):
-        heads = slice(g * rep, (g + 1) * rep)
-        options.append([(1.0, 0.0, None)] + [
-            (m["flops_ratio"], float((torch.tensor(m["head_output_error"][heads], dtype=torch.float64)
-                                      * norms[heads]).pow(2).sum()) / reference, m) for m in measured])
+    options = [[(1.0, 0.0, None)] for _ in range(kv_heads)]  # per KV head: (flops, squared error share, candidate)
+    for m in measured:
+        for g, share in enumerate(_squared_error_shares(m, kv_heads)):
+            options[g].append((m["flops_ratio"], share, m))
     limit = budget ** 2
 
     def pick(lam: float) -> list[tuple]:
@@ -237,9 +232,9 @@ def _per_kv_head_choice(measured: list[dict], budget: float, kv_heads: int) -> l
     picked = pick(low)
     improved = True
     while improved:  # the Lagrangian choice can leave slack: spend it where it saves most
-        improved = False
+        improved, total = False, error(picked)
         moves = [(o[0] - picked[g][0], g, o) for g, opts in enumerate(options) for o in opts
-                 if o[0] < picked[g][0] and error(picked) - picked[g][1] + o[1] <= limit]
+                 if o[0] < picked[g][0] and total - picked[g][1] + o[1] <= limit]
         if moves:
             _, g, o = min(moves, key=lambda move: move[0])
             picked[g], improved = o, True
@@ -249,13 +244,17 @@ def _per_kv_head_choice(measured: list[dict], budget: float, kv_heads: int) -> l
     return [o[2] for o in picked]
 
 
-def _pooled_error(picks: list[dict | None], norms: list[float]) -> float:
+def _squared_error_shares(measured: dict, kv_heads: int) -> list[float]:
+    """Per KV head, the squared output error of its query heads under one measured candidate, over the
+    layer's squared exact output norm (the shares sum to the layer's squared relative error)."""
+    errors = torch.tensor(measured["head_output_error"], dtype=torch.float64)
+    norms = torch.tensor(measured["head_output_norm"], dtype=torch.float64)
+    return ((errors * norms).pow(2) / norms.pow(2).sum()).view(kv_heads, -1).sum(dim=1).tolist()
+
+
+def _pooled_error(picks: list[dict | None]) -> float:
     """The layer's relative output error with each KV head's pick (None: exact, no error)."""
-    norms_t = torch.tensor(norms, dtype=torch.float64)
-    rep = len(norms) // len(picks)
-    err = sum(float((torch.tensor(m["head_output_error"][g * rep:(g + 1) * rep], dtype=torch.float64)
-                     * norms_t[g * rep:(g + 1) * rep]).pow(2).sum()) for g, m in enumerate(picks) if m is not None)
-    return math.sqrt(err / float(norms_t.pow(2).sum()))
+    return math.sqrt(sum(_squared_error_shares(m, len(picks))[g] for g, m in enumerate(picks) if m is not None))
 
 
 def _guarded_settings(candidate: dict, q: torch.Tensor, k: torch.Tensor, scale: float, window: int | None,

@@ -214,6 +214,12 @@ def test_structured_candidates_meet_the_budget_and_load_calibrated(model_and_cap
             settings["column_threshold"] = torch.tensor(settings["column_threshold"], dtype=torch.float64)
         error = _layer_error(capture, c.layer, settings)
         assert error <= 0.3 + 1e-4 and error == pytest.approx(c.output_error, rel=1e-3, abs=1e-4), (c.layer, error)
+    assert_calibrated_model_saves_and_reloads(model, config, ids, tmp_path)
+
+
+def assert_calibrated_model_saves_and_reloads(model, config, ids, tmp_path):
+    """``model`` with a calibrated ``config`` saves a fraction of the pairs, and the saved model loads with the
+    same logits through ``attn_implementation="support_basis"``; ``model`` is reverted afterwards."""
     sb_hf.apply_support_basis(model, config=config)
     with torch.no_grad(), attention_stats() as stats:
         expected = model(input_ids=ids).logits

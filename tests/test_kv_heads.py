@@ -11,15 +11,14 @@ import json
 import pytest
 import torch
 from conftest import VOCAB, tiny_model
+from test_calibration import assert_calibrated_model_saves_and_reloads
 from test_hf import logits, padded_batch
 from test_ops import F64, assert_matches, gradients, make_qkv, padding_mask
-from transformers import AutoModelForCausalLM
 
 import sb_hf
 from sb_hf.analysis.capture import capture_activations
 from sb_hf.calibration import EXACT, _per_kv_head_choice, calibrate, default_candidates
 from sb_hf.config import SupportBasisConfig
-from sb_hf.integrations.hf import attention_stats
 from sb_hf.ops import reference, support_basis_attention
 from sb_hf.ops.heads import grouped_attention, kv_head_groups
 
@@ -316,15 +315,7 @@ def test_per_kv_head_calibration_meets_the_budget_and_costs_less(two_kinds_of_he
         error = float((approx - exact).norm() / exact.norm())
         assert error <= 0.1 + 1e-4 and error == pytest.approx(c.output_error, rel=1e-3, abs=1e-4), (c.layer, error)
     assert differ, [c.settings for c in per_head.layers]  # the two KV heads got different settings somewhere
-    sb_hf.apply_support_basis(model, config=per_head.config())
-    with torch.no_grad(), attention_stats() as stats:
-        expected = model(input_ids=ids).logits
-    assert float(stats["exact_pairs"] / stats["pairs"]) < 0.9
-    model.save_pretrained(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="support_basis").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
-    sb_hf.revert_support_basis(model)
+    assert_calibrated_model_saves_and_reloads(model, per_head.config(), ids, tmp_path)
 
 
 def test_cli_per_kv_head(two_kinds_of_heads, tmp_path, capsys):
