@@ -19,10 +19,11 @@ calibration then measures each head's mean query on the capture and the score th
 of keys exceed (:func:`column_settings`), and a chosen candidate stores them per layer as
 ``column_queries``/``column_threshold`` (per head).
 
-Settings are per layer (the column thresholds per head), or with ``per_kv_head`` per KV head: each KV head
-of a layer takes a candidate or exact attention so that the layer's error stays within the budget at the
-least mean FLOPs, stored as the layer's ``kv_heads`` (the model then runs one op call per group of KV heads
-that share settings, :mod:`sb_hf.ops.heads`).
+Settings are per layer (the column thresholds per head), or with ``per_kv_head`` per KV head, or with
+``per_head`` per query head: each head of a layer takes a candidate or exact attention so that the layer's
+error stays within the budget at the least mean FLOPs, stored as the layer's ``kv_heads`` or ``heads`` (the
+model then runs one op call per group of heads that share settings, :mod:`sb_hf.ops.heads`). The capture
+holds keys per query head, so each head's candidates are measured as a per-query-head run computes them.
 """
 
 from __future__ import annotations
@@ -115,19 +116,21 @@ def widest_interval(q: torch.Tensor, k: torch.Tensor, threshold: float, scale: f
 
 def calibrate(capture: Capture, *, budget: float, candidates: list[dict[str, Any]] | None = None,
               min_saving: float = 0.05, guard_margin: float = 1.25, per_kv_head: bool = False,
-              progress: bool = False) -> Calibration:
+              per_head: bool = False, progress: bool = False) -> Calibration:
     """Choose per layer the candidate with the lowest modelled FLOPs whose output error is at most
     ``budget`` and whose FLOPs are at most ``1 - min_saving`` of exact attention's; guard it with
     ``radius_limit = guard_margin x`` the widest interval seen on the calibration data.
-    ``per_kv_head``: a candidate (or exact attention) per KV head, the least mean FLOPs that keeps the
-    layer's output error within ``budget`` (stored as the layer's ``kv_heads``)."""
+    ``per_kv_head``/``per_head``: a candidate (or exact attention) per KV head / per query head, the least
+    mean FLOPs that keeps the layer's output error within ``budget`` (stored as the layer's ``kv_heads`` /
+    ``heads``)."""
     return calibrate_budgets(capture, budgets=[budget], candidates=candidates, min_saving=min_saving,
-                             guard_margin=guard_margin, per_kv_head=per_kv_head, progress=progress)[0]
+                             guard_margin=guard_margin, per_kv_head=per_kv_head, per_head=per_head,
+                             progress=progress)[0]
 
 
 def calibrate_budgets(capture: Capture, *, budgets: list[float], candidates: list[dict[str, Any]] | None = None,
                       min_saving: float = 0.05, guard_margin: float = 1.25, per_kv_head: bool = False,
-                      progress: bool = False) -> list[Calibration]:
+                      per_head: bool = False, progress: bool = False) -> list[Calibration]:
     """:func:`calibrate` for several budgets, measuring the candidates once: one calibration per budget."""
     if not budgets:
         raise ValueError("give at least one budget")
@@ -138,6 +141,8 @@ def calibrate_budgets(capture: Capture, *, budgets: list[float], candidates: lis
         raise ValueError(f"min_saving must be a share of exact FLOPs in [0, 1), got {min_saving!r}")
     if isinstance(guard_margin, bool) or not (isinstance(guard_margin, (int, float)) and guard_margin >= 1):
         raise ValueError(f"guard_margin must be a number >= 1 (1.25: 25% wider intervals than calibrated), got {guard_margin!r}")
+    if per_kv_head and per_head:
+        raise ValueError("choose settings per KV head (per_kv_head) or per query head (per_head), not both")
     candidates = default_candidates() if candidates is None else [dict(c) for c in candidates]
     if not candidates:
         raise ValueError("give at least one candidate setting")
@@ -145,12 +150,14 @@ def calibrate_budgets(capture: Capture, *, budgets: list[float], candidates: lis
         SupportBasisConfig(**{key: value for key, value in c.items() if key != "column_share"})  # the config's messages
     scale = float(capture.meta["scale"])
     shares = sorted({c["column_share"] for c in candidates if c.get("column_share")})
-    if shares or per_kv_head:
+    if shares or per_kv_head or per_head:
         _check_all_heads(capture, "key columns need a mean query for every head" if shares else
-                         "per-KV-head calibration needs every query head of each KV head")
-    kv_heads = int(capture.meta.get("num_key_value_heads", 0) or 0) if per_kv_head else 0
-    if per_kv_head and kv_heads < 1:
-        raise ValueError("per-KV-head calibration needs the capture's num_key_value_heads; capture again with this version")
+                         "per-head calibration needs every query head of the layer")
+    units = 0  # heads that choose their own settings (0: the layer chooses one)
+    if per_kv_head or per_head:
+        units = int(capture.meta.get("num_key_value_heads" if per_kv_head else "num_attention_heads", 0) or 0)
+        if units < 1:
+            raise ValueError("per-head calibration needs the capture's head counts; capture again with this version")
     columns = {(share, i): column_settings(layer["q"].float(), layer["k"].float(), scale, share)
                for share in shares for i, layer in capture.layers.items()}  # (share, layer) -> column settings
     points = []
@@ -173,8 +180,7 @@ def calibrate_budgets(capture: Capture, *, budgets: list[float], candidates: lis
         choices = []
         for i in sorted(capture.layers):
             q, k = capture.layers[i]["q"].float(), capture.layers[i]["k"].float()
-            picks = (_per_kv_head_choice(measured[i], budget, kv_heads) if per_kv_head
-                     else [_layer_choice(measured[i], budget)])
+            picks = _per_head_choice(measured[i], budget, units) if units else [_layer_choice(measured[i], budget)]
             if sum(m["flops_ratio"] for m in picks if m) / len(picks) > 1 - min_saving or not any(picks):
                 choices.append(LayerChoice(i, dict(EXACT), 0.0, 1.0, 1.0, measured[i]))
                 continue
@@ -184,8 +190,8 @@ def calibrate_budgets(capture: Capture, *, budgets: list[float], candidates: lis
                 None if not m["settings"].get("column_share") else
                 {key: value[g * rep:(g + 1) * rep] for key, value in columns[m["settings"]["column_share"], i].items()})
                 for g, m in enumerate(picks)]
-            settings = guarded[0] if not per_kv_head else {
-                "threshold": 0.0, "kv_heads": {g: s for g, s in enumerate(guarded) if s is not None}}
+            settings = guarded[0] if not units else {
+                "threshold": 0.0, "kv_heads" if per_kv_head else "heads": {g: s for g, s in enumerate(guarded) if s is not None}}
             chosen = [m or {"flops_ratio": 1.0, "exact_pair_share": 1.0} for m in picks]
             choices.append(LayerChoice(
                 i, settings, _pooled_error(picks),
@@ -201,17 +207,17 @@ def _layer_choice(measured: list[dict], budget: float) -> dict | None:
     return min(within, key=lambda m: (m["flops_ratio"], m["output_error"])) if within else None
 
 
-def _per_kv_head_choice(measured: list[dict], budget: float, kv_heads: int) -> list[dict | None]:
-    """One candidate (None: exact) per KV head such that the layer's output error stays within ``budget``
-    at low mean FLOPs. A Lagrangian choice: each KV head takes the candidate that minimises ``flops + lam x
-    its squared error share`` (its query heads' squared output error over the layer's squared output norm),
-    with the smallest ``lam`` (bisection) whose pooled error meets the budget; then single KV heads move to
-    cheaper candidates while the budget holds; the result is never dearer than the best one-candidate
-    choice for the whole layer. A KV head's cost is the candidate's cost on the whole layer (the
+def _per_head_choice(measured: list[dict], budget: float, units: int) -> list[dict | None]:
+    """One candidate (None: exact) per unit (``units`` KV heads or query heads) such that the layer's output
+    error stays within ``budget`` at low mean FLOPs. A Lagrangian choice: each unit takes the candidate that
+    minimises ``flops + lam x its squared error share`` (its query heads' squared output error over the layer's
+    squared output norm), with the smallest ``lam`` (bisection) whose pooled error meets the budget; then
+    single units move to cheaper candidates while the budget holds; the result is never dearer than the best
+    one-candidate choice for the whole layer. A unit's cost is the candidate's cost on the whole layer (the
     measurement runs every head with the same settings)."""
-    options = [[(1.0, 0.0, None)] for _ in range(kv_heads)]  # per KV head: (flops, squared error share, candidate)
+    options = [[(1.0, 0.0, None)] for _ in range(units)]  # per unit: (flops, squared error share, candidate)
     for m in measured:
-        for g, share in enumerate(_squared_error_shares(m, kv_heads)):
+        for g, share in enumerate(_squared_error_shares(m, units)):
             options[g].append((m["flops_ratio"], share, m))
     limit = budget ** 2
 
@@ -239,21 +245,22 @@ def _per_kv_head_choice(measured: list[dict], budget: float, kv_heads: int) -> l
             _, g, o = min(moves, key=lambda move: move[0])
             picked[g], improved = o, True
     uniform = _layer_choice(measured, budget)
-    if uniform is not None and uniform["flops_ratio"] < sum(o[0] for o in picked) / kv_heads:
-        return [uniform] * kv_heads
+    if uniform is not None and uniform["flops_ratio"] < sum(o[0] for o in picked) / units:
+        return [uniform] * units
     return [o[2] for o in picked]
 
 
-def _squared_error_shares(measured: dict, kv_heads: int) -> list[float]:
-    """Per KV head, the squared output error of its query heads under one measured candidate, over the
-    layer's squared exact output norm (the shares sum to the layer's squared relative error)."""
+def _squared_error_shares(measured: dict, units: int) -> list[float]:
+    """Per unit (``units`` KV heads or query heads), the squared output error of its query heads under one
+    measured candidate, over the layer's squared exact output norm (the shares sum to the layer's squared
+    relative error)."""
     errors = torch.tensor(measured["head_output_error"], dtype=torch.float64)
     norms = torch.tensor(measured["head_output_norm"], dtype=torch.float64)
-    return ((errors * norms).pow(2) / norms.pow(2).sum()).view(kv_heads, -1).sum(dim=1).tolist()
+    return ((errors * norms).pow(2) / norms.pow(2).sum()).view(units, -1).sum(dim=1).tolist()
 
 
 def _pooled_error(picks: list[dict | None]) -> float:
-    """The layer's relative output error with each KV head's pick (None: exact, no error)."""
+    """The layer's relative output error with each unit's pick (None: exact, no error)."""
     return math.sqrt(sum(_squared_error_shares(m, len(picks))[g] for g, m in enumerate(picks) if m is not None))
 
 
@@ -273,7 +280,7 @@ def _check_all_heads(capture: Capture, why: str) -> None:
     total = int(capture.meta.get("num_attention_heads", 0) or 0)
     if heads and total and heads != ",".join(map(str, range(total))):
         raise ValueError(f"{why}; the capture holds heads {heads} of {total}. Capture all heads (no --heads), "
-                         "or drop column_share from the candidates and --per-kv-head")
+                         "or drop column_share from the candidates and --per-kv-head/--per-head")
 
 
 def write_report(calibration: Calibration, out_dir: str | Path) -> tuple[Path, Path]:
@@ -291,11 +298,13 @@ def write_report(calibration: Calibration, out_dir: str | Path) -> tuple[Path, P
 def markdown_table(calibration: Calibration) -> str:
     lines = ["| layer | settings | output error | pairs exact | modelled FLOPs vs exact |", "|---|---|---|---|---|"]
     kv_heads = int(calibration.meta.get("num_key_value_heads", 0) or 0)
+    query_heads = int(calibration.meta.get("num_attention_heads", 0) or 0)
     for c in calibration.layers:
-        if "kv_heads" in c.settings:
-            heads = c.settings["kv_heads"]
-            settings = "; ".join(f"KV head {g}: " + (_describe(heads[g]) if g in heads else "exact")
-                                 for g in range(max(kv_heads, max(heads) + 1)))
+        if "kv_heads" in c.settings or "heads" in c.settings:
+            unit, count = ("KV head", kv_heads) if "kv_heads" in c.settings else ("head", query_heads)
+            heads = c.settings.get("kv_heads") or c.settings["heads"]
+            settings = "; ".join(f"{unit} {g}: " + (_describe(heads[g]) if g in heads else "exact")
+                                 for g in range(max(count, max(heads) + 1)))
         else:
             settings = _describe(c.settings)
         lines.append(f"| {c.layer} | {settings} | {100 * c.output_error:.1f}% | {100 * c.exact_pair_share:.1f}% "

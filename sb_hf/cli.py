@@ -131,9 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--column-shares", type=_floats, default=[0.0],
                            help="comma list of key-column shares to try: keys whose score with the head's mean query "
                            "(measured on this text) is in the top share are exact for every query (default 0: none)")
-    calibrate.add_argument("--per-kv-head", action="store_true",
-                           help="choose a candidate (or exact attention) per KV head: the least FLOPs that keeps each "
-                           "layer's output error within the budget (default: one candidate per layer)")
+    per_head = calibrate.add_mutually_exclusive_group()
+    per_head.add_argument("--per-kv-head", action="store_true",
+                          help="choose a candidate (or exact attention) per KV head: the least FLOPs that keeps each "
+                          "layer's output error within the budget (default: one candidate per layer)")
+    per_head.add_argument("--per-head", action="store_true",
+                          help="the same per query head (each with its own key columns): cheaper than --per-kv-head "
+                          "at the same budget, one op call per group of query heads with the same settings")
     calibrate.add_argument("--kernel", choices=KERNELS, default="taylor",
                            help="polynomial kernel of the candidates (default taylor: non-negative, centred per query)")
     calibrate.add_argument("--save-model", default=None,
@@ -305,7 +309,7 @@ def run_calibrate(args) -> int:
                                     args.kernel, sinks=args.sinks, local_windows=args.local_windows,
                                     column_shares=args.column_shares)
     calibrations = calibrate_budgets(capture, budgets=args.budgets, candidates=candidates, per_kv_head=args.per_kv_head,
-                                     progress=True)
+                                     per_head=args.per_head, progress=True)
     print(f"layers {capture.meta['layers']}, {capture.meta['tokens']} tokens; {time.perf_counter() - start:.0f} s")
     for calibration in calibrations:
         out = Path(args.output) if len(calibrations) == 1 else Path(args.output) / f"budget_{calibration.budget:g}"

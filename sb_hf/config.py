@@ -65,6 +65,9 @@ class SupportBasisConfig:
             or for every layer): the query heads that share KV head ``g`` run with these settings. A KV head
             is the unit because the key columns are exact for a key's whole query group. With ``kv_heads``,
             key columns are given per KV head (``column_queries``: the rows of that KV head's query heads).
+        heads: per-query-head overrides, ``{query_head_index: {field: value}}`` (like ``kv_heads``, which a
+            layer cannot have as well): each query head runs with its own settings on its KV head's keys,
+            its key columns its own (``column_queries``: one row).
         layers: per-layer overrides, ``{layer_index: {field: value}}``.
     """
 
@@ -85,11 +88,16 @@ class SupportBasisConfig:
     column_queries: list[list[float]] | None = None
     column_threshold: float | list[float] | None = None
     kv_heads: dict[int, dict[str, Any]] = field(default_factory=dict)
+    heads: dict[int, dict[str, Any]] = field(default_factory=dict)
     layers: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _validate(self)
         self.kv_heads = _check_overrides(self, self.kv_heads, "kv_heads", _HEAD_FIELDS)
+        self.heads = _check_overrides(self, self.heads, "heads", _HEAD_FIELDS)
+        if self.kv_heads and self.heads:
+            raise ValueError("give per-head settings either per KV head (kv_heads) or per query head (heads), not both "
+                             "for the same layer")
         self.layers = _check_overrides(self, self.layers, "layers", _LAYER_FIELDS)
 
     @classmethod
@@ -103,11 +111,11 @@ class SupportBasisConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (``inf`` threshold as the string ``"inf"``, layer keys as strings)."""
         out = _json_threshold(dataclasses.asdict(self))
-        out["kv_heads"] = {str(g): _json_threshold(dict(o)) for g, o in self.kv_heads.items()}
         out["layers"] = {str(i): _json_threshold(dict(o)) for i, o in self.layers.items()}
-        for layer in out["layers"].values():
-            if "kv_heads" in layer:
-                layer["kv_heads"] = {str(g): _json_threshold(dict(o)) for g, o in layer["kv_heads"].items()}
+        for scope in [out, *out["layers"].values()]:
+            for name in ("kv_heads", "heads"):
+                if name in scope:
+                    scope[name] = {str(g): _json_threshold(dict(o)) for g, o in scope[name].items()}
         return out
 
     def for_layer(self, layer_index: int | None) -> SupportBasisConfig:
@@ -118,6 +126,17 @@ class SupportBasisConfig:
     def for_kv_head(self, kv_head: int) -> SupportBasisConfig:
         """The settings of the query heads of one KV head (of a layer's settings, :meth:`for_layer`)."""
         return dataclasses.replace(self, layers={}, kv_heads={}, **self.kv_heads.get(kv_head, {}))
+
+    def for_head(self, head: int) -> SupportBasisConfig:
+        """The settings of one query head (of a layer's settings, :meth:`for_layer`)."""
+        return dataclasses.replace(self, layers={}, heads={}, **self.heads.get(head, {}))
+
+    def head_settings(self) -> tuple[str, dict[int, SupportBasisConfig]]:
+        """A layer's own per-head settings: ``("KV", {kv_head: settings})``, ``("query", {query_head: settings})``,
+        or ``("KV", {})`` when every head runs the layer's settings."""
+        if self.heads:
+            return "query", {h: self.for_head(h) for h in self.heads}
+        return "KV", {g: self.for_kv_head(g) for g in self.kv_heads}
 
     def bucket_settings(self) -> dict[str, Any]:
         """Keyword arguments for :func:`sb_hf.ops.multi_threshold_attention` (``support_basis_multi``)."""
@@ -145,14 +164,16 @@ class SupportBasisConfig:
         degrees; ``sink_window`` needs a ``local_window`` >= 1)."""
         if method not in METHOD_DEFAULTS:
             raise ValueError(f"method must be one of {sorted(METHOD_DEFAULTS)}, got {method!r}")
-        scopes = [(index, g) for index in [None, *self.layers] for g in [None, *self.for_layer(index).kv_heads]]
-        for index, g in scopes:
-            layer = self.for_layer(index) if g is None else self.for_layer(index).for_kv_head(g)
+        scopes = [(index, None, None, self.for_layer(index)) for index in [None, *self.layers]]
+        for index, _, _, layer in list(scopes):
+            unit, heads = layer.head_settings()
+            scopes += [(index, "kv_heads" if unit == "KV" else "heads", g, settings) for g, settings in heads.items()]
+        for index, scope, g, layer in scopes:
             if g is not None and not method.startswith("support_basis"):
-                raise ValueError(f"kv_heads settings are for the support-basis methods, not {method!r}; "
-                                 "remove kv_heads or use support_basis")
+                raise ValueError(f"{scope} settings are for the support-basis methods, not {method!r}; "
+                                 f"remove {scope} or use support_basis")
             resolved = layer.method_settings(method)
-            where = ("" if index is None else f"layers[{index}]: ") + ("" if g is None else f"kv_heads[{g}]: ")
+            where = ("" if index is None else f"layers[{index}]: ") + ("" if g is None else f"{scope}[{g}]: ")
             if "kernel" in resolved:
                 degrees = layer.degrees if method == "support_basis_multi" and layer.degrees is not None else [layer.degree]
                 try:
@@ -244,7 +265,7 @@ def _json_threshold(settings: dict[str, Any]) -> dict[str, Any]:
 
 _HEAD_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size", "sketch_dim", "sketch_seed", "kernel",
                 "radius_limit", "thresholds", "degrees", "sinks", "local_window", "column_queries", "column_threshold"}
-_LAYER_FIELDS = _HEAD_FIELDS | {"kv_heads"}
+_LAYER_FIELDS = _HEAD_FIELDS | {"kv_heads", "heads"}
 
 
 def _check_overrides(config: SupportBasisConfig, overrides: dict, name: str, fields: set[str]) -> dict[int, dict]:
@@ -252,9 +273,9 @@ def _check_overrides(config: SupportBasisConfig, overrides: dict, name: str, fie
     must be valid settings (a layer's ``kv_heads`` are checked against that layer's merged settings)."""
     if not isinstance(overrides, dict):
         raise ValueError(f"{name} must be a dict {{index: {{field: value}}}}, got {overrides!r}")
-    if name == "kv_heads" and overrides and config.column_queries is not None:
-        raise ValueError("with kv_heads, give column_queries in each kv_heads entry (the rows of that KV head's "
-                         "query heads), not for the whole layer")
+    if name in ("kv_heads", "heads") and overrides and config.column_queries is not None:
+        raise ValueError(f"with {name}, give column_queries in each {name} entry (the rows of its query heads), "
+                         "not for the whole layer")
     for i, entry in overrides.items():
         if not isinstance(entry, dict):
             raise ValueError(f"{name}[{i}] must be a dict of settings {{field: value}}, got {entry!r}")
@@ -264,7 +285,7 @@ def _check_overrides(config: SupportBasisConfig, overrides: dict, name: str, fie
         if unknown:
             raise ValueError(f"{name}[{index}] has unknown fields {sorted(unknown)}; its fields are {sorted(fields)}")
         try:
-            merged = dataclasses.replace(config, layers={}, **({"kv_heads": {}} if name == "kv_heads" else {}), **entry)
+            merged = dataclasses.replace(config, layers={}, **({name: {}} if name != "layers" else {}), **entry)
         except ValueError as err:
             raise ValueError(f"{name}[{index}]: {err}") from None
         out[index] = {key: getattr(merged, key) for key in entry}  # as validated ("inf" -> inf, integer keys)

@@ -24,7 +24,7 @@ from transformers.masking_utils import (
 
 from ..config import SupportBasisConfig, load_settings
 from ..ops import as23_attention, multi_threshold_attention, sink_window_attention, support_basis_attention
-from ..ops.heads import grouped_attention, kv_head_groups
+from ..ops.heads import grouped_attention, head_groups
 
 IMPLEMENTATIONS = {
     "support_basis": support_basis_attention,
@@ -100,10 +100,11 @@ def _make_attention_forward(name: str):
                 attention_mask = attention_mask[:, dropped:]
             keys = attention_mask.shape[-1]
             key, value, key_padding_mask = key[:, :, :keys], value[:, :, :keys], attention_mask
-        layer_kwargs, head_kwargs = _module_op_kwargs(module, name, query.device)
-        groups = kv_head_groups({**dict.fromkeys(range(key.shape[1]), layer_kwargs), **head_kwargs}, key.shape[1])
+        layer_kwargs, unit, head_kwargs = _module_op_kwargs(module, name, query.device)
+        heads = query.shape[1] if unit == "query" else key.shape[1]
+        groups = head_groups({**dict.fromkeys(range(heads), layer_kwargs), **head_kwargs}, heads, unit)
         out = grouped_attention(
-            op, query, key, value, groups, causal=causal, scale=scaling, key_padding_mask=key_padding_mask,
+            op, query, key, value, groups, per_query_head=unit == "query", causal=causal, scale=scaling, key_padding_mask=key_padding_mask,
             sliding_window=sliding_window, stats=_active_stats[-1] if _active_stats else None, **extra,
         )
         return out.transpose(1, 2).contiguous(), None
@@ -117,9 +118,10 @@ def _op_kwargs(settings: SupportBasisConfig, name: str) -> dict[str, Any]:
     return {field: available[field] for field in OP_SETTINGS[name]}
 
 
-def _module_op_kwargs(module: torch.nn.Module, name: str, device: torch.device) -> tuple[dict[str, Any], dict[int, dict]]:
+def _module_op_kwargs(module: torch.nn.Module, name: str, device: torch.device) -> tuple[dict[str, Any], str, dict[int, dict]]:
     """The op keyword arguments of ``module`` for implementation ``name``, tensors on ``device``: the layer's,
-    and those of each KV head that has its own (``kv_heads``). Parsed once
+    the unit of its per-head settings (``"KV"`` or ``"query"``) and those of each head that has its own
+    (``kv_heads`` or ``heads``). Parsed once
     and cached on the module: validating a calibrated config (per-head mean queries of every layer) on
     every call would cost more than the attention of a decoding step. The cache holds a copy of the stored
     settings and is rebuilt whenever they compare different (replaced or edited in place)."""
@@ -128,15 +130,17 @@ def _module_op_kwargs(module: torch.nn.Module, name: str, device: torch.device) 
     if cached is not None and cached[0] == name and cached[1] == device and cached[2] == stored:
         return cached[3]
     layer = settings_for(module)
-    if layer.kv_heads and not name.startswith("support_basis"):
-        raise ValueError(f"kv_heads settings are for the support-basis methods, not {name!r}; remove kv_heads from "
+    unit, heads = layer.head_settings()
+    if heads and not name.startswith("support_basis"):
+        field = "kv_heads" if unit == "KV" else "heads"
+        raise ValueError(f"{field} settings are for the support-basis methods, not {name!r}; remove {field} from "
                          "config.support_basis or use attn_implementation='support_basis'")
 
     def on_device(settings: SupportBasisConfig) -> dict[str, Any]:
         return {key: value.to(device) if isinstance(value, torch.Tensor) else value
                 for key, value in _op_kwargs(settings, name).items()}
 
-    kwargs = (on_device(layer), {g: on_device(layer.for_kv_head(g)) for g in layer.kv_heads})
+    kwargs = (on_device(layer), unit, {g: on_device(s) for g, s in heads.items()})
     module.__dict__["_sb_hf_op_kwargs"] = (name, device, copy.deepcopy(stored), kwargs)
     return kwargs
 
