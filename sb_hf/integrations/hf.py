@@ -100,11 +100,9 @@ def _make_attention_forward(name: str):
                 attention_mask = attention_mask[:, dropped:]
             keys = attention_mask.shape[-1]
             key, value, key_padding_mask = key[:, :, :keys], value[:, :, :keys], attention_mask
-        layer_kwargs, unit, head_kwargs = _module_op_kwargs(module, name, query.device)
-        heads = query.shape[1] if unit == "query" else key.shape[1]
-        groups = head_groups({**dict.fromkeys(range(heads), layer_kwargs), **head_kwargs}, heads, unit)
+        groups, per_query_head = _module_groups(module, name, query.device, query.shape[1], key.shape[1])
         out = grouped_attention(
-            op, query, key, value, groups, per_query_head=unit == "query", causal=causal, scale=scaling, key_padding_mask=key_padding_mask,
+            op, query, key, value, groups, per_query_head=per_query_head, causal=causal, scale=scaling, key_padding_mask=key_padding_mask,
             sliding_window=sliding_window, stats=_active_stats[-1] if _active_stats else None, **extra,
         )
         return out.transpose(1, 2).contiguous(), None
@@ -118,18 +116,12 @@ def _op_kwargs(settings: SupportBasisConfig, name: str) -> dict[str, Any]:
     return {field: available[field] for field in OP_SETTINGS[name]}
 
 
-def _module_op_kwargs(module: torch.nn.Module, name: str, device: torch.device) -> tuple[dict[str, Any], str, dict[int, dict]]:
-    """The op keyword arguments of ``module`` for implementation ``name``, tensors on ``device``: the layer's,
-    the unit of its per-head settings (``"KV"`` or ``"query"``) and those of each head that has its own
-    (``kv_heads`` or ``heads``). Parsed once
-    and cached on the module: validating a calibrated config (per-head mean queries of every layer) on
-    every call would cost more than the attention of a decoding step. The cache holds a copy of the stored
-    settings and is rebuilt whenever they compare different (replaced or edited in place)."""
-    stored = getattr(getattr(module, "config", None), "support_basis", None)
-    cached = module.__dict__.get("_sb_hf_op_kwargs")
-    if cached is not None and cached[0] == name and cached[1] == device and cached[2] == stored:
-        return cached[3]
-    layer = settings_for(module)
+def attention_groups(layer: SupportBasisConfig, name: str, device: torch.device, q_heads: int,
+                     kv_heads: int) -> tuple[list[tuple[list[int], dict[str, Any]]], bool]:
+    """The op calls of one layer's settings (:meth:`SupportBasisConfig.for_layer`) for implementation ``name``:
+    ``[(heads, op kwargs), ...]`` (tensors on ``device``), one per group of heads that share settings, and
+    whether the heads are query heads (``heads`` settings) rather than KV heads; the arguments of
+    :func:`sb_hf.ops.heads.grouped_attention`."""
     unit, heads = layer.head_settings()
     if heads and not name.startswith("support_basis"):
         field = "kv_heads" if unit == "KV" else "heads"
@@ -140,9 +132,25 @@ def _module_op_kwargs(module: torch.nn.Module, name: str, device: torch.device) 
         return {key: value.to(device) if isinstance(value, torch.Tensor) else value
                 for key, value in _op_kwargs(settings, name).items()}
 
-    kwargs = (on_device(layer), unit, {g: on_device(s) for g, s in heads.items()})
-    module.__dict__["_sb_hf_op_kwargs"] = (name, device, copy.deepcopy(stored), kwargs)
-    return kwargs
+    count = q_heads if unit == "query" else kv_heads
+    kwargs = {**dict.fromkeys(range(count), on_device(layer)), **{g: on_device(s) for g, s in heads.items()}}
+    return head_groups(kwargs, count, unit), unit == "query"
+
+
+def _module_groups(module: torch.nn.Module, name: str, device: torch.device, q_heads: int,
+                   kv_heads: int) -> tuple[list[tuple[list[int], dict[str, Any]]], bool]:
+    """:func:`attention_groups` of ``module``'s layer, parsed once and cached on the module: validating a
+    calibrated config (per-head mean queries of every layer) on every call would cost more than the
+    attention of a decoding step. The cache holds a copy of the stored settings and is rebuilt whenever
+    they compare different (replaced or edited in place)."""
+    stored = getattr(getattr(module, "config", None), "support_basis", None)
+    key = (name, device, q_heads, kv_heads)
+    cached = module.__dict__.get("_sb_hf_op_kwargs")
+    if cached is not None and cached[0] == key and cached[1] == stored:
+        return cached[2]
+    groups = attention_groups(settings_for(module), name, device, q_heads, kv_heads)
+    module.__dict__["_sb_hf_op_kwargs"] = (key, copy.deepcopy(stored), groups)
+    return groups
 
 
 def settings_for(module: torch.nn.Module) -> SupportBasisConfig:

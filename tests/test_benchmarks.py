@@ -1,0 +1,47 @@
+"""The benchmark scripts run end to end at tiny sizes and write what they print (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import VOCAB, tiny_model
+
+from sb_hf.analysis.capture import capture_activations, save_capture
+from sb_hf.calibration import calibrate, default_candidates, write_report
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_op_scaling_random_inputs(tmp_path):
+    out = _run("op_scaling.py", "--lengths", "200", "--methods", "sdpa,support_basis,sink_window", "--large-rows", "4",
+               "--window", "32", "--threads", "1", "--output", str(tmp_path))
+    rows = json.loads((tmp_path / "op_scaling.json").read_text())["rows"]
+    assert [(r["n"], r["method"]) for r in rows] == [(200, m) for m in ("sdpa", "support_basis", "sink_window")]
+    share = {(r["n"], r["method"]): r["exact_pair_share"] for r in rows}
+    assert share[200, "sdpa"] == 1.0 and 0 < share[200, "sink_window"] < 1 and 0 < share[200, "support_basis"] < 1
+    assert "vs sdpa" in out and all(r["seconds"] > 0 for r in rows)
+
+
+def test_op_scaling_calibrated_settings_on_a_capture(tmp_path):
+    """--settings/--capture: a per-query-head calibration of a tiny model, run on its captured layer."""
+    model = tiny_model("llama", max_position_embeddings=512)
+    ids = torch.randint(1, VOCAB, (1, 300), generator=torch.Generator().manual_seed(0))
+    capture = capture_activations(model, ids)
+    candidates = default_candidates((float("inf"),), 0, sinks=2, local_windows=(8, 32), column_shares=(0.0, 0.05))
+    _, settings = write_report(calibrate(capture, budget=0.2, candidates=candidates, per_head=True), tmp_path / "cal")
+    path = save_capture(capture, tmp_path / "capture.safetensors")
+    _run("op_scaling.py", "--settings", str(settings), "--capture", str(path), "--layer", "1", "--lengths", "256",
+         "--methods", "sdpa,support_basis", "--threads", "1", "--backward", "--output", str(tmp_path / "out"))
+    rows = json.loads((tmp_path / "out" / "op_scaling.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["sdpa", "support_basis"] and all(r["backward"] for r in rows)
+    assert 0 < rows[1]["exact_pair_share"] < 1
