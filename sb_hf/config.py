@@ -13,7 +13,7 @@ import torch
 
 from .ops.common import RADIUS_LIMIT
 from .ops.polynomial import KERNELS, MAX_DEGREE, check_kernel
-from .ops.support_basis import DEFAULT_CHUNK_SIZE, DEFAULT_MAX_FEATURE_BYTES
+from .ops.support_basis import DEFAULT_MAX_FEATURE_BYTES
 
 INTERVALS = ("query", "fixed")
 # What a config left None means, per method: sink_window's StreamingLLM pattern; support basis with the
@@ -38,7 +38,7 @@ class SupportBasisConfig:
             ``R_i = scale * |q_i| * max |k_j|`` over the small real keys visible to it (causal, always
             covers every small-small score); ``"fixed"`` uses ``[-radius, radius]`` for every query.
         radius: the interval half-width for ``interval="fixed"``.
-        chunk_size: block length of the causal scan.
+        chunk_size: block length of the op's chunked loops; None: each loop's measured default.
         max_feature_bytes: refuse settings whose polynomial part would need more memory.
         sketch_dim: None: exact monomial features; ``r``: degree >= 2 features sketched to ``r`` each
             (an unbiased estimate of the polynomial kernel, seeded by ``sketch_seed``).
@@ -75,7 +75,7 @@ class SupportBasisConfig:
     degree: int = 2
     interval: str = "query"
     radius: float | None = None
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_size: int | None = None
     max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES
     sketch_dim: int | None = None
     sketch_seed: int = 0
@@ -317,8 +317,8 @@ def _validate(c: SupportBasisConfig) -> None:
             raise ValueError(f"radius must be a number in (0, {RADIUS_LIMIT}) when interval='fixed', got {c.radius!r}")
     elif c.radius is not None:
         raise ValueError(f"radius is only used with interval='fixed' (interval is {c.interval!r}); remove it or set interval='fixed'")
-    if isinstance(c.chunk_size, bool) or not isinstance(c.chunk_size, int) or c.chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {c.chunk_size!r}")
+    if c.chunk_size is not None and (isinstance(c.chunk_size, bool) or not isinstance(c.chunk_size, int) or c.chunk_size < 1):
+        raise ValueError(f"chunk_size must be an integer >= 1 or None (the measured defaults), got {c.chunk_size!r}")
     if isinstance(c.max_feature_bytes, bool) or not isinstance(c.max_feature_bytes, int) or c.max_feature_bytes < 1:
         raise ValueError(f"max_feature_bytes must be an integer >= 1, got {c.max_feature_bytes!r}")
     if c.sketch_dim is not None and (isinstance(c.sketch_dim, bool) or not isinstance(c.sketch_dim, int) or c.sketch_dim < 1):

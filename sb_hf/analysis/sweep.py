@@ -124,7 +124,7 @@ def modelled_flops(method: str, settings: dict, *, q: torch.Tensor, k: torch.Ten
         r = features(d, settings)
         small_q = float(stats["rows"] - stats["exact_rows"])
         small_k = float((~large_rows(k, threshold)).sum())
-        chunk = settings.get("chunk_size", DEFAULT_CHUNK_SIZE)
+        chunk = settings.get("chunk_size") or DEFAULT_CHUNK_SIZE
         cost += (small_q + small_k) * r + (small_q + small_k) * 2 * r * (d + 1) + small_q * 2 * chunk * (r + d + 1)
     return cost, exact
 

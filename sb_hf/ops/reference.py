@@ -235,7 +235,7 @@ def sink_window_attention(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     stats: dict | None = None,
     dropped_real_keys: torch.Tensor | None = None,
     return_weights: bool = False,

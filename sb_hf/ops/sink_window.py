@@ -22,7 +22,7 @@ from .common import (
     span_counts,
     visible,
 )
-from .support_basis import DEFAULT_CHUNK_SIZE
+from .support_basis import BAND_BLOCK_SIZE
 
 
 def sink_window_attention(
@@ -36,7 +36,7 @@ def sink_window_attention(
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     stats: dict | None = None,
     dropped_real_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -50,7 +50,7 @@ def sink_window_attention(
         scale: score scale, default ``1/sqrt(d)``.
         key_padding_mask: ``(B, Lk)`` bool, True for real keys; padded keys are never attended nor ranked.
         sliding_window: the model's window: query ``p`` never sees keys ``j <= p - sliding_window``.
-        chunk_size: query rows per block.
+        chunk_size: query rows per block (None: 128, chosen by measurement).
         stats: optional dict; receives tensors ``exact_pairs`` (pairs computed), ``pairs`` (pairs
             visible under the model's mask), ``exact_rows`` (rows equal to exact attention), ``rows``.
         dropped_real_keys: optional ``(B,)`` integer tensor, the real keys of each sequence that precede
@@ -64,8 +64,9 @@ def sink_window_attention(
         degree=0, threshold=0.0, scale=scale,
     )
     check_sink_window(sinks, local_window, causal, dropped_real_keys, s.batch)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None (the measured default), got {chunk_size!r}")
+    chunk_size = chunk_size or BAND_BLOCK_SIZE
     out_dtype = q.dtype
     compute = compute_dtype(q.dtype)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)

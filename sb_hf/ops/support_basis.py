@@ -46,10 +46,13 @@ from .common import (
 )
 from .polynomial import FeatureMap, base_features_per_map, check_kernel, kernel_fit, kernel_on_scores
 
-DEFAULT_CHUNK_SIZE = 64
+DEFAULT_CHUNK_SIZE = 64  # the feature scan (many features per row); chosen by measurement (benchmarks/op_scaling.py)
+BAND_BLOCK_SIZE = 128  # query rows per block of the exact local band (a (c, c + window) block)
+PREFIX_BLOCK_SIZE = 256  # query rows per block of the prefix scan (few features: the exact keys dominate)
 DEFAULT_MAX_FEATURE_BYTES = 8 * 2**30
 EXACT_ROW_BLOCK = 128  # gathered exact query rows handled per block: bounds the (rows x keys) score block
 EVALUATIONS = ("auto", "features", "scores")
+PREFIX_FEATURES = 4  # up to this many features per row (degree 0: one per bucket) the causal sums are prefix sums
 
 
 def support_basis_attention(
@@ -64,7 +67,7 @@ def support_basis_attention(
     key_padding_mask: torch.Tensor | None = None,
     sliding_window: int | None = None,
     radius: float | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
     evaluation: str = "auto",
     sketch_dim: int | None = None,
@@ -89,7 +92,9 @@ def support_basis_attention(
         sliding_window: with ``causal``, query ``p`` sees keys ``p - sliding_window < j <= p``.
         radius: fixed interval ``[-radius, radius]`` for the fit; default (None): per query,
             ``scale * |q_i| * max |k_j|`` over the small real keys visible to it, floored at 1.
-        chunk_size: block length of the causal scan.
+        chunk_size: block length of every chunked loop (the causal scan, the local band, exact rows); None:
+            each loop's own default, chosen by measurement (64 for the feature scan, 128 for the band, 256
+            for the prefix scan of degree 0). The result does not depend on it beyond rounding.
         max_feature_bytes: refuse (ValueError with the estimate) when the feature form would need more.
         evaluation: ``"features"``: the factorized form (time and memory linear in ``Lk``);
             ``"scores"``: the polynomial on the scores, query chunk by query chunk (``Lq x Lk``);
@@ -142,7 +147,7 @@ def multi_threshold_attention(
     sliding_window: int | None = None,
     radius: float | None = None,
     radius_limit: float = RADIUS_LIMIT,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     max_feature_bytes: int = DEFAULT_MAX_FEATURE_BYTES,
     evaluation: str = "auto",
     sinks: int = 0,
@@ -182,8 +187,9 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
         degree=max(degrees), threshold=threshold, scale=scale, radius=radius, radius_limit=radius_limit,
     )
     check_structure(sinks, local_window, column_queries, column_threshold, causal, shapes, dropped_real_keys)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None (the measured defaults), got {chunk_size!r}")
+    scan_chunk = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     if evaluation not in EVALUATIONS:
         raise ValueError(f"evaluation must be one of {EVALUATIONS}, got {evaluation!r}")
     check_kernel(kernel, degrees)
@@ -196,7 +202,7 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
         evaluation = "scores" if not sketched and shapes.q_len < sum(f.dim for f in feature_maps) else "features"
     recompute = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))  # training: see _step
     if evaluation == "features":
-        check_memory(shapes, feature_maps, chunk_size, sliding_window, recompute, max_feature_bytes, q.dtype)
+        check_memory(shapes, feature_maps, scan_chunk, sliding_window, recompute, max_feature_bytes, q.dtype)
 
     out_dtype = q.dtype
     compute = compute_dtype(q.dtype)
@@ -239,7 +245,7 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
         num, den = torch.cat([num[..., :first, :], far_num], dim=-2), torch.cat([den[..., :first], far_den], dim=-1)
         shift = torch.cat([shift[..., :first], far_shift], dim=-1)
     if lag:
-        band = _local_band(qg, k, v, key_valid, scale, lag, window, offset, chunk_size, recompute)
+        band = _local_band(qg, k, v, key_valid, scale, lag, window, offset, chunk_size or BAND_BLOCK_SIZE, recompute)
         num, den = _merge((num, den, shift), band)
     out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
     exact_rows = q_large | suspect_rows(den, out, out_dtype)
@@ -276,12 +282,15 @@ def _far_part(qg, k, v, k_bucket, exact_keys, q_large, offset, window, *, thresh
     rows = _RowAttention(scale, feature_maps, causal, window, exact, qg.device)
     if evaluation == "scores":
         num, den, shift = _score_chunks(
-            rows, k, v, k_bucket, qg, row_fit, q_large, offset, chunk_size, causal, window, recompute
+            rows, k, v, k_bucket, qg, row_fit, q_large, offset, chunk_size or DEFAULT_CHUNK_SIZE, causal, window, recompute
         )
     else:
         key_features = _KeyFeatures(k, v, k_bucket, feature_maps)
-        scan = _causal_scan if causal else _global_sum
-        num, den, shift = scan(rows, key_features, qg, row_fit, q_large, offset, chunk_size, window, recompute)
+        scan, block = _global_sum, DEFAULT_CHUNK_SIZE
+        if causal:
+            few = sum(f.dim for f in feature_maps) <= PREFIX_FEATURES
+            scan, block = (_prefix_scan, PREFIX_BLOCK_SIZE) if few else (_causal_scan, DEFAULT_CHUNK_SIZE)
+        num, den, shift = scan(rows, key_features, qg, row_fit, q_large, offset, chunk_size or block, window, recompute)
     return q_large, num, den, shift
 
 
@@ -380,23 +389,37 @@ class _RowAttention:
         self.large_keys = large_keys
         self.base_degrees = [f.base_degrees(device) for f in feature_maps]
 
-    def __call__(self, q_rows, q_pos, row_fit, q_large, state, blocks, key_rows=None):
+    def slot_limits(self, ends: torch.Tensor) -> list[int]:
+        """Causal: for query chunks whose last position is ``ends[c]``, how many leading exact-key slots some
+        row can see (the slots hold each head's exact keys in ascending position). One host sync."""
+        if self.large_keys is None or not self.causal:
+            return [None] * len(ends)
+        _, k_pos, slot_valid = self.large_keys
+        seen = slot_valid[..., None] & (k_pos[..., None] <= ends)  # (B, Hk, m, chunks)
+        return seen.sum(dim=-2).flatten(0, -2).amax(dim=0).tolist()
+
+    def __call__(self, q_rows, q_pos, row_fit, q_large, state, blocks, key_rows=None, row_state=None, slots=None):
         """``q_rows (B, Hk, G, c, d)`` at positions ``q_pos (c,)``; ``state`` = (S, z) running sums of
         ``phi(k) v^T`` and ``phi(k)`` over keys fully visible to every row; ``blocks`` = key feature
-        blocks that need the positional mask; or ``key_rows`` = ``(k, v, positions, small)`` of raw
-        keys, the polynomial then evaluated on the scores. Returns ``num (B, Hk, G, c, dv)``, ``den (B, Hk, G, c)``
-        and the per-row ``shift`` both are relative to."""
+        blocks that need the positional mask; or ``row_state`` = (S, z) of each row's own visible keys,
+        ``(B, Hk, c, r, dv)`` and ``(B, Hk, c, r)``; or ``key_rows`` = ``(k, v, positions, small)`` of raw
+        keys, the polynomial then evaluated on the scores. ``slots``: only the first exact-key slots
+        (:meth:`slot_limits`). Returns ``num (B, Hk, G, c, dv)``, ``den (B, Hk, G, c)`` and the per-row
+        ``shift`` both are relative to."""
         num = den = 0
         row_radius, row_center = row_fit.unbind(dim=-1)
         exact_max = torch.full_like(row_radius[..., 0], float("-inf"))
-        if self.large_keys is not None:
-            (k_large, v_large), k_pos, slot_valid = self.large_keys
+        large_keys = self.large_keys if slots != 0 else None
+        if large_keys is not None:
+            (k_large, v_large), k_pos, slot_valid = large_keys
+            if slots is not None:
+                k_large, v_large, k_pos, slot_valid = k_large[:, :, :slots], v_large[:, :, :slots], k_pos[..., :slots], slot_valid[..., :slots]
             scores = self.scale * q_rows @ k_large[:, :, None].transpose(-1, -2)  # (B, Hk, G, c, n)
             mask = visible(q_pos, k_pos[:, :, None], causal=self.causal, sliding_window=self.window)
             mask = mask & slot_valid[:, :, None, None, :]
             exact_max = torch.where(mask, scores, torch.full_like(scores, float("-inf"))).amax(dim=-1)
         shift = polynomial_shift(exact_max, row_radius.amax(dim=-1))
-        if self.large_keys is not None:
+        if large_keys is not None:
             shifted = torch.where(mask, scores, shift[..., None].expand_as(scores)) - shift[..., None]
             weights = torch.where(mask, torch.exp(shifted), torch.zeros_like(scores))
             num = weights @ v_large[:, :, None]
@@ -426,6 +449,10 @@ class _RowAttention:
             kv_state, k_state = state
             num = num + q_features @ kv_state[:, :, None]
             den = den + (q_features @ k_state[:, :, None, :, None]).squeeze(-1)
+        if row_state is not None:
+            row_kv, row_k = row_state
+            num = num + torch.einsum("bhgcr,bhcrv->bhgcv", q_features, row_kv)
+            den = den + torch.einsum("bhgcr,bhcr->bhgc", q_features, row_k)
         for k_features, v_block, k_pos in blocks:
             pair = q_features @ k_features[:, :, None].transpose(-1, -2)  # (B, Hk, G, c, n)
             pair = pair * visible(q_pos, k_pos, causal=self.causal, sliding_window=self.window)
@@ -451,7 +478,9 @@ def _causal_scan(rows, key_features, qg, row_fit, q_large, offset, chunk, window
     kv_state = k_state = trail_kv = trail_k = None
     trail_end = 0
     parts = []
-    for a in range(0, kv_len, chunk):
+    starts = list(range(0, kv_len, chunk))
+    slots = rows.slot_limits(torch.tensor([min(a + chunk, kv_len) - 1 for a in starts], device=qg.device))
+    for a, limit in zip(starts, slots):
         b = min(a + chunk, kv_len)
         first_full = a
         if window is not None:
@@ -460,7 +489,7 @@ def _causal_scan(rows, key_features, qg, row_fit, q_large, offset, chunk, window
                 trail_kv, trail_k = _step(recompute, _accumulate, key_features, trail_kv, trail_k, trail_end, trail_end + chunk)
                 trail_end += chunk
 
-        def chunk_rows(kv_state, k_state, trail_kv, trail_k, a=a, b=b, first_full=first_full):
+        def chunk_rows(kv_state, k_state, trail_kv, trail_k, a=a, b=b, first_full=first_full, limit=limit):
             features, v_block, k_pos = key_features(a, b)
             i0, i1 = max(a, offset) - offset, b - offset
             blocks = [(features, v_block, k_pos)]
@@ -474,11 +503,42 @@ def _causal_scan(rows, key_features, qg, row_fit, q_large, offset, chunk, window
                 if low < first_full:
                     blocks.append(key_features(low, first_full))
             q_pos = torch.arange(i0, i1, device=qg.device) + offset
-            return rows(qg[:, :, :, i0:i1], q_pos, row_fit[..., i0:i1, :, :], q_large[..., i0:i1], state, blocks)
+            return rows(qg[:, :, :, i0:i1], q_pos, row_fit[..., i0:i1, :, :], q_large[..., i0:i1], state, blocks,
+                        slots=limit)
 
         if b > offset:
             parts.append(_step(recompute, chunk_rows, kv_state, k_state, trail_kv, trail_k))
         kv_state, k_state = _step(recompute, _accumulate, key_features, kv_state, k_state, a, b)
+    return _concat_rows(parts)
+
+
+def _prefix_scan(rows, key_features, qg, row_fit, q_large, offset, chunk, window, recompute):
+    """The causal scan for few features per row (degree 0): each row's sums of ``phi(k) v^T`` and ``phi(k)``
+    over exactly the keys it sees, as differences of prefix sums over all keys (no positional blocks), then
+    the rows chunk by chunk with the exact keys."""
+    kv_len, q_len = key_features.k.shape[2], qg.shape[3]
+    features, v_all, _ = key_features(0, kv_len)  # (B, Hk, Lk, r), (B, Hk, Lk, dv)
+
+    def prefix(x):  # (B, Hk, Lk + 1, ...): the sum over keys [0, t) at t
+        return torch.cat([torch.zeros_like(x[:, :, :1]), x.cumsum(dim=2)], dim=2)
+
+    q_pos = torch.arange(q_len, device=qg.device) + offset
+    hi = q_pos + 1
+    lo = (hi - window).clamp_min(0) if window is not None else torch.zeros_like(hi)
+    kv_prefix, k_prefix = prefix(features[..., None] * v_all[..., None, :]), prefix(features)
+    row_kv = kv_prefix[:, :, hi] - kv_prefix[:, :, lo]  # (B, Hk, Lq, r, dv)
+    row_k = k_prefix[:, :, hi] - k_prefix[:, :, lo]
+    starts = list(range(0, q_len, chunk))
+    slots = rows.slot_limits(q_pos[[min(i0 + chunk, q_len) - 1 for i0 in starts]])
+    parts = []
+    for i0, limit in zip(starts, slots):
+        i1 = min(i0 + chunk, q_len)
+
+        def chunk_rows(row_kv, row_k, i0=i0, i1=i1, limit=limit):
+            return rows(qg[:, :, :, i0:i1], q_pos[i0:i1], row_fit[..., i0:i1, :, :], q_large[..., i0:i1], None, [],
+                        row_state=(row_kv, row_k), slots=limit)
+
+        parts.append(_step(recompute, chunk_rows, row_kv[:, :, i0:i1], row_k[:, :, i0:i1]))
     return _concat_rows(parts)
 
 
