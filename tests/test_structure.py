@@ -131,6 +131,24 @@ def test_fast_matches_reference(case, kernel, degree, evaluation):
         assert_matches(out, expected64, q.dtype)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.values[0]["local_window"]])
+def test_fused_and_plain_band_match_reference(case, monkeypatch):
+    """CPU inference computes the exact band in PyTorch's fused attention kernel; the plain-matmul path (CUDA's,
+    and training's) is forced here too: both against the twin."""
+    import sb_hf.ops.support_basis as module
+
+    q, k, v, kw = _inputs(case, "taylor", 0)
+    expected = reference.support_basis_attention(q, k, v, **kw)
+    original, calls = module._fused_block, []
+    monkeypatch.setattr(module, "_fused_block", lambda *a: calls.append(1) or original(*a))
+    assert_matches(support_basis_attention(q, k, v, chunk_size=case["chunk_size"], **kw), expected, q.dtype)
+    assert calls  # the fused kernel ran
+    monkeypatch.setattr(module, "_fused_attention_available", lambda q: False)
+    calls.clear()
+    assert_matches(support_basis_attention(q, k, v, chunk_size=case["chunk_size"], **kw), expected, q.dtype)
+    assert not calls
+
+
 @pytest.mark.parametrize("evaluation", ["features", "scores"])
 @pytest.mark.parametrize("kernel,degrees", [("chebyshev", [2, 3, 1]), ("taylor", [2, 0, 2])], ids=["chebyshev", "taylor"])
 @pytest.mark.parametrize("window", [None, 13])

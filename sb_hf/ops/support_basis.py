@@ -308,12 +308,39 @@ def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk,
         def block(i0=i0, i1=i1, lo=lo, hi=hi):
             q_pos, k_pos = torch.arange(i0, i1, device=qg.device) + offset, torch.arange(lo, hi, device=k.device)
             mask = visible(q_pos, k_pos, causal=True, sliding_window=reach) & key_valid[:, None, None, None, lo:hi]
+            if not recompute and _fused_attention_available(qg):
+                return _fused_block(qg[:, :, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], mask, scale)
             scores = scale * qg[:, :, :, i0:i1] @ k[:, :, None, lo:hi].transpose(-1, -2)  # (B, Hk, G, c, n)
             weights, row_max = masked_exp(scores, mask)
             return weights @ v[:, :, None, lo:hi], weights.sum(dim=-1), row_max
 
         parts.append(_step(recompute, block))
     return _concat_rows(parts)
+
+
+def _fused_attention_available(q: torch.Tensor) -> bool:
+    """Whether the exact blocks can run in PyTorch's fused CPU attention kernel (it returns the log-sum-exp
+    a partial attention needs). Elsewhere (CUDA included, untested here) and when training (its backward
+    does not carry the log-sum-exp's gradient, which the merge with the far part needs) the blocks run as
+    plain matmuls."""
+    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _fused_block(q_rows, k_block, v_block, mask, scale):
+    """One exact block in the fused kernel: ``q_rows (B, Hk, G, c, d)`` against ``k_block``/``v_block``
+    ``(B, Hk, n, d)`` where ``mask (B, 1 or Hk, 1 or G, c, n)``. Returns ``(num, den, shift)`` as the
+    unfused block does, relative to each row's log-sum-exp (rows with no visible key: 0, 0, -inf)."""
+    batch, kv_heads, groups, rows, d = q_rows.shape
+    heads = kv_heads * groups
+    expand = lambda x: x[:, :, None].expand(batch, kv_heads, groups, *x.shape[2:]).reshape(batch, heads, *x.shape[2:])
+    mask = mask.expand(batch, kv_heads, groups, rows, k_block.shape[2]).reshape(batch, heads, rows, -1)
+    bias = torch.zeros(mask.shape, dtype=q_rows.dtype, device=q_rows.device).masked_fill_(~mask, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q_rows.reshape(batch, heads, rows, d), expand(k_block), expand(v_block), attn_mask=bias, scale=scale)
+    seen = mask.any(dim=-1)  # the kernel gives 0 output and 0 log-sum-exp to a row with no visible key
+    shift = torch.where(seen, lse.to(out.dtype), torch.full_like(lse, float("-inf"), dtype=out.dtype))
+    shape = (batch, kv_heads, groups, rows)
+    return out.view(*shape, -1), seen.to(out.dtype).view(shape), shift.view(shape)
 
 
 def _merge(a, b):
