@@ -45,3 +45,14 @@ def test_op_scaling_calibrated_settings_on_a_capture(tmp_path):
     rows = json.loads((tmp_path / "out" / "op_scaling.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["sdpa", "support_basis"] and all(r["backward"] for r in rows)
     assert 0 < rows[1]["exact_pair_share"] < 1
+
+
+def test_end_to_end_on_a_saved_tiny_model(tmp_path):
+    model = tiny_model("llama", max_position_embeddings=512)
+    model.save_pretrained(tmp_path / "model")
+    _run("end_to_end.py", "--model", str(tmp_path / "model"), "--lengths", "40,90", "--new-tokens", "2", "--threads", "1",
+         "--output", str(tmp_path / "out"))
+    rows = json.loads((tmp_path / "out" / "end_to_end.json").read_text())["rows"]
+    assert [(r["n"], r["method"]) for r in rows] == [(n, m) for n in (40, 90) for m in ("sdpa", "support_basis")]
+    assert all(r["prefill_seconds"] > 0 and r["decode_ms_per_token"] > 0 for r in rows)
+    assert (tmp_path / "out" / "end_to_end.png").exists()

@@ -1,0 +1,118 @@
+"""End to end: a model's prefill time and per-token decoding time vs context length, SDPA against support
+basis (the defaults, or a settings file such as ``sb-hf calibrate``'s ``support_basis.json``).
+
+    python benchmarks/end_to_end.py --settings runs/calibrate_q_8k/budget_0.05/support_basis.json \
+        --lengths 2048,4096,8192 --output runs/end_to_end
+
+Prefill: one forward pass over the first n tokens of the packaged news text (with the default model;
+random token ids with --model, a local folder). Decoding: then --new-tokens greedy steps with the cache,
+timed per step. Prints the machine, a table, and writes JSON and a PNG to --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+METHODS = ("sdpa", "support_basis")
+
+
+def token_ids(model_path: str | None, n: int):
+    import torch
+
+    from sb_hf.assets import load_model, news_text_path
+
+    if model_path is None:
+        model, tokenizer = load_model()
+        ids = tokenizer(news_text_path().read_text(encoding="utf-8"), return_tensors="pt").input_ids[:, :n]
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        ids = torch.randint(1, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
+    if ids.shape[1] < n:
+        raise SystemExit(f"the text has {ids.shape[1]} tokens, fewer than n = {n}")
+    return model, ids
+
+
+def measure(model, ids, new_tokens: int) -> dict:
+    import torch
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True)
+        prefill = time.perf_counter() - start
+        cache, token, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+        for _ in range(new_tokens):
+            start = time.perf_counter()
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            steps.append(time.perf_counter() - start)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return {"prefill_seconds": prefill, "prefill_tokens_per_second": ids.shape[1] / prefill,
+            "decode_ms_per_token": 1000 * sum(steps) / len(steps)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a local model folder (default: the packaged SmolLM2-135M)")
+    parser.add_argument("--settings", default=None, help="support-basis settings file (default: the defaults)")
+    parser.add_argument("--lengths", default="2048,4096,8192")
+    parser.add_argument("--new-tokens", type=int, default=8, help="decoding steps timed after the prefill (default 8)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default="runs/end_to_end")
+    args = parser.parse_args()
+    if args.new_tokens < 1:
+        parser.error("--new-tokens must be >= 1")
+
+    import torch
+
+    import sb_hf
+
+    torch.set_num_threads(args.threads)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    model, ids = token_ids(args.model, max(lengths))
+    rows = []
+    for n in lengths:
+        for method in METHODS:
+            if method == "sdpa":
+                sb_hf.revert_support_basis(model)
+            else:
+                sb_hf.apply_support_basis(model, config=args.settings)
+            rows.append({"method": method, "n": n, **measure(model, ids[:, :n], args.new_tokens)})
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads; model: "
+          f"{args.model or 'SmolLM2-135M (packaged)'}; support basis: {args.settings or 'defaults'}; "
+          f"{args.new_tokens} decoding steps")
+    print(f"{'n':>6} {'method':>14} {'prefill s':>10} {'tokens/s':>9} {'vs sdpa':>8} {'decode ms/token':>16} {'vs sdpa':>8}")
+    sdpa = {r["n"]: r for r in rows if r["method"] == "sdpa"}
+    for r in rows:
+        base = sdpa[r["n"]]
+        print(f"{r['n']:>6} {r['method']:>14} {r['prefill_seconds']:>10.2f} {r['prefill_tokens_per_second']:>9.0f} "
+              f"{r['prefill_seconds'] / base['prefill_seconds']:>7.2f}x {r['decode_ms_per_token']:>16.1f} "
+              f"{r['decode_ms_per_token'] / base['decode_ms_per_token']:>7.2f}x")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "end_to_end.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in METHODS:
+        pts = [r for r in rows if r["method"] == method]
+        axes[0].loglog([r["n"] for r in pts], [r["prefill_seconds"] for r in pts], "o-", label=method)
+        axes[1].loglog([r["n"] for r in pts], [r["decode_ms_per_token"] for r in pts], "o-", label=method)
+    axes[0].set(xlabel="context length", ylabel="seconds", title="prefill")
+    axes[1].set(xlabel="context length", ylabel="ms per token", title="decoding")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "end_to_end.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
