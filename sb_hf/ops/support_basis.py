@@ -549,9 +549,8 @@ def _prefix_scan(rows, key_features, qg, row_fit, q_large, offset, chunk, window
     def prefix(x):  # (B, Hk, Lk + 1, ...): the sum over keys [0, t) at t
         return torch.cat([torch.zeros_like(x[:, :, :1]), x.cumsum(dim=2)], dim=2)
 
-    q_pos = torch.arange(q_len, device=qg.device) + offset
-    hi = q_pos + 1
-    lo = (hi - window).clamp_min(0) if window is not None else torch.zeros_like(hi)
+    lo, hi = key_spans(q_len, kv_len, causal=True, window=window, device=qg.device)  # queries at offset + i
+    q_pos = hi - 1
     kv_prefix, k_prefix = prefix(features[..., None] * v_all[..., None, :]), prefix(features)
     row_kv = kv_prefix[:, :, hi] - kv_prefix[:, :, lo]  # (B, Hk, Lq, r, dv)
     row_k = k_prefix[:, :, hi] - k_prefix[:, :, lo]
