@@ -96,22 +96,11 @@ def main() -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "end_to_end.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    import matplotlib
+    from plotting import loglog_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method in METHODS:
-        pts = [r for r in rows if r["method"] == method]
-        axes[0].loglog([r["n"] for r in pts], [r["prefill_seconds"] for r in pts], "o-", label=method)
-        axes[1].loglog([r["n"] for r in pts], [r["decode_ms_per_token"] for r in pts], "o-", label=method)
-    axes[0].set(xlabel="context length", ylabel="seconds", title="prefill")
-    axes[1].set(xlabel="context length", ylabel="ms per token", title="decoding")
-    for ax in axes:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "end_to_end.png", dpi=100)
+    loglog_panels(rows, METHODS, [(lambda r: r["prefill_seconds"], "seconds", "prefill"),
+                                  (lambda r: r["decode_ms_per_token"], "ms per token", "decoding")],
+                  "context length", out / "end_to_end.png")
 
 
 if __name__ == "__main__":

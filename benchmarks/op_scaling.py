@@ -188,25 +188,15 @@ def main() -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "op_scaling.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    try:
-        import matplotlib
+    from plotting import loglog_panels
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for method in methods:
-        pts = [r for r in rows if r["method"] == method]
-        axes[0].loglog([r["n"] for r in pts], [r["seconds"] for r in pts], "o-", label=method)
-        axes[1].loglog([r["n"] for r in pts], [max(r["peak_extra_mib"], 1e-1) for r in pts], "o-", label=method)
-    axes[0].set(xlabel="sequence length", ylabel="seconds",
-                title=f"causal {'forward+backward' if args.backward else 'forward'} time")
-    axes[1].set(xlabel="sequence length", ylabel="peak extra MiB", title="peak memory")
-    for ax in axes:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "op_scaling.png", dpi=100)
+    try:
+        loglog_panels(rows, methods, [
+            (lambda r: r["seconds"], "seconds", f"causal {'forward+backward' if args.backward else 'forward'} time"),
+            (lambda r: max(r["peak_extra_mib"], 1e-1), "peak extra MiB", "peak memory"),
+        ], "sequence length", out / "op_scaling.png")
+    except ImportError:  # no matplotlib: the table and JSON only
+        pass
 
 
 if __name__ == "__main__":

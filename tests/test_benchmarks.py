@@ -30,6 +30,7 @@ def test_op_scaling_random_inputs(tmp_path):
     share = {(r["n"], r["method"]): r["exact_pair_share"] for r in rows}
     assert share[200, "sdpa"] == 1.0 and 0 < share[200, "sink_window"] < 1 and 0 < share[200, "support_basis"] < 1
     assert "vs sdpa" in out and all(r["seconds"] > 0 for r in rows)
+    assert (tmp_path / "op_scaling.png").exists()
 
 
 def test_op_scaling_calibrated_settings_on_a_capture(tmp_path):
