@@ -12,8 +12,8 @@ def loglog_panels(rows: list[dict], methods, panels: list[tuple], xlabel: str, p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for ax, (value, ylabel, title) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (value, ylabel, title) in zip(axes[0], panels):
         for method in methods:
             pts = [r for r in rows if r["method"] == method]
             ax.loglog([r["n"] for r in pts], [value(r) for r in pts], "o-", label=method)

@@ -22,6 +22,17 @@ def _run(script: str, *args: str) -> str:
     return done.stdout
 
 
+def calibrated_capture(tmp_path, *, tokens: int, seed: int) -> tuple[Path, Path]:
+    """A tiny Llama's captured activations over ``tokens`` random ids and their per-query-head calibration:
+    the settings file and the capture file."""
+    model = tiny_model("llama", max_position_embeddings=512)
+    ids = torch.randint(1, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(seed))
+    capture = capture_activations(model, ids)
+    candidates = default_candidates((float("inf"),), 0, sinks=2, local_windows=(8, 32), column_shares=(0.0, 0.05))
+    _, settings = write_report(calibrate(capture, budget=0.2, candidates=candidates, per_head=True), tmp_path / "cal")
+    return settings, save_capture(capture, tmp_path / "capture.safetensors")
+
+
 def test_op_scaling_random_inputs(tmp_path):
     out = _run("op_scaling.py", "--lengths", "200", "--methods", "sdpa,support_basis,sink_window", "--large-rows", "4",
                "--window", "32", "--threads", "1", "--output", str(tmp_path))
@@ -35,12 +46,7 @@ def test_op_scaling_random_inputs(tmp_path):
 
 def test_op_scaling_calibrated_settings_on_a_capture(tmp_path):
     """--settings/--capture: a per-query-head calibration of a tiny model, run on its captured layer."""
-    model = tiny_model("llama", max_position_embeddings=512)
-    ids = torch.randint(1, VOCAB, (1, 300), generator=torch.Generator().manual_seed(0))
-    capture = capture_activations(model, ids)
-    candidates = default_candidates((float("inf"),), 0, sinks=2, local_windows=(8, 32), column_shares=(0.0, 0.05))
-    _, settings = write_report(calibrate(capture, budget=0.2, candidates=candidates, per_head=True), tmp_path / "cal")
-    path = save_capture(capture, tmp_path / "capture.safetensors")
+    settings, path = calibrated_capture(tmp_path, tokens=300, seed=0)
     _run("op_scaling.py", "--settings", str(settings), "--capture", str(path), "--layer", "1", "--lengths", "256",
          "--methods", "sdpa,support_basis", "--threads", "1", "--backward", "--output", str(tmp_path / "out"))
     rows = json.loads((tmp_path / "out" / "op_scaling.json").read_text())["rows"]
@@ -57,3 +63,14 @@ def test_end_to_end_on_a_saved_tiny_model(tmp_path):
     assert [(r["n"], r["method"]) for r in rows] == [(n, m) for n in (40, 90) for m in ("sdpa", "support_basis")]
     assert all(r["prefill_seconds"] > 0 and r["decode_ms_per_token"] > 0 for r in rows)
     assert (tmp_path / "out" / "end_to_end.png").exists()
+
+
+def test_decode_step_with_calibrated_settings_on_a_capture(tmp_path):
+    """Every layer of a per-query-head calibration of a tiny model, decoding steps on its captured activations."""
+    settings, path = calibrated_capture(tmp_path, tokens=260, seed=1)
+    out = _run("decode_step.py", "--settings", str(settings), "--capture", str(path), "--lengths", "100,240", "--steps", "3",
+               "--threads", "1", "--output", str(tmp_path / "out"))
+    data = json.loads((tmp_path / "out" / "decode_step.json").read_text())
+    assert data["layers"] == [0, 1] and [r["n"] for r in data["rows"]] == [100, 240]
+    assert all(r["sdpa_ms"] > 0 and r["support_basis_ms"] > 0 and 0 < r["exact_pair_share"] < 1 for r in data["rows"])
+    assert "vs sdpa" in out and (tmp_path / "out" / "decode_step.png").exists()

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import weakref
 from typing import Any, Iterator
 
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import (
     AttentionMaskInterface,
     causal_mask_function,
@@ -24,6 +26,8 @@ from transformers.masking_utils import (
 
 from ..config import SupportBasisConfig, load_settings
 from ..ops import as23_attention, multi_threshold_attention, sink_window_attention, support_basis_attention
+from ..ops.common import check_buckets
+from ..ops.decoding import EVERY_KEY, DecodingState, Units, decoding_attention
 from ..ops.heads import grouped_attention, head_groups
 
 IMPLEMENTATIONS = {
@@ -42,6 +46,7 @@ OP_SETTINGS = {
     "as23": ("degree", "radius", "chunk_size", "max_feature_bytes", "sketch_dim", "sketch_seed", "kernel", "radius_limit"),
     "sink_window": ("sinks", "local_window", "chunk_size"),
 }
+DECODING_CACHE = ("support_basis", "support_basis_multi", "as23")  # the implementations that keep a decoding state
 _active_stats: list[dict] = []  # innermost `attention_stats()` context receives the pair counts
 
 
@@ -101,14 +106,150 @@ def _make_attention_forward(name: str):
             keys = attention_mask.shape[-1]
             key, value, key_padding_mask = key[:, :, :keys], value[:, :, :keys], attention_mask
         groups, per_query_head = _module_groups(module, name, query.device, query.shape[1], key.shape[1])
+        stats = _active_stats[-1] if _active_stats else None
+        if name in DECODING_CACHE:
+            units = _layer_units(module, name, groups, per_query_head, query.shape[1], key.shape[1])
+            states = decoding_states(module, name, 1 if units is not None else len(groups))
+            if units is not None and states is not None:  # one call for every head of the layer
+                out = decoding_attention(query, key, value, states[0], core=units[0], units=units[1], scale=scaling,
+                                         causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
+                                         stats=stats, **extra)
+                if out is not None:
+                    return out.transpose(1, 2).contiguous(), None
+            elif states is not None:
+                extra["decoding_states"] = states
         out = grouped_attention(
             op, query, key, value, groups, per_query_head=per_query_head, causal=causal, scale=scaling, key_padding_mask=key_padding_mask,
-            sliding_window=sliding_window, stats=_active_stats[-1] if _active_stats else None, **extra,
+            sliding_window=sliding_window, stats=stats, **extra,
         )
         return out.transpose(1, 2).contiguous(), None
 
     attention_forward.__name__ = f"{name}_attention_forward"
     return attention_forward
+
+
+def decoding_states(module: torch.nn.Module, name: str, groups: int) -> list[DecodingState] | None:
+    """The decoding states of ``module``'s op calls (one per group of heads), kept on the layer of the
+    transformers cache the model was called with, or None when there is none to keep them on.
+
+    The states live on a ``DynamicLayer`` or ``DynamicSlidingWindowLayer`` (what ``generate()`` and the models
+    create by default): ``update`` only appends keys (the sliding one also drops the oldest, which the op sees
+    and then runs in full: a state serves only while no sliding window is in effect), and their other methods
+    that change the keys (``crop``, ``reorder_cache`` for beam search, ``reset``, the batch selections) are
+    wrapped on that layer object to drop the states first. Static and quantized layers get none: those calls
+    run the op in full.
+    The cache reaches us through a forward pre-hook on the attention module (the attention function itself is
+    not given it), installed on the first call; a weak reference, so the module never keeps a cache alive.
+    """
+    if "_sb_hf_cache" not in module.__dict__:
+        module.__dict__["_sb_hf_cache"] = None
+        module.register_forward_pre_hook(_remember_cache, with_kwargs=True)
+        return None  # the pre-hook sees this module's calls from the next one on
+    reference = module.__dict__["_sb_hf_cache"]
+    cache = reference() if reference is not None else None
+    layer_idx = getattr(module, "layer_idx", None)
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx is None or layer_idx >= len(layers) or type(layers[layer_idx]) not in _APPEND_ONLY_LAYERS:
+        return None
+    layer = layers[layer_idx]
+    states = layer.__dict__.get("_sb_hf_decoding_states")
+    if states is None:
+        states = layer.__dict__["_sb_hf_decoding_states"] = {}
+        for method in _KEY_CHANGING_METHODS:
+            if hasattr(layer, method):
+                setattr(layer, method, _dropping_states(layer, getattr(layer, method)))
+    return [states.setdefault((name, group), DecodingState()) for group in range(groups)]
+
+
+_APPEND_ONLY_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
+_KEY_CHANGING_METHODS = ("crop", "reset", "reorder_cache", "batch_repeat_interleave", "batch_select_indices",
+                         "lazy_initialization")
+
+
+def _dropping_states(layer, method):
+    def wrapped(*args, **kwargs):
+        layer.__dict__["_sb_hf_decoding_states"].clear()
+        return method(*args, **kwargs)
+
+    return wrapped
+
+
+def _remember_cache(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    cache = kwargs.get("past_key_values")
+    module.__dict__["_sb_hf_cache"] = weakref.ref(cache) if cache is not None else None
+
+
+def _layer_units(module, name, groups, per_query_head, q_heads, kv_heads) -> tuple[dict, Units] | None:
+    """:func:`layer_plan` of the module's groups, cached on the module with ``groups``."""
+    cached = module.__dict__.get("_sb_hf_units")
+    if cached is not None and cached[0] is groups:
+        return cached[1]
+    plan = layer_plan(name, groups, per_query_head, q_heads, kv_heads)
+    module.__dict__["_sb_hf_units"] = (groups, plan)
+    return plan
+
+
+def layer_plan(name: str, groups, per_query_head: bool, q_heads: int, kv_heads: int) -> tuple[dict, Units] | None:
+    """The polynomial a layer's groups of heads share and the structure of each head (``(core, units)``, the
+    arguments of :func:`sb_hf.ops.decoding.decoding_attention`), when the groups differ only in structure (local
+    window, sinks, key columns, radius limit) or are computed exactly (threshold 0): a decoding step then runs
+    every head in one call. None otherwise (one call per group)."""
+    # Heads computed exactly (threshold 0) join as heads whose local band covers every key.
+    exact = [_polynomial(name, kwargs)["thresholds"][0] == 0 for _, kwargs in groups]
+    if all(exact):
+        exact = [False] * len(groups)
+    groups = [(heads, {**kwargs, "local_window": EVERY_KEY, "sinks": 0, "column_queries": None}) if is_exact else (heads, kwargs)
+              for (heads, kwargs), is_exact in zip(groups, exact)]
+    cores = [_polynomial(name, kwargs) for (_, kwargs), is_exact in zip(groups, exact) if not is_exact]
+    rep = q_heads // kv_heads
+    columns_fit = all(kwargs.get("column_queries") is None or kwargs["column_queries"].shape[0] == len(heads) * (1 if per_query_head else rep)
+                      for heads, kwargs in groups)  # else the op itself says what is wrong with them
+    if not columns_fit or any(core != cores[0] for core in cores):
+        return None
+    return cores[0], _units(groups, per_query_head, q_heads, kv_heads)
+
+
+def _polynomial(name: str, kwargs: dict) -> dict:
+    """The settings of an op call that define its polynomial (what one decoding state holds sums for)."""
+    if name == "support_basis_multi":
+        thresholds, degrees, sketch_dims = check_buckets(kwargs["thresholds"], kwargs["degrees"], kwargs["sketch_dim"])
+    else:
+        thresholds = [kwargs["threshold"] if name == "support_basis" else float("inf")]
+        degrees, sketch_dims = [kwargs["degree"]], [kwargs["sketch_dim"]]
+    return dict(thresholds=list(thresholds), degrees=list(degrees), sketch_dims=list(sketch_dims),
+                sketch_seed=kwargs["sketch_seed"], kernel=kwargs["kernel"], radius=kwargs["radius"])
+
+
+def _units(groups, per_query_head: bool, q_heads: int, kv_heads: int) -> Units:
+    """Each head's structure from its group's op kwargs: a unit per query head (``heads`` settings) or per KV head."""
+    rep = q_heads // kv_heads
+    count = q_heads if per_query_head else kv_heads
+    per_unit = [None] * count
+    query_rows = [None] * q_heads  # (group kwargs, row of the group's column_queries) of each query head
+    for heads, kwargs in groups:
+        q_of_group = heads if per_query_head else [g * rep + r for g in heads for r in range(rep)]
+        for unit in heads:
+            per_unit[unit] = kwargs
+        for row, head in enumerate(q_of_group):
+            query_rows[head] = (kwargs, row)
+    column_queries = column_threshold = None
+    if any(kwargs.get("column_queries") is not None for _, kwargs in groups):
+        d = next(kwargs["column_queries"].shape[1] for _, kwargs in groups if kwargs.get("column_queries") is not None)
+        rows, limits = [], []
+        for kwargs, row in query_rows:
+            queries = kwargs.get("column_queries")
+            if queries is None:  # a head without key columns: no key passes an infinite threshold
+                rows.append(torch.zeros(d, dtype=torch.float64))
+                limits.append(float("inf"))
+            else:
+                rows.append(queries[row].double().cpu())
+                threshold = torch.as_tensor(kwargs["column_threshold"], dtype=torch.float64)
+                limits.append(float(threshold if threshold.dim() == 0 else threshold[row]))
+        device = next(kwargs["column_queries"].device for _, kwargs in groups if kwargs.get("column_queries") is not None)
+        column_queries, column_threshold = torch.stack(rows).to(device), torch.tensor(limits, dtype=torch.float64, device=device)
+    return Units(per_kv_head=rep if per_query_head else 1, local_windows=[kw.get("local_window", 0) for kw in per_unit],
+                 sinks=[kw.get("sinks", 0) for kw in per_unit], radius_limits=[kw["radius_limit"] for kw in per_unit],
+                 column_queries=column_queries, column_threshold=column_threshold)
 
 
 def _op_kwargs(settings: SupportBasisConfig, name: str) -> dict[str, Any]:

@@ -98,10 +98,15 @@ def check_inputs(
     if isinstance(radius_limit, bool) or not isinstance(radius_limit, (int, float)) or not 0 < radius_limit <= RADIUS_LIMIT:
         raise ValueError(f"radius_limit must be a number in (0, {RADIUS_LIMIT}], got {radius_limit!r}")
     if check_finite:
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            if not torch.isfinite(x).all():
-                raise ValueError(f"{name} contains NaN or inf; attention of non-finite inputs is undefined")
+        check_finite_inputs(q, k, v)
     return Shapes(batch, q_heads, kv_heads, q_heads // kv_heads, q_len, kv_len, head_dim, v.shape[-1])
+
+
+def check_finite_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ``ValueError`` on NaN or inf in ``q``, ``k`` or ``v`` (one host sync each)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} contains NaN or inf; attention of non-finite inputs is undefined")
 
 
 def check_sink_window(
@@ -164,30 +169,34 @@ def check_structure(sinks, local_window, column_queries, column_threshold, causa
         raise ValueError("column_queries contains NaN or inf")
 
 
-def sink_keys(key_valid: torch.Tensor, sinks: int, dropped_real_keys: torch.Tensor | None = None) -> torch.Tensor:
-    """The first ``sinks`` real keys of each sequence, ``(B, Lk)`` bool: rank among the keys with ``key_valid``
-    True, counting the ``dropped_real_keys`` a sliding-window cache no longer holds (they had the first ranks)."""
+def sink_keys(key_valid: torch.Tensor, sinks: int | torch.Tensor, dropped_real_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """The first ``sinks`` real keys of each sequence, ``(B, Lk)`` (or per head ``(B, H, Lk)``) bool: rank among the
+    keys with ``key_valid`` True, counting the ``dropped_real_keys`` (``(B,)`` or ``(B, H)``) that come before them (a
+    sliding-window cache no longer holds them, or a decoding state folded them). ``sinks``: a number, or per head
+    ``(H, 1)``."""
     rank = key_valid.long().cumsum(dim=-1) - 1
     if dropped_real_keys is not None:
-        rank = rank + dropped_real_keys.to(rank.device)[:, None]
+        rank = rank + dropped_real_keys.to(rank.device).view(*dropped_real_keys.shape, *(1,) * (rank.dim() - dropped_real_keys.dim()))
     return key_valid & (rank < sinks)
 
 
-def structural_keys(k: torch.Tensor, key_valid: torch.Tensor, *, sinks: int, column_queries: torch.Tensor | None,
+def structural_keys(k: torch.Tensor, key_valid: torch.Tensor, *, sinks: int | torch.Tensor, column_queries: torch.Tensor | None,
                     column_threshold, scale: float, dropped_real_keys: torch.Tensor | None = None) -> torch.Tensor:
     """Keys every query attends to exactly because of where or what they are, ``(B, Hk, Lk)`` bool:
     the first ``sinks`` real keys (rank among real keys, after ``dropped_real_keys``), and the *columns*,
     keys whose score with a head's mean query ``scale * qbar_h . k_j`` exceeds ``column_threshold`` for
-    some query head of the KV group. Both rules look at the key alone, so a KV cache agrees."""
+    some query head of the KV group. Both rules look at the key alone, so a KV cache agrees.
+    ``key_valid``: ``(B, Lk)``, or per head ``(B, Hk, Lk)`` (see :func:`sink_keys` for ``sinks``)."""
     batch, kv_heads, kv_len, d = k.shape
-    keys = sink_keys(key_valid, sinks, dropped_real_keys)[:, None, :].expand(batch, kv_heads, kv_len)
+    valid = key_valid if key_valid.dim() == 3 else key_valid[:, None, :].expand(batch, kv_heads, kv_len)
+    keys = sink_keys(valid, sinks, dropped_real_keys)
     if column_queries is not None:
         groups = column_queries.shape[0] // kv_heads
         mean_queries = column_queries.to(device=k.device, dtype=k.dtype).view(kv_heads, groups, d)
         threshold = torch.as_tensor(column_threshold, dtype=k.dtype, device=k.device).expand(kv_heads * groups)
         scores = scale * torch.einsum("bhnd,hgd->bhng", k, mean_queries)
         keys = keys | (scores > threshold.view(kv_heads, 1, groups)).any(dim=-1)
-    return keys & key_valid[:, None, :]
+    return keys & valid
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -303,6 +312,13 @@ def visible_key_max(values: torch.Tensor, window: int | None) -> torch.Tensor:
         return values.cummax(dim=-1).values
     flat = torch.nn.functional.pad(values.reshape(-1, 1, values.shape[-1]), (window - 1, 0))
     return torch.nn.functional.max_pool1d(flat, kernel_size=window, stride=1).reshape(values.shape)
+
+
+def group_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x (B, Hk, G, c, m) @ y (B, Hk, m, n) -> (B, Hk, G, c, n)``: the rows of a KV head's G query heads stacked
+    into one matmul (broadcasting ``y`` over G instead copies it G times: 20x slower for a decoding step)."""
+    b, h, g, c, m = x.shape
+    return (x.reshape(b, h, g * c, m) @ y).view(b, h, g, c, y.shape[-1])
 
 
 def masked_exp(scores: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

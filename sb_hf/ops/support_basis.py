@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.utils.checkpoint
 
@@ -30,9 +32,11 @@ from .common import (
     RADIUS_LIMIT,
     Shapes,
     add_stats,
+    check_finite_inputs,
     check_inputs,
     check_structure,
     compute_dtype,
+    group_matmul,
     key_spans,
     large_rows,
     masked_exp,
@@ -45,6 +49,9 @@ from .common import (
     visible_key_max,
 )
 from .polynomial import FeatureMap, base_features_per_map, check_kernel, kernel_fit, kernel_on_scores
+
+if TYPE_CHECKING:
+    from .decoding import DecodingState
 
 DEFAULT_CHUNK_SIZE = 64  # the feature scan (many features per row); chosen by measurement (benchmarks/op_scaling.py)
 BAND_BLOCK_SIZE = 128  # query rows per block of the exact local band (a (c, c + window) block)
@@ -80,6 +87,7 @@ def support_basis_attention(
     column_threshold: float | torch.Tensor | None = None,
     dropped_real_keys: torch.Tensor | None = None,
     stats: dict | None = None,
+    decoding_state: "DecodingState | None" = None,
 ) -> torch.Tensor:
     """Support-basis attention of ``q (B, Hq, Lq, d)`` over ``k, v (B, Hk, Lk, d)``, returns ``(B, Hq, Lq, dv)``.
 
@@ -118,6 +126,9 @@ def support_basis_attention(
             their KV group are exact for every query (the keys that collect attention everywhere).
         column_threshold: a number, or a tensor with one per query head.
         stats: optional dict; receives tensors ``exact_pairs``, ``pairs``, ``exact_rows``, ``rows``.
+        decoding_state: a :class:`sb_hf.ops.decoding.DecodingState` passed to every call of one sequence of
+            decoding steps: single-query causal inference steps then take the far part from its running sums
+            (cost independent of the context length), the result the same up to rounding; other calls leave it alone.
 
     Rows whose approximate mass is not positive, or whose output is not finite, are recomputed
     exactly (see :func:`sb_hf.ops.common.suspect_rows`). Computation runs in fp32 (fp64 for fp64).
@@ -127,7 +138,7 @@ def support_basis_attention(
         kernel=kernel, causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
         radius_limit=radius_limit, chunk_size=chunk_size, max_feature_bytes=max_feature_bytes, evaluation=evaluation,
         sinks=sinks, local_window=local_window, column_queries=column_queries, column_threshold=column_threshold,
-        dropped_real_keys=dropped_real_keys, stats=stats,
+        dropped_real_keys=dropped_real_keys, stats=stats, decoding_state=decoding_state,
     )
 
 
@@ -156,6 +167,7 @@ def multi_threshold_attention(
     column_threshold: float | torch.Tensor | None = None,
     dropped_real_keys: torch.Tensor | None = None,
     stats: dict | None = None,
+    decoding_state: "DecodingState | None" = None,
 ) -> torch.Tensor:
     """Multi-threshold support-basis attention: thresholds ``T1 > T2 > ... > Tm``.
 
@@ -174,17 +186,18 @@ def multi_threshold_attention(
         kernel=kernel, causal=causal, scale=scale, key_padding_mask=key_padding_mask, sliding_window=sliding_window, radius=radius,
         radius_limit=radius_limit, chunk_size=chunk_size, max_feature_bytes=max_feature_bytes, evaluation=evaluation,
         sinks=sinks, local_window=local_window, column_queries=column_queries, column_threshold=column_threshold,
-        dropped_real_keys=dropped_real_keys, stats=stats,
+        dropped_real_keys=dropped_real_keys, stats=stats, decoding_state=decoding_state,
     )
 
 
 def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel, causal, scale, key_padding_mask,
                sliding_window, radius, radius_limit, chunk_size, max_feature_bytes, evaluation, sinks, local_window,
-               column_queries, column_threshold, dropped_real_keys, stats):
+               column_queries, column_threshold, dropped_real_keys, stats, decoding_state):
     threshold = thresholds[0]
     shapes = check_inputs(
         q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
         degree=max(degrees), threshold=threshold, scale=scale, radius=radius, radius_limit=radius_limit,
+        check_finite=False,  # below: a decoding step checks only the keys no earlier step checked
     )
     check_structure(sinks, local_window, column_queries, column_threshold, causal, shapes, dropped_real_keys)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
@@ -198,6 +211,7 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
     sketched = any(r is not None for r in sketch_dims)
     if sketched and evaluation == "scores":
         raise ValueError("a sketched kernel is not a function of the scores: use evaluation='features' or 'auto'")
+    requested_evaluation = evaluation
     if evaluation == "auto":
         evaluation = "scores" if not sketched and shapes.q_len < sum(f.dim for f in feature_maps) else "features"
     recompute = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))  # training: see _step
@@ -216,44 +230,63 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
     key_valid = (
         torch.ones(s.batch, s.kv_len, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
     )
+    if decoding_state is not None:  # a decoding step takes the far part from the state's running sums
+        from .decoding import Units  # (decoding builds on this module)
+
+        core = dict(thresholds=thresholds, degrees=degrees, sketch_dims=sketch_dims, sketch_seed=sketch_seed, kernel=kernel,
+                    radius=radius, scale=scale)
+        units = Units.shared(s.kv_heads, s.q_heads, local_window=local_window, sinks=sinks, radius_limit=radius_limit,
+                             column_queries=column_queries, column_threshold=column_threshold)
+        if decoding_state.serves(shapes, compute, q.device, core, units, causal=causal, window=window, recompute=recompute,
+                                 dropped_real_keys=dropped_real_keys, evaluation=requested_evaluation):
+            out = decoding_state.step(qg, k, v, key_valid, stats=stats, out_dtype=out_dtype)
+            return out.reshape(s.batch, s.q_heads, s.q_len, s.value_dim).to(out_dtype)
     q_large = large_rows(qg, threshold)  # (B, Hk, G, Lq)
     if (RADIUS_FLOOR if radius is None else radius) > radius_limit:  # every row's interval is at least this wide
         q_large = torch.ones_like(q_large)  # (rows without far keys too, which skip the far part)
-    buckets = key_buckets(k, thresholds)  # (B, Hk, Lk), -1 for large keys
-    exact_keys = structural_keys(k, key_valid, sinks=sinks, column_queries=column_queries, column_threshold=column_threshold,
-                                 scale=scale, dropped_real_keys=dropped_real_keys)
-    exact_keys = exact_keys | ((buckets == -1) & key_valid[:, None, :])  # exact for every query that sees them
-    k_bucket = torch.where(key_valid[:, None, :] & ~exact_keys, buckets, -1)  # -1: no polynomial
-
-    # The far part (exact keys + polynomial) covers the keys j <= p - local_window: it runs in a frame lagged
-    # by the window, where query i sits at p - local_window and only the first kv_len - local_window keys exist.
     lag = local_window
-    first = min(max(lag - offset, 0), s.q_len) if lag else 0  # earlier queries have no far key
-    far_window = None if window is None else window - lag
     rows_shape = (s.batch, s.kv_heads, s.groups, s.q_len)
     num, den = qg.new_zeros(*rows_shape, s.value_dim), qg.new_zeros(rows_shape)
     shift = qg.new_full(rows_shape, float("-inf"))
+    settings = dict(thresholds=thresholds, feature_maps=feature_maps, kernel=kernel, scale=scale, radius=radius,
+                    radius_limit=radius_limit)
+    structure = dict(sinks=sinks, column_queries=column_queries, column_threshold=column_threshold, scale=scale)
+    check_finite_inputs(q, k, v)
+    if decoding_state is not None:
+        decoding_state.checked_keys = s.kv_len
+    exact_keys, k_bucket = split_keys(k, key_valid, thresholds, dropped_real_keys=dropped_real_keys, **structure)
+    # The far part (exact keys + polynomial) covers the keys j <= p - local_window: it runs in a frame lagged
+    # by the window, where query i sits at p - local_window and only the first kv_len - local_window keys exist.
+    first = min(max(lag - offset, 0), s.q_len) if lag else 0  # earlier queries have no far key
+    far_window = None if window is None else window - lag
     far_keys = s.kv_len - lag
     if first < s.q_len and (far_window is None or far_window > 0) and not bool(q_large[..., first:].all()):
         far_large, far_num, far_den, far_shift = _far_part(
             qg[..., first:, :], k[:, :, :far_keys], v[:, :, :far_keys], k_bucket[..., :far_keys],
-            exact_keys[..., :far_keys], q_large[..., first:], offset - lag + first, far_window,
-            thresholds=thresholds, feature_maps=feature_maps, kernel=kernel, scale=scale, causal=causal, radius=radius,
-            radius_limit=radius_limit, evaluation=evaluation, chunk_size=chunk_size, recompute=recompute,
+            exact_keys[..., :far_keys], q_large[..., first:], offset - lag + first, far_window, causal=causal,
+            evaluation=evaluation, chunk_size=chunk_size, recompute=recompute, **settings,
         )
         q_large = torch.cat([q_large[..., :first], far_large], dim=-1)
         num, den = torch.cat([num[..., :first, :], far_num], dim=-2), torch.cat([den[..., :first], far_den], dim=-1)
         shift = torch.cat([shift[..., :first], far_shift], dim=-1)
-    if lag:
-        band = _local_band(qg, k, v, key_valid, scale, lag, window, offset, chunk_size or BAND_BLOCK_SIZE, recompute)
-        num, den = _merge((num, den, shift), band)
-    out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
-    exact_rows = q_large | suspect_rows(den, out, out_dtype)
-
-    out = _exact_rows(qg, k, v, out, exact_rows, scale, causal, window, key_valid, offset, recompute)
+    band = _local_band(qg, k, v, key_valid, scale, lag, window, offset, chunk_size or BAND_BLOCK_SIZE, recompute) if lag else None
+    out, exact_rows = _combine(qg, k, v, key_valid, (num, den, shift), band, q_large, scale=scale, causal=causal,
+                               window=window, offset=offset, recompute=recompute, out_dtype=out_dtype)
     if stats is not None:
         _count_pairs(stats, exact_rows, exact_keys, key_valid, causal, window, lag)
     return out.reshape(s.batch, s.q_heads, s.q_len, s.value_dim).to(out_dtype)
+
+
+def _combine(qg, k, v, key_valid, far, band, q_large, *, scale, causal, window, offset, recompute, out_dtype):
+    """The output from the far part ``(num, den, shift)`` and the local band (or None), with the large query
+    rows and the rows whose approximation broke down (:func:`sb_hf.ops.common.suspect_rows`) computed exactly
+    over every visible key. Returns ``(out, exact_rows)``."""
+    num, den, shift = far
+    if band is not None:
+        num, den = _merge(far, band)
+    out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]
+    exact_rows = q_large | suspect_rows(den, out, out_dtype)
+    return _exact_rows(qg, k, v, out, exact_rows, scale, causal, window, key_valid, offset, recompute), exact_rows
 
 
 def _far_part(qg, k, v, k_bucket, exact_keys, q_large, offset, window, *, thresholds, feature_maps, kernel, scale, causal,
@@ -261,23 +294,15 @@ def _far_part(qg, k, v, k_bucket, exact_keys, q_large, offset, window, *, thresh
     """The exact keys plus each bucket's polynomial, for the rows of ``qg`` over the keys ``k``, ``v``
     (queries at positions ``offset + i``). Returns ``q_large`` (with the rows the guard sends to the exact
     path), and per row the numerator, the mass and the shift they are taken relative to."""
-    if radius is None:  # per bucket: scale |q_i| max |k_j| over the visible keys of the bucket
-        k_norm, q_norm = k.norm(dim=-1), qg.norm(dim=-1)
-        radii = []
-        for b in range(len(thresholds)):
-            norms = torch.where(k_bucket == b, k_norm, torch.zeros_like(k_norm))
-            k_max = visible_key_max(norms, window)[..., offset:] if causal else norms.amax(-1, keepdim=True)
-            radii.append(scale * q_norm * k_max[:, :, None, :])
-        row_radius = torch.stack(radii, dim=-1).clamp_min(RADIUS_FLOOR)  # (B, Hk, G, Lq, m)
-    else:
-        row_radius = torch.full((*qg.shape[:-1], len(thresholds)), float(radius), dtype=qg.dtype, device=qg.device)
-    q_large = q_large | (row_radius.amax(dim=-1) > radius_limit)  # outside the fit's (calibrated) range
-    row_radius = torch.where(q_large[..., None], torch.full_like(row_radius, RADIUS_FLOOR), row_radius)
-    row_center = torch.zeros_like(row_radius)  # only the taylor kernel has a centre
-    if kernel == "taylor":
-        centers = _row_centers(qg, k, k_bucket, len(thresholds), scale, causal, window, offset)
-        row_center = torch.where(q_large[..., None], row_center, centers)
-    row_fit = torch.stack([row_radius, row_center], dim=-1)  # (B, Hk, G, Lq, m, 2): each bucket's interval and centre
+    buckets = range(len(thresholds))
+    key_norm_max = None
+    if radius is None:  # per bucket: max |k_j| over the visible keys of the bucket
+        k_norm = k.norm(dim=-1)
+        norms = [torch.where(k_bucket == b, k_norm, torch.zeros_like(k_norm)) for b in buckets]
+        norms = [visible_key_max(n, window)[..., offset:] if causal else n.amax(-1, keepdim=True) for n in norms]
+        key_norm_max = torch.stack(norms, dim=-1)[:, :, None]  # (B, Hk, 1, Lq or 1, m)
+    centers = _row_centers(qg, k, k_bucket, len(thresholds), scale, causal, window, offset) if kernel == "taylor" else None
+    q_large, row_fit = _fit_rows(qg, q_large, key_norm_max, centers, len(thresholds), scale=scale, radius=radius, radius_limit=radius_limit)
     exact = _gather_rows(exact_keys, (k, v))
     rows = _RowAttention(scale, feature_maps, causal, window, exact, qg.device)
     if evaluation == "scores":
@@ -294,25 +319,59 @@ def _far_part(qg, k, v, k_bucket, exact_keys, q_large, offset, window, *, thresh
     return q_large, num, den, shift
 
 
-def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk, recompute):
+def split_keys(k, key_valid, thresholds, *, sinks, column_queries, column_threshold, scale, dropped_real_keys=None):
+    """Which keys are exact for every query that sees them (large keys, sinks, columns), ``(B, Hk, Lk)`` bool,
+    and the polynomial bucket of the others (``-1``: none, for exact and padded keys). ``key_valid``: ``(B, Lk)``
+    or per head ``(B, Hk, Lk)``."""
+    valid = key_valid if key_valid.dim() == 3 else key_valid[:, None, :]
+    buckets = key_buckets(k, thresholds)  # (B, Hk, Lk), -1 for large keys
+    exact_keys = structural_keys(k, key_valid, sinks=sinks, column_queries=column_queries, column_threshold=column_threshold,
+                                 scale=scale, dropped_real_keys=dropped_real_keys)
+    exact_keys = exact_keys | ((buckets == -1) & valid)
+    return exact_keys, torch.where(valid & ~exact_keys, buckets, -1)
+
+
+def _fit_rows(qg, q_large, key_norm_max, centers, buckets, *, scale, radius, radius_limit):
+    """Each row's interval half-width and centre per bucket, ``row_fit (B, Hk, G, Lq, m, 2)``, and ``q_large``
+    with the rows whose interval is wider than ``radius_limit`` (they go to the exact path). The half-width is
+    ``scale |q_i| key_norm_max`` (the largest norm of the bucket's keys the row sees, ``(B, Hk, 1, Lq or 1, m)``),
+    floored at 1, or the fixed ``radius`` (``buckets`` of them); ``centers`` (taylor kernel, else None) the rows' mean small scores."""
+    if radius is None:
+        row_radius = (scale * qg.norm(dim=-1)[..., None] * key_norm_max).clamp_min(RADIUS_FLOOR)  # (B, Hk, G, Lq, m)
+    else:
+        row_radius = torch.full((*qg.shape[:-1], buckets), float(radius), dtype=qg.dtype, device=qg.device)
+    q_large = q_large | (row_radius.amax(dim=-1) > radius_limit)  # outside the fit's (calibrated) range
+    row_radius = torch.where(q_large[..., None], torch.full_like(row_radius, RADIUS_FLOOR), row_radius)
+    row_center = torch.zeros_like(row_radius)  # only the taylor kernel has a centre
+    if centers is not None:
+        row_center = torch.where(q_large[..., None], row_center, centers)
+    return q_large, torch.stack([row_radius, row_center], dim=-1)
+
+
+def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk, recompute, longest=None):
     """Exact attention of every query ``p`` to the keys ``p - local_window < j <= p`` it may see, query
     chunk by chunk (a ``(c, c + local_window)`` block): per row the numerator, the mass and the maximum
-    score they are taken relative to (``-inf`` when the row sees no key)."""
-    reach = local_window if window is None else min(local_window, window)
+    score they are taken relative to (``-inf`` when the row sees no key). ``local_window`` may be a tensor
+    of one per query head, ``(Hk, G, 1, 1)``; ``longest`` is then its largest value."""
+    longest = local_window if longest is None else longest
+    reach = local_window
+    if window is not None:
+        reach = local_window.clamp(max=window) if isinstance(local_window, torch.Tensor) else min(local_window, window)
+        longest = min(longest, window)
     q_len = qg.shape[3]
     parts = []
     for i0 in range(0, q_len, chunk):
         i1 = min(i0 + chunk, q_len)
-        lo, hi = max(offset + i0 - reach + 1, 0), offset + i1
+        lo, hi = max(offset + i0 - longest + 1, 0), offset + i1
 
         def block(i0=i0, i1=i1, lo=lo, hi=hi):
             q_pos, k_pos = torch.arange(i0, i1, device=qg.device) + offset, torch.arange(lo, hi, device=k.device)
             mask = visible(q_pos, k_pos, causal=True, sliding_window=reach) & key_valid[:, None, None, None, lo:hi]
-            if not recompute and _fused_attention_available(qg):
+            if not recompute and i1 - i0 > 1 and _fused_attention_available(qg):  # (one row: the plain matmuls copy less)
                 return _fused_block(qg[:, :, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], mask, scale)
-            scores = scale * qg[:, :, :, i0:i1] @ k[:, :, None, lo:hi].transpose(-1, -2)  # (B, Hk, G, c, n)
+            scores = scale * group_matmul(qg[:, :, :, i0:i1], k[:, :, lo:hi].transpose(-1, -2))  # (B, Hk, G, c, n)
             weights, row_max = masked_exp(scores, mask)
-            return weights @ v[:, :, None, lo:hi], weights.sum(dim=-1), row_max
+            return group_matmul(weights, v[:, :, lo:hi]), weights.sum(dim=-1), row_max
 
         parts.append(_step(recompute, block))
     return _concat_rows(parts)
@@ -441,7 +500,7 @@ class _RowAttention:
             (k_large, v_large), k_pos, slot_valid = large_keys
             if slots is not None:
                 k_large, v_large, k_pos, slot_valid = k_large[:, :, :slots], v_large[:, :, :slots], k_pos[..., :slots], slot_valid[..., :slots]
-            scores = self.scale * q_rows @ k_large[:, :, None].transpose(-1, -2)  # (B, Hk, G, c, n)
+            scores = self.scale * group_matmul(q_rows, k_large.transpose(-1, -2))  # (B, Hk, G, c, n)
             mask = visible(q_pos, k_pos[:, :, None], causal=self.causal, sliding_window=self.window)
             mask = mask & slot_valid[:, :, None, None, :]
             exact_max = torch.where(mask, scores, torch.full_like(scores, float("-inf"))).amax(dim=-1)
@@ -449,7 +508,7 @@ class _RowAttention:
         if large_keys is not None:
             shifted = torch.where(mask, scores, shift[..., None].expand_as(scores)) - shift[..., None]
             weights = torch.where(mask, torch.exp(shifted), torch.zeros_like(scores))
-            num = weights @ v_large[:, :, None]
+            num = group_matmul(weights, v_large)
             den = weights.sum(dim=-1)
 
         coefficients = [kernel_fit(row_radius[..., b], shift, f.degree, f.kernel, row_center[..., b])
@@ -457,13 +516,13 @@ class _RowAttention:
         if key_rows is not None:
             k_rows, v_rows, k_pos, k_bucket = key_rows
             seen = visible(q_pos, k_pos, causal=self.causal, sliding_window=self.window) & ~q_large[..., None]
-            scores = self.scale * q_rows @ k_rows[:, :, None].transpose(-1, -2)  # (B, Hk, G, c, n)
+            scores = self.scale * group_matmul(q_rows, k_rows.transpose(-1, -2))  # (B, Hk, G, c, n)
             for b, c in enumerate(coefficients):
                 keep = seen & (k_bucket == b)[:, :, None, None, :]
                 t = torch.where(keep, scores / row_radius[..., b, None], torch.zeros_like(scores))  # no overflow
                 pair = kernel_on_scores(c[..., None, :], t, self.feature_maps[b].kernel)
                 pair = torch.where(keep, pair, torch.zeros_like(t))  # (NaN grads)
-                num, den = num + pair @ v_rows[:, :, None], den + pair.sum(dim=-1)
+                num, den = num + group_matmul(pair, v_rows), den + pair.sum(dim=-1)
             return num, den, shift
         q_features = []
         per_map = base_features_per_map(self.feature_maps, q_rows)
@@ -474,16 +533,16 @@ class _RowAttention:
         q_features = torch.cat(q_features, dim=-1)  # (B, Hk, G, c, r)
         if state is not None:
             kv_state, k_state = state
-            num = num + q_features @ kv_state[:, :, None]
-            den = den + (q_features @ k_state[:, :, None, :, None]).squeeze(-1)
+            num = num + group_matmul(q_features, kv_state)
+            den = den + group_matmul(q_features, k_state[..., None]).squeeze(-1)
         if row_state is not None:
             row_kv, row_k = row_state
             num = num + torch.einsum("bhgcr,bhcrv->bhgcv", q_features, row_kv)
             den = den + torch.einsum("bhgcr,bhcr->bhgc", q_features, row_k)
         for k_features, v_block, k_pos in blocks:
-            pair = q_features @ k_features[:, :, None].transpose(-1, -2)  # (B, Hk, G, c, n)
+            pair = group_matmul(q_features, k_features.transpose(-1, -2))  # (B, Hk, G, c, n)
             pair = pair * visible(q_pos, k_pos, causal=self.causal, sliding_window=self.window)
-            num = num + pair @ v_block[:, :, None]
+            num = num + group_matmul(pair, v_block)
             den = den + pair.sum(dim=-1)
         return num, den, shift
 
@@ -638,9 +697,14 @@ def _row_centers(qg, k, k_bucket, buckets, scale, causal, window, offset):
             sums, counts = sums[:, :, end] - sums[:, :, start], counts[:, :, end] - counts[:, :, start]
         else:
             sums, counts = sums.sum(dim=2, keepdim=True), counts.sum(dim=2, keepdim=True)
-        mean = sums / counts.clamp_min(1)[..., None]  # (B, Hk, Lq or 1, d)
-        centers.append(scale * (qg * mean[:, :, None]).sum(dim=-1))
+        centers.append(_mean_score(qg, sums, counts, scale))
     return torch.stack(centers, dim=-1)
+
+
+def _mean_score(qg, key_sums, key_counts, scale):
+    """``scale * q_i . mean(k)``, the mean of ``key_counts`` keys summing to ``key_sums (B, Hk, Lq or 1, d)``
+    (0 for none): ``(B, Hk, G, Lq)``."""
+    return scale * (qg * (key_sums / key_counts.clamp_min(1)[..., None])[:, :, None]).sum(dim=-1)
 
 
 def _gather_rows(flags: torch.Tensor, tensors: tuple[torch.Tensor, ...]):
@@ -675,10 +739,10 @@ def _exact_rows(qg, k, v, out, rows, scale, causal, window, key_valid, offset, r
         def block(idx=idx, lo=lo, hi=hi):
             k_pos = torch.arange(lo, hi, device=k.device)
             q_block = torch.gather(qg, 3, idx[..., None].expand(*idx.shape, qg.shape[-1]))
-            scores = scale * q_block @ k[:, :, None, lo:hi].transpose(-1, -2)  # (B, Hk, G, n, hi - lo)
+            scores = scale * group_matmul(q_block, k[:, :, lo:hi].transpose(-1, -2))  # (B, Hk, G, n, hi - lo)
             mask = visible(idx + offset, k_pos, causal=causal, sliding_window=window)
             mask = mask & key_valid[:, None, None, None, lo:hi]
-            return masked_softmax(scores, mask) @ v[:, :, None, lo:hi]
+            return group_matmul(masked_softmax(scores, mask), v[:, :, lo:hi])
 
         exact = _step(recompute, block)
         idx_out = idx[..., None].expand(*idx.shape, out.shape[-1])

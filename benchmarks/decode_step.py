@@ -1,0 +1,152 @@
+"""Per-token attention cost of decoding vs context length: SDPA against support basis's decoding step, over
+every layer of a model's settings (summed), one query token against n cached keys.
+
+    python benchmarks/decode_step.py --settings runs/calibrate_q_8k/budget_0.05/support_basis.json \
+        --capture runs/capture8k_all.safetensors --lengths 2048,4096,8000 --output runs/decode_step
+
+Support basis runs each layer as the model does when decoding (:func:`sb_hf.integrations.hf.layer_plan`: one
+call for the layer with per-head structure, or one call per group of heads), with its decoding state
+(:mod:`sb_hf.ops.decoding`) filled by a first step at position n - 1 (its time is reported apart: the
+prompt's keys folded at once), then --steps steps at positions n, n + 1, ... each adding a key; the median
+step is reported. SDPA runs the same steps. Keys and queries: the capture's (real activations; n + steps
+up to its length) or random ones (any n). Prints the machine, a table, and writes JSON and a PNG to --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+
+def layer_inputs(capture, layer: int, n: int, seed: int):
+    """q ``(1, 9, n, 64)`` and k/v ``(1, 3, n, 64)`` of a captured layer, or random ones; and the score scale."""
+    import torch
+
+    if capture is not None:
+        q, k, v = (capture.layers[layer][name].float()[:, :, :n] for name in ("q", "k", "v"))
+        if q.shape[2] < n:
+            raise SystemExit(f"the capture holds {q.shape[2]} tokens, fewer than n + steps = {n}")
+        groups = capture.num_key_value_groups  # the capture stores k/v once per query head
+        return q.contiguous(), k[:, ::groups].contiguous(), v[:, ::groups].contiguous(), float(capture.meta["scale"])
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, n, 64, generator=g) for heads in (9, 3, 3))
+    return q, k, v, 64**-0.5
+
+
+def layer_step(settings, layer: int, q_heads: int, kv_heads: int, scale: float, stats: dict | None):
+    """A decoding step of one layer as the model runs it, with fresh decoding state(s)."""
+    from sb_hf.config import SupportBasisConfig
+    from sb_hf.integrations.hf import attention_groups, layer_plan
+    from sb_hf.ops import support_basis_attention
+    from sb_hf.ops.decoding import DecodingState, decoding_attention
+    from sb_hf.ops.heads import grouped_attention
+
+    layer_settings = SupportBasisConfig.from_dict(settings).for_layer(layer)
+    groups, per_query_head = attention_groups(layer_settings, "support_basis", "cpu", q_heads, kv_heads)
+    plan = layer_plan("support_basis", groups, per_query_head, q_heads, kv_heads)
+    if plan is not None:
+        state = DecodingState()
+        return lambda q, k, v: decoding_attention(q, k, v, state, core=plan[0], units=plan[1], scale=scale, stats=stats)
+    states = [DecodingState() for _ in groups]
+    return lambda q, k, v: grouped_attention(support_basis_attention, q, k, v, groups, per_query_head=per_query_head,
+                                             decoding_states=states, scale=scale, stats=stats)
+
+
+def measure(settings, capture, layers, n: int, steps: int) -> dict:
+    import torch
+
+    sdpa_times, sb_times, first = [0.0] * steps, [0.0] * steps, 0.0
+    for layer in layers:
+        q, k, v, scale = layer_inputs(capture, layer, n + steps, seed=layer)
+        sdpa = lambda t: torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], scale=scale, enable_gqa=True)
+        step = layer_step(settings, layer, q.shape[1], k.shape[1], scale, None)  # no pair counts in the timed steps
+        with torch.no_grad():
+            start = time.perf_counter()
+            step(q[:, :, n - 1 : n], k[:, :, :n], v[:, :, :n])
+            first += time.perf_counter() - start
+            for i in range(steps):
+                t = n + i
+                start = time.perf_counter()
+                sdpa(t)
+                sdpa_times[i] += time.perf_counter() - start
+                start = time.perf_counter()
+                step(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1])
+                sb_times[i] += time.perf_counter() - start
+    return {"n": n, "sdpa_ms": 1000 * statistics.median(sdpa_times), "support_basis_ms": 1000 * statistics.median(sb_times),
+            "first_step_ms": 1000 * first}
+
+
+def exact_share(settings, capture, layers, n: int) -> float:
+    """The share of the visible pairs the decoding step at position n computes exactly, over the layers."""
+    import torch
+
+    stats: dict = {}
+    for layer in layers:
+        q, k, v, scale = layer_inputs(capture, layer, n + 1, seed=layer)
+        step = layer_step(settings, layer, q.shape[1], k.shape[1], scale, stats)
+        with torch.no_grad():
+            step(q[:, :, n : n + 1], k, v)
+    return float(stats["exact_pairs"] / stats["pairs"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", required=True, help="support-basis settings file (sb-hf calibrate's support_basis.json)")
+    parser.add_argument("--capture", default=None, help="capture file (sb-hf capture): real queries and keys (default: random)")
+    parser.add_argument("--layers", default=None, help="comma list of layers (default: every layer of the settings, or 0-29)")
+    parser.add_argument("--lengths", default="2048,4096,8000")
+    parser.add_argument("--steps", type=int, default=16, help="timed steps per length (default 16)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", default="runs/decode_step")
+    args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+
+    import torch
+
+    from sb_hf.config import load_settings
+
+    torch.set_num_threads(args.threads)
+    settings = load_settings(args.settings)
+    capture = None
+    if args.capture:
+        from sb_hf.analysis.capture import load_capture
+
+        capture = load_capture(args.capture)
+    if args.layers:
+        layers = [int(x) for x in args.layers.split(",")]
+    else:
+        layers = sorted(int(x) for x in settings.get("layers", {})) or list(range(30))
+    rows = []
+    for n in [int(x) for x in args.lengths.split(",")]:
+        row = measure(settings, capture, layers, n, args.steps)
+        row["exact_pair_share"] = exact_share(settings, capture, layers, n)
+        rows.append(row)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads; settings: {args.settings}; "
+          f"layers: {len(layers)}; inputs: {args.capture or 'random'}; 9 q heads / 3 kv heads, head dim 64; median of "
+          f"{args.steps} steps, summed over the layers")
+    print(f"{'n':>6} {'sdpa ms':>9} {'support basis ms':>17} {'vs sdpa':>8} {'first step ms':>14} {'pairs exact':>12}")
+    for r in rows:
+        print(f"{r['n']:>6} {r['sdpa_ms']:>9.2f} {r['support_basis_ms']:>17.2f} {r['support_basis_ms'] / r['sdpa_ms']:>7.2f}x "
+              f"{r['first_step_ms']:>14.1f} {100 * r['exact_pair_share']:>11.1f}%")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode_step.json").write_text(json.dumps({"args": vars(args), "layers": layers, "rows": rows}, indent=2))
+    from plotting import loglog_panels
+
+    points = [{"method": method, "n": r["n"], "ms": r[f"{method}_ms"]} for r in rows for method in ("sdpa", "support_basis")]
+    try:
+        loglog_panels(points, ("sdpa", "support_basis"), [(lambda r: r["ms"], "ms per token", "decoding step, all layers")],
+                      "cached tokens", out / "decode_step.png")
+    except ImportError:  # no matplotlib: the table and JSON only
+        pass
+
+
+if __name__ == "__main__":
+    main()
