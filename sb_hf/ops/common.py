@@ -255,11 +255,11 @@ def visible(
     """
     q_pos = q_pos[..., :, None]
     k_pos = k_pos[..., None, :]
-    mask = torch.ones(torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool, device=q_pos.device)
-    if causal:
-        mask = mask & (k_pos <= q_pos)
-        if sliding_window is not None:
-            mask = mask & (k_pos > q_pos - sliding_window)
+    if not causal:
+        return torch.ones(torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool, device=q_pos.device)
+    mask = k_pos <= q_pos
+    if sliding_window is not None:
+        mask = mask & (k_pos > q_pos - sliding_window)
     return mask
 
 
