@@ -54,8 +54,8 @@ if TYPE_CHECKING:
     from .decoding import DecodingState
 
 DEFAULT_CHUNK_SIZE = 64  # the feature scan (many features per row); chosen by measurement (benchmarks/op_scaling.py)
-BAND_BLOCK_SIZE = 128  # query rows per block of the exact local band (a (c, c + window) block)
-PREFIX_BLOCK_SIZE = 256  # query rows per block of the prefix scan (few features: the exact keys dominate)
+BAND_BLOCK_SIZE = 256  # query rows per block of the exact local band (a (c, c + window) block); by measurement
+PREFIX_BLOCK_SIZE = 512  # query rows per block of the prefix scan (few features: the exact keys dominate); by measurement
 DEFAULT_MAX_FEATURE_BYTES = 8 * 2**30
 EXACT_ROW_BLOCK = 128  # gathered exact query rows handled per block: bounds the (rows x keys) score block
 EVALUATIONS = ("auto", "features", "scores")
@@ -101,7 +101,7 @@ def support_basis_attention(
         radius: fixed interval ``[-radius, radius]`` for the fit; default (None): per query,
             ``scale * |q_i| * max |k_j|`` over the small real keys visible to it, floored at 1.
         chunk_size: block length of every chunked loop (the causal scan, the local band, exact rows); None:
-            each loop's own default, chosen by measurement (64 for the feature scan, 128 for the band, 256
+            each loop's own default, chosen by measurement (64 for the feature scan, 256 for the band, 512
             for the prefix scan of degree 0). The result does not depend on it beyond rounding.
         max_feature_bytes: refuse (ValueError with the estimate) when the feature form would need more.
         evaluation: ``"features"``: the factorized form (time and memory linear in ``Lk``);
