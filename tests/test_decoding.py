@@ -280,3 +280,23 @@ def test_generate_keeps_decoding_states_and_matches_a_full_recompute(case):
     full = logits(model, generated.sequences, torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], dim=1))
     for step, step_logits in enumerate(generated.logits):
         torch.testing.assert_close(step_logits, full[:, ids.shape[1] - 1 + step], rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_that_generated_still_pickles_and_forgets_the_cache(tmp_path):
+    """The attention modules keep the cache they were called with only weakly, and not on themselves: the
+    model saves whole (torch.save pickles it) and a dropped cache is freed."""
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    sb_hf.apply_support_basis(model, **SB_SETTINGS)
+    ids = torch.randint(1, 90, (1, 12), generator=torch.Generator().manual_seed(4))
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    cache = weakref.ref(generated.past_key_values)
+    assert states_of(cache())[0]  # the steps kept a decoding state on it
+    del generated
+    gc.collect()
+    assert cache() is None
+    torch.save(model, tmp_path / "model.pt")
+    reloaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)

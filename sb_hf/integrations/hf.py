@@ -139,13 +139,13 @@ def decoding_states(module: torch.nn.Module, name: str, groups: int) -> list[Dec
     wrapped on that layer object to drop the states first. Static and quantized layers get none: those calls
     run the op in full.
     The cache reaches us through a forward pre-hook on the attention module (the attention function itself is
-    not given it), installed on the first call; a weak reference, so the module never keeps a cache alive.
+    not given it), installed on the first call, which keeps a weak reference to it.
     """
-    if "_sb_hf_cache" not in module.__dict__:
-        module.__dict__["_sb_hf_cache"] = None
+    if module not in _module_caches:
+        _module_caches[module] = None
         module.register_forward_pre_hook(_remember_cache, with_kwargs=True)
         return None  # the pre-hook sees this module's calls from the next one on
-    reference = module.__dict__["_sb_hf_cache"]
+    reference = _module_caches[module]
     cache = reference() if reference is not None else None
     layer_idx = getattr(module, "layer_idx", None)
     layers = getattr(cache, "layers", None)
@@ -174,9 +174,14 @@ def _dropping_states(layer, method):
     return wrapped
 
 
+# attention module -> weak reference to the cache of its current call; weak both ways (no module or cache kept
+# alive) and off the module (a pickled model holds no weak reference)
+_module_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _remember_cache(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     cache = kwargs.get("past_key_values")
-    module.__dict__["_sb_hf_cache"] = weakref.ref(cache) if cache is not None else None
+    _module_caches[module] = weakref.ref(cache) if cache is not None else None
 
 
 def _layer_units(module, name, groups, per_query_head, q_heads, kv_heads) -> tuple[dict, Units] | None:
