@@ -17,6 +17,7 @@ from .common import (
     check_inputs,
     check_sink_window,
     compute_dtype,
+    group_matmul,
     key_spans,
     masked_softmax,
     span_counts,
@@ -50,7 +51,7 @@ def sink_window_attention(
         scale: score scale, default ``1/sqrt(d)``.
         key_padding_mask: ``(B, Lk)`` bool, True for real keys; padded keys are never attended nor ranked.
         sliding_window: the model's window: query ``p`` never sees keys ``j <= p - sliding_window``.
-        chunk_size: query rows per block (None: 128, chosen by measurement).
+        chunk_size: query rows per block (None: the exact band's block of support basis, ``BAND_BLOCK_SIZE``).
         stats: optional dict; receives tensors ``exact_pairs`` (pairs computed), ``pairs`` (pairs
             visible under the model's mask), ``exact_rows`` (rows equal to exact attention), ``rows``.
         dropped_real_keys: optional ``(B,)`` integer tensor, the real keys of each sequence that precede
@@ -104,11 +105,11 @@ def sink_window_attention(
         local_mask = local_mask & (local | is_sink[:, None, lo:hi])  # (B, c, n)
         sink_mask = visible(q_pos, sink_pos[:, None, :], causal=True, sliding_window=sliding_window)[:, 0]
         sink_mask = sink_mask & (sink_valid & (sink_pos < lo))[:, None, :]  # (B, c, S)
-        keys = torch.cat([sink_k, k[:, :, lo:hi]], dim=2)[:, :, None]  # (B, Hk, 1, S + n, d)
-        values = torch.cat([sink_v, v[:, :, lo:hi]], dim=2)[:, :, None]
+        keys = torch.cat([sink_k, k[:, :, lo:hi]], dim=2)  # (B, Hk, S + n, d)
+        values = torch.cat([sink_v, v[:, :, lo:hi]], dim=2)
         mask = torch.cat([sink_mask, local_mask], dim=-1)[:, None, None]  # (B, 1, 1, c, S + n)
-        scores = scale * qg[:, :, :, i0:i1] @ keys.transpose(-1, -2)  # (B, Hk, G, c, S + n)
-        outs.append(masked_softmax(scores, mask) @ values)
+        scores = scale * group_matmul(qg[:, :, :, i0:i1], keys.transpose(-1, -2))  # (B, Hk, G, c, S + n)
+        outs.append(group_matmul(masked_softmax(scores, mask), values))
     out = torch.cat(outs, dim=3)
 
     if stats is not None:
