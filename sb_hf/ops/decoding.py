@@ -17,7 +17,8 @@ sketch, radius) is shared. Use: ``support_basis_attention(..., decoding_state=st
 every call of one sequence, or :func:`decoding_attention` for a layer with per-head structure;
 :mod:`sb_hf.integrations.hf` keeps the states on the transformers cache layer. Calls that are not single-query
 causal inference steps (prefill, training, a sliding window in effect, ``evaluation="scores"``) are not served
-(the op runs in full) and leave the state alone: it folds the keys it has not seen at the next step. Keys must
+(the op runs in full); they leave the state alone (a sliding window in effect empties it), and it folds the
+keys it has not seen at the next step. Keys must
 only ever be appended: :meth:`DecodingState.reset` when the key sequence changes otherwise (cropped, reordered,
 another sequence). A change of shapes or settings resets it by itself; keys keep the padding
 (``key_padding_mask``) they had when they were folded.
