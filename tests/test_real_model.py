@@ -85,3 +85,22 @@ def test_wiki_text_is_prose_without_markup(require_assets, tmp_path):
     assert wiki_text(dump) == "Foo is a bar that " + "word " * 20 + " with Baz and a link."
     path, half = _text(Namespace(text="wiki", second_half=True))
     assert path.name.startswith("enwiki") and half == text[len(text) // 2:]
+
+
+@pytest.mark.parametrize("settings", [{}, {"threshold": float("inf"), "degree": 0, "sinks": 4, "local_window": 16}],
+                         ids=["defaults", "degree0-structure"])
+def test_generation_with_the_decoding_cache_matches_a_full_recompute(smollm2, settings):
+    """SmolLM2's real activations: greedy steps through the decoding cache (degree-2 features by default; the
+    calibrated kind of setting) give the logits of a full forward pass over the generated sequence."""
+    model, ids = smollm2
+    sb_hf.apply_support_basis(model, **settings)
+    prompt = ids[:, :40]
+    new = 8
+    generated = model.generate(prompt, max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                               pad_token_id=0)
+    layers = generated.past_key_values.layers
+    assert all(min(state.folded) > 0 for layer in layers for state in layer.__dict__["_sb_hf_decoding_states"].values())
+    with torch.no_grad():
+        full = model(input_ids=generated.sequences).logits
+    for step, step_logits in enumerate(generated.logits):
+        torch.testing.assert_close(step_logits, full[:, prompt.shape[1] - 1 + step], rtol=1e-4, atol=2e-4)
