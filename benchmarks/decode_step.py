@@ -58,9 +58,11 @@ def layer_step(settings, layer: int, q_heads: int, kv_heads: int, scale: float, 
 
 
 def measure(settings, capture, layers, n: int, steps: int) -> dict:
+    """Timed steps at positions n .. n + steps - 1 (after a first step at n - 1), summed over the layers, and the
+    share of the visible pairs the step at position n computes exactly (counted in an untimed step)."""
     import torch
 
-    sdpa_times, sb_times, first = [0.0] * steps, [0.0] * steps, 0.0
+    sdpa_times, sb_times, first, stats = [0.0] * steps, [0.0] * steps, 0.0, {}
     for layer in layers:
         q, k, v, scale = layer_inputs(capture, layer, n + steps, seed=layer)
         sdpa = lambda t: torch.nn.functional.scaled_dot_product_attention(
@@ -78,21 +80,10 @@ def measure(settings, capture, layers, n: int, steps: int) -> dict:
                 start = time.perf_counter()
                 step(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1])
                 sb_times[i] += time.perf_counter() - start
+            counted = layer_step(settings, layer, q.shape[1], k.shape[1], scale, stats)
+            counted(q[:, :, n : n + 1], k[:, :, : n + 1], v[:, :, : n + 1])
     return {"n": n, "sdpa_ms": 1000 * statistics.median(sdpa_times), "support_basis_ms": 1000 * statistics.median(sb_times),
-            "first_step_ms": 1000 * first}
-
-
-def exact_share(settings, capture, layers, n: int) -> float:
-    """The share of the visible pairs the decoding step at position n computes exactly, over the layers."""
-    import torch
-
-    stats: dict = {}
-    for layer in layers:
-        q, k, v, scale = layer_inputs(capture, layer, n + 1, seed=layer)
-        step = layer_step(settings, layer, q.shape[1], k.shape[1], scale, stats)
-        with torch.no_grad():
-            step(q[:, :, n : n + 1], k, v)
-    return float(stats["exact_pairs"] / stats["pairs"])
+            "first_step_ms": 1000 * first, "exact_pair_share": float(stats["exact_pairs"] / stats["pairs"])}
 
 
 def main() -> None:
@@ -125,9 +116,7 @@ def main() -> None:
         layers = sorted(int(x) for x in settings.get("layers", {})) or list(range(30))
     rows = []
     for n in [int(x) for x in args.lengths.split(",")]:
-        row = measure(settings, capture, layers, n, args.steps)
-        row["exact_pair_share"] = exact_share(settings, capture, layers, n)
-        rows.append(row)
+        rows.append(measure(settings, capture, layers, n, args.steps))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads; settings: {args.settings}; "
           f"layers: {len(layers)}; inputs: {args.capture or 'random'}; 9 q heads / 3 kv heads, head dim 64; median of "
           f"{args.steps} steps, summed over the layers")

@@ -114,7 +114,7 @@ class DecodingState:
         shape = (shapes.batch, shapes.kv_heads, shapes.groups, shapes.head_dim, shapes.value_dim, dtype, device)
         *structure, columns, thresholds = units.key()  # plain values, and the key columns' tensors
         unchanged = (self._signature is not None and (shape, core, structure) == self._signature[0]
-                     and _same((columns, thresholds), self._signature[1]))
+                     and _unchanged((columns, thresholds), self._signature[1]))
         if not unchanged or shapes.kv_len < self.seen or window is not None or dropped_real_keys is not None:
             self.reset()
             self._signature = (shape, dict(core), structure), _recorded((columns, thresholds))
@@ -283,29 +283,20 @@ def decoding_attention(q, k, v, state: DecodingState, *, core: dict, units: Unit
     return out.reshape(batch, q_heads, 1, -1).to(q.dtype)
 
 
-def _same(a, b) -> bool:
-    """Equality of nested settings; tensors by value (``b`` holds ``(tensor, its version, a copy)``): the same
-    tensor not edited in place since (its version counter) is equal without comparing values."""
-    if isinstance(a, torch.Tensor):
-        if not (isinstance(b, tuple) and len(b) == 3 and isinstance(b[0], torch.Tensor)):
-            return False
-        tensor, version, copy = b
-        if a is tensor and a._version == version:
+def _recorded(tensors) -> list:
+    """The key columns' tensors (or Nones) as :func:`_unchanged` compares them later: ``(tensor, version, copy)``."""
+    return [None if t is None else (t, t._version, t.detach().clone()) for t in tensors]
+
+
+def _unchanged(tensors, recorded) -> bool:
+    """Whether ``tensors`` equal the :func:`_recorded` ones: the same tensor not edited in place since (its version
+    counter) without comparing values, else by value (an op-level caller often passes new tensors)."""
+    def same(t, entry):
+        if t is None or entry is None:
+            return t is None and entry is None
+        tensor, version, copy = entry
+        if t is tensor and t._version == version:
             return True
-        return a.shape == copy.shape and a.device == copy.device and bool(torch.equal(a, copy))
-    if isinstance(a, (tuple, list)):
-        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[key], b[key]) for key in a)
-    return a == b
+        return t.shape == copy.shape and t.device == copy.device and bool(torch.equal(t, copy))
 
-
-def _recorded(value):
-    """Nested settings as :func:`_same` compares them later: each tensor as ``(tensor, version, copy)``."""
-    if isinstance(value, torch.Tensor):
-        return value, value._version, value.detach().clone()
-    if isinstance(value, (tuple, list)):
-        return [_recorded(v) for v in value]
-    if isinstance(value, dict):
-        return {key: _recorded(v) for key, v in value.items()}
-    return value
+    return all(same(t, entry) for t, entry in zip(tensors, recorded))
