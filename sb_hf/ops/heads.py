@@ -52,9 +52,12 @@ def grouped_attention(op: Callable[..., torch.Tensor], query: torch.Tensor, key:
         kv_heads = [h // rep for h in heads] if per_query_head else heads
         outputs.append(op(query[:, q_heads], _heads(key, kv_heads), _heads(value, kv_heads), **common, **kwargs, **extra))
         order += q_heads
+    out = torch.cat(outputs, dim=1)
+    if order == list(range(len(order))):
+        return out
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order)] = torch.arange(len(order))
-    return torch.cat(outputs, dim=1).index_select(1, inverse.to(query.device))
+    return out.index_select(1, inverse.to(query.device))
 
 
 def _heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:

@@ -47,6 +47,7 @@ from .common import (
     suspect_rows,
     visible,
     visible_key_max,
+    visible_key_sums,
 )
 from .polynomial import FeatureMap, base_features_per_map, check_kernel, kernel_fit, kernel_on_scores
 
@@ -269,7 +270,10 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
         q_large = torch.cat([q_large[..., :first], far_large], dim=-1)
         num, den = torch.cat([num[..., :first, :], far_num], dim=-2), torch.cat([den[..., :first], far_den], dim=-1)
         shift = torch.cat([shift[..., :first], far_shift], dim=-1)
-    band = _local_band(qg, k, v, key_valid, scale, lag, window, offset, chunk_size or BAND_BLOCK_SIZE, recompute) if lag else None
+    band = None
+    if lag:
+        band = _local_band(qg, k, v, key_valid, scale, lag, window, offset, chunk_size or BAND_BLOCK_SIZE, recompute,
+                           padded=key_padding_mask is not None)
     out, exact_rows = _combine(qg, k, v, key_valid, (num, den, shift), band, q_large, scale=scale, causal=causal,
                                window=window, offset=offset, recompute=recompute, out_dtype=out_dtype)
     if stats is not None:
@@ -348,26 +352,38 @@ def _fit_rows(qg, q_large, key_norm_max, centers, buckets, *, scale, radius, rad
     return q_large, torch.stack([row_radius, row_center], dim=-1)
 
 
-def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk, recompute, longest=None):
+def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk, recompute, longest=None, padded=True):
     """Exact attention of every query ``p`` to the keys ``p - local_window < j <= p`` it may see, query
     chunk by chunk (a ``(c, c + local_window)`` block): per row the numerator, the mass and the maximum
     score they are taken relative to (``-inf`` when the row sees no key). ``local_window`` may be a tensor
-    of one per query head, ``(Hk, G, 1, 1)``; ``longest`` is then its largest value."""
+    of one per query head, ``(Hk, G, 1, 1)``; ``longest`` is then its largest value. ``padded=False``
+    promises every key valid: blocks of one shape and one query-key offset then share their mask."""
     longest = local_window if longest is None else longest
     reach = local_window
     if window is not None:
         reach = local_window.clamp(max=window) if isinstance(local_window, torch.Tensor) else min(local_window, window)
         longest = min(longest, window)
     q_len = qg.shape[3]
+    fused = not recompute and _fused_attention_available(qg)
+    shared = {}  # (rows, keys, first query's position - first key's) -> the block's mask, for the fused kernel its bias
     parts = []
     for i0 in range(0, q_len, chunk):
         i1 = min(i0 + chunk, q_len)
         lo, hi = max(offset + i0 - longest + 1, 0), offset + i1
 
         def block(i0=i0, i1=i1, lo=lo, hi=hi):
-            q_pos, k_pos = torch.arange(i0, i1, device=qg.device) + offset, torch.arange(lo, hi, device=k.device)
-            mask = visible(q_pos, k_pos, causal=True, sliding_window=reach) & key_valid[:, None, None, None, lo:hi]
-            if not recompute and i1 - i0 > 1 and _fused_attention_available(qg):  # (one row: the plain matmuls copy less)
+            fuse = fused and i1 - i0 > 1  # (one row: the plain matmuls copy less)
+            key = (i1 - i0, hi - lo, offset + i0 - lo)
+            mask = shared.get(key)
+            if mask is None:  # the mask depends on the positions only through their differences
+                q_pos, k_pos = torch.arange(key[0], device=qg.device) + key[2], torch.arange(key[1], device=k.device)
+                mask = visible(q_pos, k_pos, causal=True, sliding_window=reach)
+                if padded:
+                    mask = mask & key_valid[:, None, None, None, lo:hi]
+                mask = _fused_bias(mask, qg) if fuse else mask
+                if not padded:
+                    shared[key] = mask
+            if fuse:
                 return _fused_block(qg[:, :, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], mask, scale)
             scores = scale * group_matmul(qg[:, :, :, i0:i1], k[:, :, lo:hi].transpose(-1, -2))  # (B, Hk, G, c, n)
             weights, row_max = masked_exp(scores, mask)
@@ -385,21 +401,29 @@ def _fused_attention_available(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def _fused_block(q_rows, k_block, v_block, mask, scale):
+def _fused_bias(mask, qg):
+    """The additive mask of :func:`_fused_block` for the boolean ``mask (B or 1, Hk or 1, G or 1, c, n)`` of
+    queries ``qg (B, Hk, G, Lq, d)``: ``(bias (B, Hk * G, c, n), seen (B, Hk, G, c))``, ``seen`` whether a row sees a key."""
+    batch, kv_heads, groups, _, _ = qg.shape
+    mask = mask.expand(batch, kv_heads, groups, *mask.shape[-2:])
+    bias = torch.zeros(mask.shape, dtype=qg.dtype, device=qg.device).masked_fill_(~mask, float("-inf"))
+    return bias.flatten(1, 2), mask.any(dim=-1)
+
+
+def _fused_block(q_rows, k_block, v_block, bias, scale):
     """One exact block in the fused kernel: ``q_rows (B, Hk, G, c, d)`` against ``k_block``/``v_block``
-    ``(B, Hk, n, d)`` where ``mask (B, 1 or Hk, 1 or G, c, n)``. Returns ``(num, den, shift)`` as the
-    unfused block does, relative to each row's log-sum-exp (rows with no visible key: 0, 0, -inf)."""
+    ``(B, Hk, n, d)`` under ``bias`` (:func:`_fused_bias`). Returns ``(num, den, shift)`` as the unfused block
+    does, relative to each row's log-sum-exp (rows with no visible key: 0, 0, -inf)."""
+    bias, seen = bias
     batch, kv_heads, groups, rows, d = q_rows.shape
     heads = kv_heads * groups
     expand = lambda x: x[:, :, None].expand(batch, kv_heads, groups, *x.shape[2:]).reshape(batch, heads, *x.shape[2:])
-    mask = mask.expand(batch, kv_heads, groups, rows, k_block.shape[2]).reshape(batch, heads, rows, -1)
-    bias = torch.zeros(mask.shape, dtype=q_rows.dtype, device=q_rows.device).masked_fill_(~mask, float("-inf"))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q_rows.reshape(batch, heads, rows, d), expand(k_block), expand(v_block), attn_mask=bias, scale=scale)
-    seen = mask.any(dim=-1)  # the kernel gives 0 output and 0 log-sum-exp to a row with no visible key
-    shift = torch.where(seen, lse.to(out.dtype), torch.full_like(lse, float("-inf"), dtype=out.dtype))
     shape = (batch, kv_heads, groups, rows)
-    return out.view(*shape, -1), seen.to(out.dtype).view(shape), shift.view(shape)
+    # the kernel gives 0 output and 0 log-sum-exp to a row with no visible key
+    shift = torch.where(seen, lse.view(shape).to(out.dtype), float("-inf"))
+    return out.view(*shape, -1), seen.to(out.dtype), shift
 
 
 def _merge(a, b):
@@ -604,15 +628,9 @@ def _prefix_scan(rows, key_features, qg, row_fit, q_large, offset, chunk, window
     the rows chunk by chunk with the exact keys."""
     kv_len, q_len = key_features.k.shape[2], qg.shape[3]
     features, v_all, _ = key_features(0, kv_len)  # (B, Hk, Lk, r), (B, Hk, Lk, dv)
-
-    def prefix(x):  # (B, Hk, Lk + 1, ...): the sum over keys [0, t) at t
-        return torch.cat([torch.zeros_like(x[:, :, :1]), x.cumsum(dim=2)], dim=2)
-
-    lo, hi = key_spans(q_len, kv_len, causal=True, window=window, device=qg.device)  # queries at offset + i
-    q_pos = hi - 1
-    kv_prefix, k_prefix = prefix(features[..., None] * v_all[..., None, :]), prefix(features)
-    row_kv = kv_prefix[:, :, hi] - kv_prefix[:, :, lo]  # (B, Hk, Lq, r, dv)
-    row_k = k_prefix[:, :, hi] - k_prefix[:, :, lo]
+    q_pos = torch.arange(q_len, device=qg.device) + offset
+    row_kv = visible_key_sums(features[..., None] * v_all[..., None, :], offset, window)  # (B, Hk, Lq, r, dv)
+    row_k = visible_key_sums(features, offset, window)
     starts = list(range(0, q_len, chunk))
     slots = rows.slot_limits(q_pos[[min(i0 + chunk, q_len) - 1 for i0 in starts]])
     parts = []
@@ -690,11 +708,7 @@ def _row_centers(qg, k, k_bucket, buckets, scale, causal, window, offset):
         member = (k_bucket == b).to(k.dtype)  # (B, Hk, Lk)
         sums, counts = k * member[..., None], member
         if causal:
-            sums = torch.nn.functional.pad(sums.cumsum(dim=2), (0, 0, 1, 0))  # [p] = sum over keys j < p
-            counts = torch.nn.functional.pad(counts.cumsum(dim=2), (1, 0))
-            end = torch.arange(offset, k.shape[2], device=k.device) + 1
-            start = (end - window).clamp_min(0) if window is not None else torch.zeros_like(end)
-            sums, counts = sums[:, :, end] - sums[:, :, start], counts[:, :, end] - counts[:, :, start]
+            sums, counts = visible_key_sums(sums, offset, window), visible_key_sums(counts, offset, window)
         else:
             sums, counts = sums.sum(dim=2, keepdim=True), counts.sum(dim=2, keepdim=True)
         centers.append(_mean_score(qg, sums, counts, scale))
