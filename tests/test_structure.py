@@ -140,10 +140,12 @@ def test_fused_and_plain_band_match_reference(case, monkeypatch):
 
     q, k, v, kw = _inputs(case, "taylor", 0)
     expected = reference.support_basis_attention(q, k, v, **kw)
-    original, calls = module._fused_block, []
-    monkeypatch.setattr(module, "_fused_block", lambda *a: calls.append(1) or original(*a))
+    original, calls = module._fused_band, []
+    monkeypatch.setattr(module, "_fused_band", lambda *a: calls.append(1) or original(*a))
     assert_matches(support_basis_attention(q, k, v, chunk_size=case["chunk_size"], **kw), expected, q.dtype)
     assert bool(calls) == (q.shape[2] > 1)  # the fused kernel ran (not for one query)
+    monkeypatch.setattr(module, "FUSED_BIAS_BYTES", 1)  # one separately masked block per kernel call
+    assert_matches(support_basis_attention(q, k, v, chunk_size=case["chunk_size"], **kw), expected, q.dtype)
     monkeypatch.setattr(module, "_fused_attention_available", lambda q: False)
     calls.clear()
     assert_matches(support_basis_attention(q, k, v, chunk_size=case["chunk_size"], **kw), expected, q.dtype)

@@ -41,7 +41,6 @@ from .common import (
 )
 from .polynomial import FeatureMap
 from .support_basis import (
-    BAND_BLOCK_SIZE,
     _accumulate,
     _combine,
     _fit_rows,
@@ -140,7 +139,7 @@ class DecodingState:
         far, q_large = (view(num), view(den), view(shift)), view(far_large)
         band = None
         if self._longest:
-            band = _local_band(qg, k, v, key_valid, self._scale, self._band_windows, None, kv_len - 1, BAND_BLOCK_SIZE,
+            band = _local_band(qg, k, v, key_valid, self._scale, self._band_windows, None, kv_len - 1, None,
                                False, longest=self._longest)
         out, exact_rows = _combine(qg, k, v, key_valid, far, band, q_large, scale=self._scale, causal=True, window=None,
                                    offset=kv_len - 1, recompute=False, out_dtype=out_dtype)

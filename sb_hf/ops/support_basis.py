@@ -56,8 +56,10 @@ if TYPE_CHECKING:
 
 DEFAULT_CHUNK_SIZE = 64  # the feature scan (many features per row); chosen by measurement (benchmarks/op_scaling.py)
 BAND_BLOCK_SIZE = 256  # query rows per block of the exact local band (a (c, c + window) block); by measurement
+FUSED_BAND_BLOCK_SIZE = 64  # the same in the fused kernel, where many blocks share a call; by measurement
 PREFIX_BLOCK_SIZE = 512  # query rows per block of the prefix scan (few features: the exact keys dominate); by measurement
 DEFAULT_MAX_FEATURE_BYTES = 8 * 2**30
+FUSED_BIAS_BYTES = 64 * 2**20  # bound on the separately masked blocks of one fused band call
 EXACT_ROW_BLOCK = 128  # gathered exact query rows handled per block: bounds the (rows x keys) score block
 EVALUATIONS = ("auto", "features", "scores")
 PREFIX_FEATURES = 4  # up to this many features per row (degree 0: one per bucket) the causal sums are prefix sums
@@ -272,7 +274,7 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
         shift = torch.cat([shift[..., :first], far_shift], dim=-1)
     band = None
     if lag:
-        band = _local_band(qg, k, v, key_valid, scale, lag, window, offset, chunk_size or BAND_BLOCK_SIZE, recompute,
+        band = _local_band(qg, k, v, key_valid, scale, lag, window, offset, chunk_size, recompute,
                            padded=key_padding_mask is not None)
     out, exact_rows = _combine(qg, k, v, key_valid, (num, den, shift), band, q_large, scale=scale, causal=causal,
                                window=window, offset=offset, recompute=recompute, out_dtype=out_dtype)
@@ -354,7 +356,7 @@ def _fit_rows(qg, q_large, key_norm_max, centers, buckets, *, scale, radius, rad
 
 def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk, recompute, longest=None, padded=True):
     """Exact attention of every query ``p`` to the keys ``p - local_window < j <= p`` it may see, query
-    chunk by chunk (a ``(c, c + local_window)`` block): per row the numerator, the mass and the maximum
+    chunk by chunk (a ``(c, c + local_window)`` block; ``chunk`` None: the measured default of the path): per row the numerator, the mass and the maximum
     score they are taken relative to (``-inf`` when the row sees no key). ``local_window`` may be a tensor
     of one per query head, ``(Hk, G, 1, 1)``; ``longest`` is then its largest value. ``padded=False``
     promises every key valid: blocks of one shape and one query-key offset then share their mask."""
@@ -364,15 +366,16 @@ def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk,
         reach = local_window.clamp(max=window) if isinstance(local_window, torch.Tensor) else min(local_window, window)
         longest = min(longest, window)
     q_len = qg.shape[3]
-    fused = not recompute and _fused_attention_available(qg)
-    shared = {}  # (rows, keys, first query's position - first key's) -> the block's mask, for the fused kernel its bias
+    if not recompute and q_len > 1 and _fused_attention_available(qg):  # (one row: the plain matmuls copy less)
+        return _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk or FUSED_BAND_BLOCK_SIZE, padded)
+    chunk = chunk or BAND_BLOCK_SIZE
+    shared = {}  # (rows, keys, first query's position - first key's) -> the block's mask
     parts = []
     for i0 in range(0, q_len, chunk):
         i1 = min(i0 + chunk, q_len)
         lo, hi = max(offset + i0 - longest + 1, 0), offset + i1
 
         def block(i0=i0, i1=i1, lo=lo, hi=hi):
-            fuse = fused and i1 - i0 > 1  # (one row: the plain matmuls copy less)
             key = (i1 - i0, hi - lo, offset + i0 - lo)
             mask = shared.get(key)
             if mask is None:  # the mask depends on the positions only through their differences
@@ -380,11 +383,8 @@ def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk,
                 mask = visible(q_pos, k_pos, causal=True, sliding_window=reach)
                 if padded:
                     mask = mask & key_valid[:, None, None, None, lo:hi]
-                mask = _fused_bias(mask, qg) if fuse else mask
-                if not padded:
+                else:
                     shared[key] = mask
-            if fuse:
-                return _fused_block(qg[:, :, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], mask, scale)
             scores = scale * group_matmul(qg[:, :, :, i0:i1], k[:, :, lo:hi].transpose(-1, -2))  # (B, Hk, G, c, n)
             weights, row_max = masked_exp(scores, mask)
             return group_matmul(weights, v[:, :, lo:hi]), weights.sum(dim=-1), row_max
@@ -401,29 +401,55 @@ def _fused_attention_available(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def _fused_bias(mask, qg):
-    """The additive mask of :func:`_fused_block` for the boolean ``mask (B or 1, Hk or 1, G or 1, c, n)`` of
-    queries ``qg (B, Hk, G, Lq, d)``: ``(bias (B, Hk * G, c, n), seen (B, Hk, G, c))``, ``seen`` whether a row sees a key."""
-    batch, kv_heads, groups, _, _ = qg.shape
-    mask = mask.expand(batch, kv_heads, groups, *mask.shape[-2:])
-    bias = torch.zeros(mask.shape, dtype=qg.dtype, device=qg.device).masked_fill_(~mask, float("-inf"))
-    return bias.flatten(1, 2), mask.any(dim=-1)
+def _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padded):
+    """:func:`_local_band` in PyTorch's fused CPU attention kernel, many query blocks per call (one block per
+    call left the second thread idle: measured 1.85x slower). Block ``j`` holds the queries ``offset + j c + t``,
+    ``t < c`` (the last block padded), and the keys ``lo_j + s``, ``s < n = c + longest - 1``,
+    ``lo_j = offset + j c - longest + 1``: overlapping strided views of K and V, no copy. The kernel's batch holds
+    the blocks, its heads the batch's KV heads, its rows a KV head's query heads. Visibility depends on the
+    positions only through ``t - s``, so the blocks whose keys are all real share one bias; the first blocks
+    (keys before position 0) and, with padding, every block get their own, a bounded number per call."""
+    batch, kv_heads, groups, q_len, d = qg.shape
+    blocks, n = -(-q_len // chunk), chunk + longest - 1
+    left, extra = max(longest - 1 - offset, 0), blocks * chunk - q_len  # keys padded before 0, queries after the end
+    start = offset - longest + 1 + left  # block 0's first key in the padded keys
 
+    def block_keys(x):  # (B, Hk, Lk, d) -> (blocks, B * Hk, n, d), block j's keys
+        x = torch.nn.functional.pad(x, (0, 0, left, extra))[:, :, start:].unfold(2, n, chunk)  # (B, Hk, blocks, d, n)
+        return x.flatten(0, 1).permute(1, 0, 3, 2)
 
-def _fused_block(q_rows, k_block, v_block, bias, scale):
-    """One exact block in the fused kernel: ``q_rows (B, Hk, G, c, d)`` against ``k_block``/``v_block``
-    ``(B, Hk, n, d)`` under ``bias`` (:func:`_fused_bias`). Returns ``(num, den, shift)`` as the unfused block
-    does, relative to each row's log-sum-exp (rows with no visible key: 0, 0, -inf)."""
-    bias, seen = bias
-    batch, kv_heads, groups, rows, d = q_rows.shape
-    heads = kv_heads * groups
-    expand = lambda x: x[:, :, None].expand(batch, kv_heads, groups, *x.shape[2:]).reshape(batch, heads, *x.shape[2:])
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q_rows.reshape(batch, heads, rows, d), expand(k_block), expand(v_block), attn_mask=bias, scale=scale)
-    shape = (batch, kv_heads, groups, rows)
-    # the kernel gives 0 output and 0 log-sum-exp to a row with no visible key
-    shift = torch.where(seen, lse.view(shape).to(out.dtype), float("-inf"))
-    return out.view(*shape, -1), seen.to(out.dtype), shift
+    k_blocks, v_blocks = block_keys(k), block_keys(v)
+    q_blocks = torch.nn.functional.pad(qg, (0, 0, 0, extra)).view(batch * kv_heads, groups, blocks, chunk, d)
+    q_blocks = q_blocks.permute(2, 0, 1, 3, 4).reshape(blocks, batch * kv_heads, groups * chunk, d)
+    relative = visible(torch.arange(chunk, device=qg.device) + longest - 1, torch.arange(n, device=qg.device),
+                       causal=True, sliding_window=reach)  # (c, n) or per head (Hk, G, c, n)
+    relative = relative.expand(kv_heads, groups, chunk, n)
+    valid = torch.nn.functional.pad(key_valid, (left, extra))[:, start:].unfold(1, n, chunk)  # (B, blocks, n)
+    own = blocks if padded else min(-(-left // chunk), blocks)  # blocks [0, own) have keys before 0 or padding
+    per_block = max(1, FUSED_BIAS_BYTES // (batch * kv_heads * groups * chunk * n * qg.element_size()))
+    as_bias = lambda mask: torch.zeros(mask.shape, dtype=qg.dtype, device=qg.device).masked_fill_(~mask, float("-inf"))
+    calls = []  # (first block, last block + 1, bias, rows seeing a key or None for all)
+    for j0 in range(0, own, per_block):
+        j1 = min(j0 + per_block, own)
+        mask = relative & valid[:, j0:j1].transpose(0, 1)[:, :, None, None, None, :]  # (J, B, Hk, G, c, n)
+        calls.append((j0, j1, as_bias(mask).view(j1 - j0, batch * kv_heads, groups * chunk, n), mask.any(dim=-1)))
+    if own < blocks:
+        shared = relative.reshape(1, kv_heads, groups * chunk, n).repeat(1, batch, 1, 1)
+        calls.append((own, blocks, as_bias(shared), None))
+    outs, lses, seens = [], [], []
+    for j0, j1, bias, seen in calls:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q_blocks[j0:j1], k_blocks[j0:j1], v_blocks[j0:j1], attn_mask=bias, scale=scale)
+        outs.append(out)
+        lses.append(lse.to(out.dtype))
+        seens.append(torch.ones(j1 - j0, batch, kv_heads, groups, chunk, dtype=torch.bool, device=qg.device) if seen is None else seen)
+
+    def rows(parts, *tail):  # (blocks, B * Hk, G * c, ...) -> (B, Hk, G, Lq, ...)
+        x = torch.cat(parts).view(blocks, batch, kv_heads, groups, chunk, *tail)
+        return x.permute(1, 2, 3, 0, 4, *range(5, x.dim())).reshape(batch, kv_heads, groups, blocks * chunk, *tail)[:, :, :, :q_len]
+
+    seen = rows(seens)  # the kernel gives 0 output and 0 log-sum-exp to a row with no visible key
+    return rows(outs, v.shape[-1]), seen.to(qg.dtype), torch.where(seen, rows(lses), float("-inf"))
 
 
 def _merge(a, b):
