@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 DEFAULT_CHUNK_SIZE = 64  # the feature scan (many features per row); chosen by measurement (benchmarks/op_scaling.py)
 BAND_BLOCK_SIZE = 256  # query rows per block of the exact local band (a (c, c + window) block); by measurement
 FUSED_BAND_BLOCK_SIZE = 64  # the same in the fused kernel, where many blocks share a call; by measurement
-PREFIX_BLOCK_SIZE = 512  # query rows per block of the prefix scan (few features: the exact keys dominate); by measurement
+PREFIX_BLOCK_SIZE = 2048  # query rows per block of the prefix scan (few features: the exact keys dominate); by measurement
 DEFAULT_MAX_FEATURE_BYTES = 8 * 2**30
 FUSED_BIAS_BYTES = 64 * 2**20  # bound on the separately masked blocks of one fused band call
 EXACT_ROW_BLOCK = 128  # gathered exact query rows handled per block: bounds the (rows x keys) score block
@@ -367,7 +367,14 @@ def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk,
         longest = min(longest, window)
     q_len = qg.shape[3]
     if not recompute and q_len > 1 and _fused_attention_available(qg):  # (one row: the plain matmuls copy less)
-        return _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk or FUSED_BAND_BLOCK_SIZE, padded)
+        chunk = chunk or FUSED_BAND_BLOCK_SIZE
+        if padded or offset or isinstance(reach, torch.Tensor) or reach >= q_len:
+            return _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padded)
+        # The first `reach` queries see every earlier key: causal attention, no mask to build; the rest are blocks
+        # whose keys are all real (the ones with keys before position 0 would each need their own bias).
+        head = _fused_causal(qg[:, :, :, :reach], k[:, :, :reach], v[:, :, :reach], scale)
+        rest = _fused_band(qg[:, :, :, reach:], k, v, key_valid, scale, reach, longest, reach, chunk, padded)
+        return _concat_rows([head, rest])
     chunk = chunk or BAND_BLOCK_SIZE
     shared = {}  # (rows, keys, first query's position - first key's) -> the block's mask
     parts = []
@@ -399,6 +406,17 @@ def _fused_attention_available(q: torch.Tensor) -> bool:
     does not carry the log-sum-exp's gradient, which the merge with the far part needs) the blocks run as
     plain matmuls."""
     return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _fused_causal(qg, k, v, scale):
+    """Causal attention of ``qg (B, Hk, G, L, d)`` over ``k``, ``v`` ``(B, Hk, L, d)`` in the fused kernel, as
+    ``(num, den, shift)`` relative to each row's log-sum-exp (every row sees its own key)."""
+    batch, kv_heads, groups, rows, d = qg.shape
+    expand = lambda x: x[:, :, None].expand(batch, kv_heads, groups, *x.shape[2:]).reshape(batch, kv_heads * groups, *x.shape[2:])
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qg.reshape(batch, kv_heads * groups, rows, d), expand(k), expand(v), is_causal=True, scale=scale)
+    shape = (batch, kv_heads, groups, rows)
+    return out.view(*shape, -1), torch.ones(shape, dtype=out.dtype, device=out.device), lse.view(shape).to(out.dtype)
 
 
 def _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padded):
