@@ -154,6 +154,9 @@ for q_len in (1, 5):
                         q_len=q_len, kv_len=37, sliding_window=window, padding=pad, chunk_size=chunk, batch=3, seed=5,
                     )
                 )
+# every row exact (plain SDPA path) with the queries after the first key and with a window
+for window in (None, 7):
+    CASES.append(_case(f"decode5-window{window}-thr0", q_len=5, kv_len=37, sliding_window=window, threshold=0.0, batch=3, seed=5))
 # non-causal with q_len != kv_len (both ways)
 CASES.append(_case("noncausal-q5-kv37", causal=False, q_len=5, kv_len=37, padding="right", seed=6))
 # non-causal with more queries than keys (q_len = kv_len + 1 would broadcast by accident: avoid it)

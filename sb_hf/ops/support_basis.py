@@ -244,8 +244,18 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
                                  dropped_real_keys=dropped_real_keys, evaluation=requested_evaluation):
             out = decoding_state.step(qg, k, v, key_valid, stats=stats, out_dtype=out_dtype)
             return out.reshape(s.batch, s.q_heads, s.q_len, s.value_dim).to(out_dtype)
+    every_row_exact = threshold == 0 or (RADIUS_FLOOR if radius is None else radius) > radius_limit  # (every interval
+    if every_row_exact and key_padding_mask is None:  # is at least that wide): plain attention, where each row sees a key
+        check_finite_inputs(q, k, v)
+        if decoding_state is not None:
+            decoding_state.checked_keys = s.kv_len
+        if stats is not None:
+            rows = torch.ones(s.batch, s.kv_heads, s.groups, s.q_len, dtype=torch.bool, device=q.device)
+            _count_pairs(stats, rows, torch.zeros_like(k[..., 0], dtype=torch.bool), key_valid, causal, window, local_window)
+        out = _plain_attention(qg, k, v, scale, causal, window, offset)
+        return out.reshape(s.batch, s.q_heads, s.q_len, s.value_dim).to(out_dtype)
     q_large = large_rows(qg, threshold)  # (B, Hk, G, Lq)
-    if (RADIUS_FLOOR if radius is None else radius) > radius_limit:  # every row's interval is at least this wide
+    if every_row_exact:
         q_large = torch.ones_like(q_large)  # (rows without far keys too, which skip the far part)
     lag = local_window
     rows_shape = (s.batch, s.kv_heads, s.groups, s.q_len)
@@ -281,6 +291,20 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
     if stats is not None:
         _count_pairs(stats, exact_rows, exact_keys, key_valid, causal, window, lag)
     return out.reshape(s.batch, s.q_heads, s.q_len, s.value_dim).to(out_dtype)
+
+
+def _plain_attention(qg, k, v, scale, causal, window, offset):
+    """Softmax attention of every row of ``qg (B, Hk, G, Lq, d)`` in PyTorch's SDPA (fused kernels on CPU and CUDA),
+    queries at key positions ``offset + i``: ``(B, Hk, G, Lq, dv)``. Every row must see a key (no padding)."""
+    batch, kv_heads, groups, q_len, d = qg.shape
+    mask = None
+    if causal and (window is not None or offset):
+        mask = visible(torch.arange(q_len, device=qg.device) + offset, torch.arange(k.shape[2], device=k.device),
+                       causal=True, sliding_window=window)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qg.reshape(batch, kv_heads * groups, q_len, d), k, v, attn_mask=mask, is_causal=causal and mask is None,
+        scale=scale, enable_gqa=True)
+    return out.view(batch, kv_heads, groups, q_len, -1)
 
 
 def _combine(qg, k, v, key_valid, far, band, q_large, *, scale, causal, window, offset, recompute, out_dtype):
