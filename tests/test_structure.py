@@ -140,8 +140,9 @@ def test_fused_and_plain_band_match_reference(case, monkeypatch):
 
     q, k, v, kw = _inputs(case, "taylor", 0)
     expected = reference.support_basis_attention(q, k, v, **kw)
-    original, calls = module._fused_band, []
-    monkeypatch.setattr(module, "_fused_band", lambda *a: calls.append(1) or original(*a))
+    calls = []
+    for name in ("_fused_band", "_fused_causal"):  # the band's two uses of the fused kernel
+        monkeypatch.setattr(module, name, lambda *a, original=getattr(module, name): calls.append(1) or original(*a))
     assert_matches(support_basis_attention(q, k, v, chunk_size=case["chunk_size"], **kw), expected, q.dtype)
     plain = case["threshold"] == 0 and case["padding"] is None  # every row exact: plain SDPA, no band
     assert bool(calls) == (q.shape[2] > 1 and not plain)  # the fused kernel ran (not for one query)

@@ -389,16 +389,20 @@ def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk,
     if window is not None:
         reach = local_window.clamp(max=window) if isinstance(local_window, torch.Tensor) else min(local_window, window)
         longest = min(longest, window)
-    q_len = qg.shape[3]
+    q_len, kv_len = qg.shape[3], k.shape[2]
+    longest = min(longest, kv_len)  # (no query reaches further back than the first key)
     if not recompute and q_len > 1 and _fused_attention_available(qg):  # (one row: the plain matmuls copy less)
         chunk = chunk or FUSED_BAND_BLOCK_SIZE
-        if padded or offset or isinstance(reach, torch.Tensor) or reach >= q_len:
+        if padded or offset or isinstance(reach, torch.Tensor):
             return _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padded)
         # The first `reach` queries see every earlier key: causal attention, no mask to build; the rest are blocks
         # whose keys are all real (the ones with keys before position 0 would each need their own bias).
-        head = _fused_causal(qg[:, :, :, :reach], k[:, :, :reach], v[:, :, :reach], scale)
-        rest = _fused_band(qg[:, :, :, reach:], k, v, key_valid, scale, reach, longest, reach, chunk, padded)
-        return _concat_rows([head, rest])
+        head = min(reach, q_len)
+        first = _fused_causal(qg[:, :, :, :head], k[:, :, :head], v[:, :, :head], scale)
+        if head == q_len:
+            return first
+        rest = _fused_band(qg[:, :, :, head:], k, v, key_valid, scale, reach, longest, head, chunk, padded)
+        return _concat_rows([first, rest])
     chunk = chunk or BAND_BLOCK_SIZE
     shared = {}  # (rows, keys, first query's position - first key's) -> the block's mask
     parts = []
