@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from sb_hf.config import SupportBasisConfig
 from sb_hf.ops import as23_attention, large_rows, reference, support_basis_attention
+from sb_hf.ops.common import all_finite, visible_key_sums
 
 F64 = torch.float64
 INF = float("inf")
@@ -250,6 +251,33 @@ def test_threshold_regimes_are_what_the_grid_claims():
     assert large_rows(q, 0.0).all()
     # large_rows definition, independently: any |entry| > threshold
     assert torch.equal(large_rows(q, 2.0), (q.abs() > 2.0).any(-1))
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+def test_all_finite_matches_isfinite(dtype):
+    """The one-pass finiteness check (aminmax) against ``isfinite().all()``: NaN, +inf and -inf anywhere, per row too."""
+    x = torch.randn(3, 5, 7, dtype=F64).to(dtype)
+    assert bool(all_finite(x)) and torch.equal(all_finite(x, dim=-1), torch.isfinite(x).all(dim=-1))
+    for value, where in ((float("nan"), (0, 0, 0)), (float("inf"), (1, 4, 6)), (float("-inf"), (2, 3, 2))):
+        y = x.clone()
+        y[where] = value
+        assert not bool(all_finite(y))
+        assert torch.equal(all_finite(y, dim=-1), torch.isfinite(y).all(dim=-1))
+    assert bool(all_finite(x[:, :0])) and all_finite(x[:, :, :0], dim=-1).all()
+
+
+@pytest.mark.parametrize("offset", [0, 4, 10])
+@pytest.mark.parametrize("window", [None, 1, 3, 20])
+def test_visible_key_sums_matches_loop(offset, window):
+    """Sums over each causal query's visible keys by prefix sums, against a loop over the keys."""
+    x = torch.randn(2, 3, 11, 4, 2, dtype=F64)
+    got = visible_key_sums(x, offset, window)
+    for p in range(offset, 11):
+        lo = 0 if window is None else max(p - window + 1, 0)
+        assert torch.allclose(got[:, :, p - offset], x[:, :, lo : p + 1].sum(dim=2))
+    flags = x[..., 0, 0] > 0  # (B, H, Lk), the shape of key counts
+    counts = visible_key_sums(flags.double(), offset, window)
+    assert torch.equal(counts[:, :, -1], flags[:, :, (0 if window is None else max(11 - window, 0)):].sum(dim=-1).double())
 
 
 def test_polynomial_part_is_an_approximation_not_exact():
