@@ -474,21 +474,23 @@ def _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padde
     own = blocks if padded else min(-(-left // chunk), blocks)  # blocks [0, own) have keys before 0 or padding
     per_block = max(1, FUSED_BIAS_BYTES // (batch * kv_heads * groups * chunk * n * qg.element_size()))
     as_bias = lambda mask: torch.zeros(mask.shape, dtype=qg.dtype, device=qg.device).masked_fill_(~mask, float("-inf"))
-    calls = []  # (first block, last block + 1, bias, rows seeing a key or None for all)
+
+    calls = []  # (blocks, bias, rows seeing a key): the first blocks in bounded groups, then the shared rest
     for j0 in range(0, own, per_block):
         j1 = min(j0 + per_block, own)
         mask = relative & valid[:, j0:j1].transpose(0, 1)[:, :, None, None, None, :]  # (J, B, Hk, G, c, n)
-        calls.append((j0, j1, as_bias(mask).view(j1 - j0, batch * kv_heads, groups * chunk, n), mask.any(dim=-1)))
+        calls.append((slice(j0, j1), as_bias(mask).view(j1 - j0, batch * kv_heads, groups * chunk, n), mask.any(dim=-1)))
     if own < blocks:
         shared = relative.reshape(1, kv_heads, groups * chunk, n).repeat(1, batch, 1, 1)
-        calls.append((own, blocks, as_bias(shared), None))
+        every_row = torch.ones(blocks - own, batch, kv_heads, groups, chunk, dtype=torch.bool, device=qg.device)
+        calls.append((slice(own, blocks), as_bias(shared), every_row))
     outs, lses, seens = [], [], []
-    for j0, j1, bias, seen in calls:
+    for some, bias, seen in calls:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q_blocks[j0:j1], k_blocks[j0:j1], v_blocks[j0:j1], attn_mask=bias, scale=scale)
+            q_blocks[some], k_blocks[some], v_blocks[some], attn_mask=bias, scale=scale)
         outs.append(out)
         lses.append(lse.to(out.dtype))
-        seens.append(torch.ones(j1 - j0, batch, kv_heads, groups, chunk, dtype=torch.bool, device=qg.device) if seen is None else seen)
+        seens.append(seen)
 
     def rows(parts, *tail):  # (blocks, B * Hk, G * c, ...) -> (B, Hk, G, Lq, ...)
         x = torch.cat(parts).view(blocks, batch, kv_heads, groups, chunk, *tail)
