@@ -1,9 +1,10 @@
 """Time and peak memory of the fast support-basis op vs sequence length, with a fixed number (or
 share) of large rows, next to causal SDPA and eager attention, forward or forward+backward.
-Each point runs in two fresh subprocesses, after a warm-up call on a 512-token prefix: one for the
-time (the default allocator), one for the memory, with glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks go back to the system and
-peak RSS follows the live tensors (with the default, glibc keeps freed blocks of growing sizes, and
-peak RSS measures the allocator's retention as much as the op).
+Each point runs in two fresh subprocesses: one for the time (the default allocator, after a warm-up call
+on a 512-token prefix), one for the memory (no warm-up, whose peak would raise the baseline), with
+glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks go back to the system and peak RSS follows the
+live tensors (with the default, glibc keeps freed blocks of growing sizes, and peak RSS measures the
+allocator's retention as much as the op).
 
     python benchmarks/op_scaling.py                 # forward, n = 512..4096
     python benchmarks/op_scaling.py --lengths 1024,2048,4096,8192 --large-rows 64
@@ -96,7 +97,8 @@ WARMUP_TOKENS = 512
 
 
 def measure(method: str, n: int, large_rows: int, degree: int, threads: int, backward: bool, *, settings: str | None = None,
-            capture: str | None = None, layer: int = 0, window: int = 1024, chunk_size: int | None = None) -> dict:
+            capture: str | None = None, layer: int = 0, window: int = 1024, chunk_size: int | None = None,
+            warmup: bool = True) -> dict:
     import torch
 
     from sb_hf.ops import sink_window_attention
@@ -115,13 +117,15 @@ def measure(method: str, n: int, large_rows: int, degree: int, threads: int, bac
         }
         return ops[method]
 
-    # Warm up on a prefix: the first call of each kernel in a process pays one-time costs, which a running
-    # model has paid (measured: the calibrated settings at 2048 tokens took 0.25 s cold, 0.10 s warm).
+    # Timing warms up on a prefix: the first call of each kernel in a process pays one-time costs, which a running
+    # model has paid (measured: the calibrated settings at 2048 tokens took 0.25 s cold, 0.10 s warm). Memory
+    # does not: the warm-up's own peak would raise the baseline the peak is measured from.
     small = [x[:, :, :WARMUP_TOKENS].clone().requires_grad_(backward) for x in (q, k, v)]
-    with torch.set_grad_enabled(backward):
-        out = call(*small, {})()
-        if backward:
-            out.sum().backward()
+    if warmup:
+        with torch.set_grad_enabled(backward):
+            out = call(*small, {})()
+            if backward:
+                out.sum().backward()
     if settings is None:
         from sb_hf.ops import support_basis_attention
 
@@ -162,12 +166,13 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=None, help="chunk_size of support_basis/sink_window (default: theirs)")
     parser.add_argument("--output", default="runs/op_scaling")
     parser.add_argument("--point", help=argparse.SUPPRESS)
+    parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)  # the memory run: no warm-up
     args = parser.parse_args()
     if args.point:
         method, n = args.point.split(":")
         print(json.dumps(measure(method, int(n), args.large_rows, args.degree, args.threads, args.backward,
                                  settings=args.settings, capture=args.capture, layer=args.layer, window=args.window,
-                                 chunk_size=args.chunk_size)))
+                                 chunk_size=args.chunk_size, warmup=not args.cold)))
         return
 
     methods = [m for m in args.methods.split(",") if m]
@@ -185,7 +190,7 @@ def main() -> None:
                 cmd += [] if value is None else [flag, str(value)]
             timed = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-            sized = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
+            sized = json.loads(subprocess.run(cmd + ["--cold"], check=True, capture_output=True, text=True, env=env).stdout)
             rows.append({**timed, "peak_extra_mib": sized["peak_extra_mib"]})
     planted = f"{args.large_share:.0%} of rows" if args.large_share is not None else f"{args.large_rows} rows"
     data = f"layer {args.layer} of {args.capture}" if args.capture else f"random, planted large: {planted}"
