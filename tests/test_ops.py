@@ -298,6 +298,9 @@ def test_value_dim_different_from_head_dim():
         out = support_basis_attention(q, k, v, threshold=2.0, degree=2, causal=causal, chunk_size=8)
         assert out.shape == (2, 4, 37, 5)
         assert_matches(out, reference.support_basis_attention(q, k, v, threshold=2.0, degree=2, causal=causal), F64)
+    # with an exact band (the fused CPU kernel wants values as wide as the keys: such bands take the plain path)
+    kw = dict(threshold=2.0, degree=2, sinks=2, local_window=9)
+    assert_matches(support_basis_attention(q, k, v, chunk_size=4, **kw), reference.support_basis_attention(q, k, v, **kw), F64)
 
 
 def test_explicit_scale_and_fixed_radius():

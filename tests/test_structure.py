@@ -151,7 +151,7 @@ def test_fused_and_plain_band_match_reference(case, monkeypatch):
     assert bool(calls) == (q.shape[2] > 1 and not plain)  # the fused kernel ran (not for one query)
     monkeypatch.setattr(module, "FUSED_BIAS_BYTES", 1)  # one separately masked block per kernel call
     assert_matches(support_basis_attention(q, k, v, chunk_size=case["chunk_size"], **kw), expected, q.dtype)
-    monkeypatch.setattr(module, "_fused_attention_available", lambda q: False)
+    monkeypatch.setattr(module, "_fused_attention_available", lambda q, v: False)
     calls.clear()
     assert_matches(support_basis_attention(q, k, v, chunk_size=case["chunk_size"], **kw), expected, q.dtype)
     assert not calls

@@ -3,9 +3,9 @@
 Query ``p`` attends with an exact softmax to the keys ``j`` it may see under the model's mask (causal,
 the model's sliding window, padding) that are either *sinks*, the first ``sinks`` real keys of the
 sequence, or *local*, ``p - local_window < j <= p``. Ranks count real keys only, so left padding
-does not move the sinks. Per query chunk the op gathers the sink keys plus the local key range into
-one ``(c, sinks + local_window + c)`` block: ``O(n (sinks + local_window))`` time and memory, never an
-``n x n`` matrix. ``sb_hf.ops.reference.sink_window_attention`` is the dense twin that defines it.
+does not move the sinks. The local keys run in support basis's exact band (query blocks of
+``(c, local_window + c)``, the fused CPU kernel at inference), the sinks older than a row's band in one
+``(n, sinks)`` block, merged: ``O(n (sinks + local_window))`` time and memory, never an ``n x n`` matrix. ``sb_hf.ops.reference.sink_window_attention`` is the dense twin that defines it.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from .common import (
     compute_dtype,
     group_matmul,
     key_spans,
-    masked_softmax,
+    masked_exp,
     span_counts,
     visible,
 )
-from .support_basis import BAND_BLOCK_SIZE
+from .support_basis import _local_band, _merge
 
 
 def sink_window_attention(
@@ -51,7 +51,7 @@ def sink_window_attention(
         scale: score scale, default ``1/sqrt(d)``.
         key_padding_mask: ``(B, Lk)`` bool, True for real keys; padded keys are never attended nor ranked.
         sliding_window: the model's window: query ``p`` never sees keys ``j <= p - sliding_window``.
-        chunk_size: query rows per block (None: the exact band's block of support basis, ``BAND_BLOCK_SIZE``).
+        chunk_size: query rows per block of the local band (None: support basis's measured default).
         stats: optional dict; receives tensors ``exact_pairs`` (pairs computed), ``pairs`` (pairs
             visible under the model's mask), ``exact_rows`` (rows equal to exact attention), ``rows``.
         dropped_real_keys: optional ``(B,)`` integer tensor, the real keys of each sequence that precede
@@ -67,7 +67,6 @@ def sink_window_attention(
     check_sink_window(sinks, local_window, causal, dropped_real_keys, s.batch)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None (the measured default), got {chunk_size!r}")
-    chunk_size = chunk_size or BAND_BLOCK_SIZE
     out_dtype = q.dtype
     compute = compute_dtype(q.dtype)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
@@ -75,8 +74,6 @@ def sink_window_attention(
     offset = s.kv_len - s.q_len  # key position of query 0
     device = q.device
     key_valid = torch.ones(s.batch, s.kv_len, dtype=torch.bool, device=device) if key_padding_mask is None else key_padding_mask
-    # Beyond the sinks a query p can only reach keys p - reach < j <= p.
-    reach = local_window if sliding_window is None else min(local_window, sliding_window)
 
     # The sinks, in `slots` slots: slot r holds the real key of rank r (the first key where the count
     # of real keys reaches r + 1), a sink while its rank in the sequence (after the dropped keys) < sinks.
@@ -92,25 +89,20 @@ def sink_window_attention(
     sink_v = torch.gather(v, 2, sink_pos[:, None, :, None].expand(-1, s.kv_heads, -1, s.value_dim))
 
     qg = q.view(s.batch, s.kv_heads, s.groups, s.q_len, s.head_dim)  # query head h = kv_head * groups + g
-    outs = []
-    for i0 in range(0, s.q_len, chunk_size):
-        i1 = min(i0 + chunk_size, s.q_len)
-        q_pos = torch.arange(i0, i1, device=device) + offset
-        lo, hi = max(i0 + offset - reach + 1, 0), i1 + offset  # local key range of the chunk
-        k_pos = torch.arange(lo, hi, device=device)
-        # Local copy: visible, real, and local to the row or a sink. Sink copy: only sinks before `lo`
-        # (a sink inside the range is already in the local copy).
-        local = (q_pos[:, None] - k_pos[None, :]) < local_window
-        local_mask = visible(q_pos, k_pos, causal=True, sliding_window=sliding_window) & key_valid[:, None, lo:hi]
-        local_mask = local_mask & (local | is_sink[:, None, lo:hi])  # (B, c, n)
+    window = sliding_window if sliding_window is not None and sliding_window < s.kv_len else None
+    recompute = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    # The local keys in support basis's exact band; the sinks older than the band (at most `sinks` per row) apart.
+    band = _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk_size, recompute,
+                       padded=key_padding_mask is not None)
+    num, den, _ = band
+    if slots:
+        q_pos = torch.arange(s.q_len, device=device) + offset
+        older = sink_pos[:, None, :] <= q_pos[:, None] - local_window  # (B, Lq, S): outside the band
         sink_mask = visible(q_pos, sink_pos[:, None, :], causal=True, sliding_window=sliding_window)[:, 0]
-        sink_mask = sink_mask & (sink_valid & (sink_pos < lo))[:, None, :]  # (B, c, S)
-        keys = torch.cat([sink_k, k[:, :, lo:hi]], dim=2)  # (B, Hk, S + n, d)
-        values = torch.cat([sink_v, v[:, :, lo:hi]], dim=2)
-        mask = torch.cat([sink_mask, local_mask], dim=-1)[:, None, None]  # (B, 1, 1, c, S + n)
-        scores = scale * group_matmul(qg[:, :, :, i0:i1], keys.transpose(-1, -2))  # (B, Hk, G, c, S + n)
-        outs.append(group_matmul(masked_softmax(scores, mask), values))
-    out = torch.cat(outs, dim=3)
+        sink_mask = (sink_mask & older & sink_valid[:, None, :])[:, None, None]  # (B, 1, 1, Lq, S)
+        weights, row_max = masked_exp(scale * group_matmul(qg, sink_k.transpose(-1, -2)), sink_mask)
+        num, den = _merge(band, (group_matmul(weights, sink_v), weights.sum(dim=-1), row_max))
+    out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]  # a row with no key: zeros
 
     if stats is not None:
         _count_pairs(stats, s, key_valid, is_sink, local_window, sliding_window)

@@ -394,7 +394,7 @@ def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk,
         longest = min(longest, window)
     q_len, kv_len = qg.shape[3], k.shape[2]
     longest = min(longest, kv_len)  # (no query reaches further back than the first key)
-    if not recompute and q_len > 1 and _fused_attention_available(qg):  # (one row: the plain matmuls copy less)
+    if not recompute and q_len > 1 and _fused_attention_available(qg, v):  # (one row: the plain matmuls copy less)
         chunk = chunk or FUSED_BAND_BLOCK_SIZE
         if padded or offset or isinstance(reach, torch.Tensor):
             return _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padded)
@@ -431,12 +431,13 @@ def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk,
     return _concat_rows(parts)
 
 
-def _fused_attention_available(q: torch.Tensor) -> bool:
+def _fused_attention_available(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the exact blocks can run in PyTorch's fused CPU attention kernel (it returns the log-sum-exp
-    a partial attention needs). Elsewhere (CUDA included, untested here) and when training (its backward
-    does not carry the log-sum-exp's gradient, which the merge with the far part needs) the blocks run as
-    plain matmuls."""
-    return q.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    a partial attention needs; it wants values as wide as the keys). Elsewhere (CUDA included, untested
+    here) and when training (its backward does not carry the log-sum-exp's gradient, which the merge with
+    the far part needs) the blocks run as plain matmuls."""
+    return (q.device.type == "cpu" and v.shape[-1] == q.shape[-1]
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
 
 
 def _fused_causal(qg, k, v, scale):
