@@ -1,10 +1,10 @@
 """Time and peak memory of the fast support-basis op vs sequence length, with a fixed number (or
 share) of large rows, next to causal SDPA and eager attention, forward or forward+backward.
 Each point runs in two fresh subprocesses: one for the time (the default allocator, after a warm-up call
-on a 512-token prefix), one for the memory (no warm-up, whose peak would raise the baseline), with
-glibc's ``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks go back to the system and peak RSS follows the
-live tensors (with the default, glibc keeps freed blocks of growing sizes, and peak RSS measures the
-allocator's retention as much as the op).
+on a 512-token prefix; the median of up to 5 calls while they take under 2 s in all), one for the memory
+(one call, no warm-up, whose peak would raise the baseline), with glibc's ``MALLOC_MMAP_THRESHOLD_=65536``
+so freed blocks go back to the system and peak RSS follows the live tensors (with the default, glibc
+keeps freed blocks of growing sizes, and peak RSS measures the allocator's retention as much as the op).
 
     python benchmarks/op_scaling.py                 # forward, n = 512..4096
     python benchmarks/op_scaling.py --lengths 1024,2048,4096,8192 --large-rows 64
@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -94,6 +95,7 @@ def support_basis_call(q, k, v, scale, stats, *, settings: str | None, layer: in
 
 
 WARMUP_TOKENS = 512
+REPEATS, REPEAT_SECONDS = 5, 2.0  # a timed point repeats (up to 5 calls, while under 2 s in all) and reports the median
 
 
 def measure(method: str, n: int, large_rows: int, degree: int, threads: int, backward: bool, *, settings: str | None = None,
@@ -138,12 +140,18 @@ def measure(method: str, n: int, large_rows: int, degree: int, threads: int, bac
         x.requires_grad_(backward)
     grad_out = torch.randn(*q.shape[:-1], v.shape[-1], generator=torch.Generator().manual_seed(1)) if backward else None
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
-    with torch.set_grad_enabled(backward):
-        out = timed()
-        if backward:
-            out.backward(grad_out)
-    seconds = time.perf_counter() - start
+    times = []
+    while not times or (warmup and len(times) < REPEATS and sum(times) < REPEAT_SECONDS):  # short calls: the median
+        for x in (q, k, v):
+            x.grad = None
+        start = time.perf_counter()
+        with torch.set_grad_enabled(backward):
+            out = timed()
+            if backward:
+                out.backward(grad_out)
+        times.append(time.perf_counter() - start)
+        del out
+    seconds = statistics.median(times)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
     share = float(stats["exact_pairs"] / stats["pairs"]) if stats else 1.0
     return {"method": method, "n": n, "large_rows": large_rows, "backward": backward, "seconds": seconds,
