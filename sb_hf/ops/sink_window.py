@@ -5,7 +5,8 @@ the model's sliding window, padding) that are either *sinks*, the first ``sinks`
 sequence, or *local*, ``p - local_window < j <= p``. Ranks count real keys only, so left padding
 does not move the sinks. The local keys run in support basis's exact band (query blocks of
 ``(c, local_window + c)``, the fused CPU kernel at inference), the sinks older than a row's band in one
-``(n, sinks)`` block, merged: ``O(n (sinks + local_window))`` time and memory, never an ``n x n`` matrix. ``sb_hf.ops.reference.sink_window_attention`` is the dense twin that defines it.
+``(n, sinks)`` block, merged: ``O(n (sinks + local_window))`` time and memory, never an ``n x n`` matrix.
+``sb_hf.ops.reference.sink_window_attention`` is the dense twin that defines it.
 """
 
 from __future__ import annotations
@@ -89,10 +90,9 @@ def sink_window_attention(
     sink_v = torch.gather(v, 2, sink_pos[:, None, :, None].expand(-1, s.kv_heads, -1, s.value_dim))
 
     qg = q.view(s.batch, s.kv_heads, s.groups, s.q_len, s.head_dim)  # query head h = kv_head * groups + g
-    window = sliding_window if sliding_window is not None and sliding_window < s.kv_len else None
     recompute = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     # The local keys in support basis's exact band; the sinks older than the band (at most `sinks` per row) apart.
-    band = _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk_size, recompute,
+    band = _local_band(qg, k, v, key_valid, scale, local_window, sliding_window, offset, chunk_size, recompute,
                        padded=key_padding_mask is not None)
     num, den, _ = band
     if slots:

@@ -244,13 +244,13 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
                                  dropped_real_keys=dropped_real_keys, evaluation=requested_evaluation):
             out = decoding_state.step(qg, k, v, key_valid, stats=stats, out_dtype=out_dtype)
             return out.reshape(s.batch, s.q_heads, s.q_len, s.value_dim).to(out_dtype)
+    check_finite_inputs(q, k, v)
+    if decoding_state is not None:
+        decoding_state.checked_keys = s.kv_len
     # Every row exact (threshold 0, or every interval at least as wide as the limit allows): without padding,
     # where each row sees a key, that is plain attention.
     every_row_exact = threshold == 0 or (RADIUS_FLOOR if radius is None else radius) > radius_limit
     if every_row_exact and key_padding_mask is None:
-        check_finite_inputs(q, k, v)
-        if decoding_state is not None:
-            decoding_state.checked_keys = s.kv_len
         if stats is not None:
             rows = torch.ones(s.batch, s.kv_heads, s.groups, s.q_len, dtype=torch.bool, device=q.device)
             _count_pairs(stats, rows, torch.zeros_like(k[..., 0], dtype=torch.bool), key_valid, causal, window, local_window)
@@ -266,9 +266,6 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
     settings = dict(thresholds=thresholds, feature_maps=feature_maps, kernel=kernel, scale=scale, radius=radius,
                     radius_limit=radius_limit)
     structure = dict(sinks=sinks, column_queries=column_queries, column_threshold=column_threshold, scale=scale)
-    check_finite_inputs(q, k, v)
-    if decoding_state is not None:
-        decoding_state.checked_keys = s.kv_len
     exact_keys, k_bucket = split_keys(k, key_valid, thresholds, dropped_real_keys=dropped_real_keys, **structure)
     # The far part (exact keys + polynomial) covers the keys j <= p - local_window: it runs in a frame lagged
     # by the window, where query i sits at p - local_window and only the first kv_len - local_window keys exist.
@@ -384,9 +381,9 @@ def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk,
     """Exact attention of every query ``p`` to the keys ``p - local_window < j <= p`` it may see, query
     chunk by chunk (a ``(c, c + local_window)`` block; ``chunk`` None: the measured default of the path): per
     row the numerator, the mass and the maximum score they are taken relative to (``-inf`` when the row sees
-    no key). ``local_window`` may be a tensor
-    of one per query head, ``(Hk, G, 1, 1)``; ``longest`` is then its largest value. ``padded=False``
-    promises every key valid: blocks of one shape and one query-key offset then share their mask."""
+    no key). ``local_window`` may be a tensor of one per query head, ``(Hk, G, 1, 1)``; ``longest`` is then its
+    largest value. ``padded=False`` promises every key valid: blocks of one shape and one query-key offset then
+    share their mask."""
     longest = local_window if longest is None else longest
     reach = local_window
     if window is not None:
@@ -453,8 +450,8 @@ def _fused_causal(qg, k, v, scale):
 
 def _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padded):
     """:func:`_local_band` in PyTorch's fused CPU attention kernel, many query blocks per call (so small blocks
-    pay no call each: 64-row blocks made a 128-key window's band 2.6x faster at 4096 tokens, measured). Block ``j`` holds the queries ``offset + j c + t``,
-    ``t < c`` (the last block padded), and the keys ``lo_j + s``, ``s < n = c + longest - 1``,
+    pay no call each: 64-row blocks made a 128-key window's band 2.6x faster at 4096 tokens, measured). Block
+    ``j`` holds the queries ``offset + j c + t``, ``t < c`` (the last block padded), and the keys ``lo_j + s``, ``s < n = c + longest - 1``,
     ``lo_j = offset + j c - longest + 1``: overlapping strided views of K and V, no copy. The kernel's batch holds
     the blocks, its heads the batch's KV heads, its rows a KV head's query heads. Visibility depends on the
     positions only through ``t - s``, so the blocks whose keys are all real share one bias; the first blocks
