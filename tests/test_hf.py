@@ -1,5 +1,6 @@
 """The Transformers backend on tiny random Llama (GQA) and Mistral (sliding window) models."""
 
+import copy
 import json
 
 import pytest
@@ -297,5 +298,15 @@ def test_settings_edited_in_place_take_effect():
         model.config.support_basis["layers"]["0"] = {"threshold": 0.0}  # a nested in-place edit
         model.config.support_basis["layers"]["1"] = {"threshold": 0.0}
         again = model(input_ids=ids, attention_mask=mask).logits
+        model.config.support_basis["layers"]["0"]["threshold"] = SPLIT  # in place inside a layer's overrides
+        layer_edited = model(input_ids=ids, attention_mask=mask).logits
+        fresh = tiny_model("llama")
+        sb_hf.apply_support_basis(fresh, config=copy.deepcopy(model.config.support_basis))
+        fresh_logits = fresh(input_ids=ids, attention_mask=mask).logits
+        model.config.support_basis["layers"]["first"] = {}  # a bad key is caught on the next call
+        with pytest.raises(ValueError, match="layers keys must be indices"):
+            model(input_ids=ids, attention_mask=mask)
     assert not torch.allclose(approx[real], exact[real], atol=1e-3)
     torch.testing.assert_close(again[real], exact[real])
+    assert (layer_edited[real] - exact[real]).abs().max() > 1e-5  # layer 0 is no longer exact
+    torch.testing.assert_close(layer_edited[real], fresh_logits[real])

@@ -287,9 +287,9 @@ def _module_groups(module: torch.nn.Module, name: str, device: torch.device, q_h
                    kv_heads: int) -> tuple[list[tuple[list[int], dict[str, Any]]], bool]:
     """:func:`attention_groups` of ``module``'s layer, parsed once and cached on the module: validating a
     calibrated config (per-head mean queries of every layer) on every call would cost more than the
-    attention of a decoding step. The cache holds a copy of the stored settings and is rebuilt whenever
-    they compare different (replaced or edited in place)."""
-    stored = getattr(getattr(module, "config", None), "support_basis", None)
+    attention of a decoding step. The cache holds a copy of the stored settings this layer's come from
+    (:func:`_layer_view`) and is rebuilt whenever they compare different (replaced or edited in place)."""
+    stored = _layer_view(getattr(getattr(module, "config", None), "support_basis", None), getattr(module, "layer_idx", None))
     key = (name, device, q_heads, kv_heads)
     cached = module.__dict__.get("_sb_hf_op_kwargs")
     if cached is not None and cached[0] == key and cached[1] == stored:
@@ -297,6 +297,17 @@ def _module_groups(module: torch.nn.Module, name: str, device: torch.device, q_h
     groups = attention_groups(settings_for(module), name, device, q_heads, kv_heads)
     module.__dict__["_sb_hf_op_kwargs"] = (key, copy.deepcopy(stored), groups)
     return groups
+
+
+def _layer_view(stored, layer_index):
+    """The parts of stored settings (a dict) one layer's settings come from: the defaults, the layers' keys
+    (a new key is validated again) and this layer's overrides. Comparing only these on every call keeps a
+    calibrated config's other 29 layers (per-head mean queries) out of a decoding step's cost."""
+    if not isinstance(stored, dict) or layer_index is None:
+        return stored
+    layers = stored.get("layers") or {}
+    defaults = {key: value for key, value in stored.items() if key != "layers"}
+    return defaults, tuple(layers), [value for key, value in layers.items() if str(key).strip() == str(layer_index)]
 
 
 def settings_for(module: torch.nn.Module) -> SupportBasisConfig:
