@@ -391,8 +391,8 @@ def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk,
         longest = min(longest, window)
     q_len, kv_len = qg.shape[3], k.shape[2]
     longest = min(longest, kv_len)  # (no query reaches further back than the first key)
-    if not recompute and q_len > 1 and _fused_attention_available(qg, v):  # (one row: the plain matmuls copy less)
-        chunk = chunk or FUSED_BAND_BLOCK_SIZE
+    if not recompute and q_len > 1 and _fused_attention_available(qg, v):  # (one row: the plain matmuls are faster)
+        chunk = min(chunk or FUSED_BAND_BLOCK_SIZE, q_len)  # (fewer rows: one block, not padded)
         if padded or offset or isinstance(reach, torch.Tensor):
             return _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padded)
         # The first `reach` queries see every earlier key: causal attention, no mask to build; the rest are blocks
@@ -461,17 +461,19 @@ def _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padde
     left, extra = max(longest - 1 - offset, 0), blocks * chunk - q_len  # keys padded before 0, queries after the end
     start = offset - longest + 1 + left  # block 0's first key in the padded keys
 
+    pad = lambda x, *sides: torch.nn.functional.pad(x, sides) if any(sides) else x  # (a decoding step: no copy)
+
     def block_keys(x):  # (B, Hk, Lk, d) -> (blocks, B * Hk, n, d), block j's keys
-        x = torch.nn.functional.pad(x, (0, 0, left, extra))[:, :, start:].unfold(2, n, chunk)  # (B, Hk, blocks, d, n)
+        x = pad(x, 0, 0, left, extra)[:, :, start:].unfold(2, n, chunk)  # (B, Hk, blocks, d, n)
         return x.flatten(0, 1).permute(1, 0, 3, 2)
 
     k_blocks, v_blocks = block_keys(k), block_keys(v)
-    q_blocks = torch.nn.functional.pad(qg, (0, 0, 0, extra)).view(batch * kv_heads, groups, blocks, chunk, d)
+    q_blocks = pad(qg, 0, 0, 0, extra).reshape(batch * kv_heads, groups, blocks, chunk, d)
     q_blocks = q_blocks.permute(2, 0, 1, 3, 4).reshape(blocks, batch * kv_heads, groups * chunk, d)
     relative = visible(torch.arange(chunk, device=qg.device) + longest - 1, torch.arange(n, device=qg.device),
                        causal=True, sliding_window=reach)  # (c, n) or per head (Hk, G, c, n)
     relative = relative.expand(kv_heads, groups, chunk, n)
-    valid = torch.nn.functional.pad(key_valid, (left, extra))[:, start:].unfold(1, n, chunk)  # (B, blocks, n)
+    valid = pad(key_valid, left, extra)[:, start:].unfold(1, n, chunk)  # (B, blocks, n)
     own = blocks if padded else min(-(-left // chunk), blocks)  # blocks [0, own) have keys before 0 or padding
     per_block = max(1, FUSED_BIAS_BYTES // (batch * kv_heads * groups * chunk * n * qg.element_size()))
     as_bias = lambda mask: torch.zeros(mask.shape, dtype=qg.dtype, device=qg.device).masked_fill_(~mask, float("-inf"))
@@ -599,14 +601,13 @@ class _RowAttention:
             (k_large, v_large), k_pos, slot_valid = large_keys
             if slots is not None:
                 k_large, v_large, k_pos, slot_valid = k_large[:, :, :slots], v_large[:, :, :slots], k_pos[..., :slots], slot_valid[..., :slots]
-            scores = self.scale * group_matmul(q_rows, k_large.transpose(-1, -2))  # (B, Hk, G, c, n)
+            scores = group_matmul(q_rows * self.scale, k_large.transpose(-1, -2))  # (B, Hk, G, c, n)
             mask = visible(q_pos, k_pos[:, :, None], causal=self.causal, sliding_window=self.window)
-            mask = mask & slot_valid[:, :, None, None, :]
-            exact_max = torch.where(mask, scores, torch.full_like(scores, float("-inf"))).amax(dim=-1)
+            scores = scores.masked_fill(~(mask & slot_valid[:, :, None, None, :]), float("-inf"))
+            exact_max = scores.amax(dim=-1)
         shift = polynomial_shift(exact_max, row_radius.amax(dim=-1))
         if large_keys is not None:
-            shifted = torch.where(mask, scores, shift[..., None].expand_as(scores)) - shift[..., None]
-            weights = torch.where(mask, torch.exp(shifted), torch.zeros_like(scores))
+            weights = torch.exp(scores - shift[..., None])  # the shift is finite (>= radius / 2): hidden keys weigh 0
             num = group_matmul(weights, v_large)
             den = weights.sum(dim=-1)
 
