@@ -50,7 +50,7 @@ def grouped_attention(op: Callable[..., torch.Tensor], query: torch.Tensor, key:
     for (heads, kwargs), extra in zip(groups, per_group):
         q_heads = heads if per_query_head else [g * rep + r for g in heads for r in range(rep)]
         kv_heads = [h // rep for h in heads] if per_query_head else heads
-        outputs.append(op(query[:, q_heads], _heads(key, kv_heads), _heads(value, kv_heads), **common, **kwargs, **extra))
+        outputs.append(op(_heads(query, q_heads), _heads(key, kv_heads), _heads(value, kv_heads), **common, **kwargs, **extra))
         order += q_heads
     out = torch.cat(outputs, dim=1)
     if order == list(range(len(order))):
