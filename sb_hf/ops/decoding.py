@@ -176,6 +176,7 @@ class DecodingState:
         self.exact_k, self.exact_v = new(batch, count, 0, d), new(batch, count, 0, dv)
         self.exact_pos, self.exact_count = new(batch, count, 0, kind=torch.long), new(batch, count, kind=torch.long)
         self.exact_slots = 0  # the largest exact_count
+        self._held_exact = None  # _exact_block's answer until keys are appended
 
     def _fold(self, k, v, key_valid, kv_len):
         """Fold the keys that left each unit's band since the last fold: unit ``n`` gets positions
@@ -234,14 +235,18 @@ class DecodingState:
         self.exact_pos.scatter_(2, slots, positions)
         self.exact_count = self.exact_count + slot_valid.sum(dim=-1)
         self.exact_slots = int(self.exact_count.max())
+        self._held_exact = None
 
     def _exact_block(self):
-        """The gathered exact keys as :class:`sb_hf.ops.support_basis._RowAttention` takes them, or None."""
+        """The gathered exact keys as :class:`sb_hf.ops.support_basis._RowAttention` takes them, or None (built
+        once per change of the held keys)."""
         if self.exact_slots == 0:
             return None
-        used = self.exact_slots
-        slot_valid = torch.arange(used, device=self.exact_count.device) < self.exact_count[..., None]
-        return (self.exact_k[:, :, :used], self.exact_v[:, :, :used]), self.exact_pos[:, :, :used], slot_valid
+        if self._held_exact is None:
+            used = self.exact_slots
+            slot_valid = torch.arange(used, device=self.exact_count.device) < self.exact_count[..., None]
+            self._held_exact = (self.exact_k[:, :, :used], self.exact_v[:, :, :used]), self.exact_pos[:, :, :used], slot_valid
+        return self._held_exact
 
     def _count_pairs(self, stats, exact_rows, key_valid):
         """The step's visible pairs and exact ones (the band, the held exact keys; every key for an exact row)."""

@@ -507,14 +507,8 @@ def _merge(a, b):
     """Sum two partial attentions ``(num, den, shift)``, each relative to its own per-row shift
     (``-inf``: empty), relative to the larger shift (log-sum-exp style): returns ``(num, den)``."""
     (num_a, den_a, shift_a), (num_b, den_b, shift_b) = a, b
-    top = torch.maximum(shift_a, shift_b)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-
-    def factor(shift):  # exp(shift - top), 0 for an empty part (no inf reaches exp: NaN-free gradients)
-        finite = torch.isfinite(shift)
-        return torch.where(finite, torch.exp(torch.where(finite, shift, top) - top), torch.zeros_like(top))
-
-    scale_a, scale_b = factor(shift_a), factor(shift_b)
+    top = torch.maximum(shift_a, shift_b).clamp_min(torch.finfo(shift_a.dtype).min)  # finite: -inf - top stays -inf
+    scale_a, scale_b = torch.exp(shift_a - top), torch.exp(shift_b - top)  # an empty part weighs exp(-inf) = 0
     return num_a * scale_a[..., None] + num_b * scale_b[..., None], den_a * scale_a + den_b * scale_b
 
 
@@ -595,9 +589,10 @@ class _RowAttention:
         ``shift`` both are relative to."""
         num = den = 0
         row_radius, row_center = row_fit.unbind(dim=-1)
-        exact_max = torch.full_like(row_radius[..., 0], float("-inf"))
         large_keys = self.large_keys if slots != 0 else None
-        if large_keys is not None:
+        if large_keys is None:
+            exact_max = torch.full_like(row_radius[..., 0], float("-inf"))
+        else:
             (k_large, v_large), k_pos, slot_valid = large_keys
             if slots is not None:
                 k_large, v_large, k_pos, slot_valid = k_large[:, :, :slots], v_large[:, :, :slots], k_pos[..., :slots], slot_valid[..., :slots]
@@ -628,9 +623,8 @@ class _RowAttention:
         per_map = base_features_per_map(self.feature_maps, q_rows)
         for b, (f, psi, degrees, c) in enumerate(zip(self.feature_maps, per_map, self.base_degrees, coefficients)):
             per_feature = c[..., degrees] * (self.scale / row_radius[..., b, None]) ** degrees
-            per_feature = torch.where(q_large[..., None], torch.zeros_like(per_feature), per_feature)
-            q_features.append(f.finish(psi, per_feature))
-        q_features = torch.cat(q_features, dim=-1)  # (B, Hk, G, c, r)
+            q_features.append(f.finish(psi, per_feature.masked_fill(q_large[..., None], 0)))
+        q_features = torch.cat(q_features, dim=-1) if len(q_features) > 1 else q_features[0]  # (B, Hk, G, c, r)
         if state is not None:
             kv_state, k_state = state
             num = num + group_matmul(q_features, kv_state)
