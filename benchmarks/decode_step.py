@@ -8,8 +8,9 @@ Support basis runs each layer as the model does when decoding (:func:`sb_hf.inte
 call for the layer with per-head structure, or one call per group of heads), with its decoding state
 (:mod:`sb_hf.ops.decoding`) filled by a first step at position n - 1 (its time is reported apart: the
 prompt's keys folded at once), then --steps steps at positions n, n + 1, ... each adding a key; the median
-step is reported. SDPA runs the same steps. Keys and queries: the capture's (real activations; n + steps
-up to its length) or random ones (any n). Prints the machine, a table, and writes JSON and a PNG to --output.
+step is reported. SDPA runs the same steps. One more step is profiled for its count of top-level ATen calls
+per layer. Keys and queries: the capture's (real activations; n + steps + 1 up to its length) or random ones
+(any n). Prints the machine, a table, and writes JSON and a PNG to --output.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def layer_inputs(capture, layer: int, n: int, seed: int):
     if capture is not None:
         q, k, v = (capture.layers[layer][name].float()[:, :, :n] for name in ("q", "k", "v"))
         if q.shape[2] < n:
-            raise SystemExit(f"the capture holds {q.shape[2]} tokens, fewer than n + steps = {n}")
+            raise SystemExit(f"the capture holds {q.shape[2]} tokens, fewer than the n + steps + 1 = {n} needed")
         groups = capture.num_key_value_groups  # the capture stores k/v once per query head
         return q.contiguous(), k[:, ::groups].contiguous(), v[:, ::groups].contiguous(), float(capture.meta["scale"])
     g = torch.Generator().manual_seed(seed)
@@ -58,13 +59,15 @@ def layer_step(settings, layer: int, q_heads: int, kv_heads: int, scale: float, 
 
 
 def measure(settings, capture, layers, n: int, steps: int) -> dict:
-    """Timed steps at positions n .. n + steps - 1 (after a first step at n - 1), summed over the layers, and the
-    share of the visible pairs the step at position n computes exactly (counted in an untimed step)."""
+    """Timed steps at positions n .. n + steps - 1 (after a first step at n - 1), summed over the layers; the
+    share of the visible pairs the step at position n computes exactly (counted in an untimed step); and the
+    top-level ATen calls of the step at position n + steps per layer (profiled, untimed): in eager PyTorch each
+    costs microseconds whatever its size, the floor of a step's time at short contexts."""
     import torch
 
-    sdpa_times, sb_times, first, stats = [0.0] * steps, [0.0] * steps, 0.0, {}
+    sdpa_times, sb_times, first, stats, calls = [0.0] * steps, [0.0] * steps, 0.0, {}, 0
     for layer in layers:
-        q, k, v, scale = layer_inputs(capture, layer, n + steps, seed=layer)
+        q, k, v, scale = layer_inputs(capture, layer, n + steps + 1, seed=layer)
         sdpa = lambda t: torch.nn.functional.scaled_dot_product_attention(
             q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], scale=scale, enable_gqa=True)
         step = layer_step(settings, layer, q.shape[1], k.shape[1], scale, None)  # no pair counts in the timed steps
@@ -80,10 +83,15 @@ def measure(settings, capture, layers, n: int, steps: int) -> dict:
                 start = time.perf_counter()
                 step(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1])
                 sb_times[i] += time.perf_counter() - start
+            t = n + steps
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                step(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1])
+            calls += sum(1 for e in profile.events() if e.cpu_parent is None and e.name.startswith("aten::"))
             counted = layer_step(settings, layer, q.shape[1], k.shape[1], scale, stats)
             counted(q[:, :, n : n + 1], k[:, :, : n + 1], v[:, :, : n + 1])
     return {"n": n, "sdpa_ms": 1000 * statistics.median(sdpa_times), "support_basis_ms": 1000 * statistics.median(sb_times),
-            "first_step_ms": 1000 * first, "exact_pair_share": float(stats["exact_pairs"] / stats["pairs"])}
+            "first_step_ms": 1000 * first, "exact_pair_share": float(stats["exact_pairs"] / stats["pairs"]),
+            "aten_calls_per_layer": calls / len(layers)}
 
 
 def main() -> None:
@@ -120,10 +128,11 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads; settings: {args.settings}; "
           f"layers: {len(layers)}; inputs: {args.capture or 'random'}; 9 q heads / 3 kv heads, head dim 64; median of "
           f"{args.steps} steps, summed over the layers")
-    print(f"{'n':>6} {'sdpa ms':>9} {'support basis ms':>17} {'vs sdpa':>8} {'first step ms':>14} {'pairs exact':>12}")
+    print(f"{'n':>6} {'sdpa ms':>9} {'support basis ms':>17} {'vs sdpa':>8} {'first step ms':>14} {'pairs exact':>12} "
+          f"{'ATen calls/layer':>17}")
     for r in rows:
         print(f"{r['n']:>6} {r['sdpa_ms']:>9.2f} {r['support_basis_ms']:>17.2f} {r['support_basis_ms'] / r['sdpa_ms']:>7.2f}x "
-              f"{r['first_step_ms']:>14.1f} {100 * r['exact_pair_share']:>11.1f}%")
+              f"{r['first_step_ms']:>14.1f} {100 * r['exact_pair_share']:>11.1f}% {r['aten_calls_per_layer']:>17.0f}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_step.json").write_text(json.dumps({"args": vars(args), "layers": layers, "rows": rows}, indent=2))

@@ -73,4 +73,5 @@ def test_decode_step_with_calibrated_settings_on_a_capture(tmp_path):
     data = json.loads((tmp_path / "out" / "decode_step.json").read_text())
     assert data["layers"] == [0, 1] and [r["n"] for r in data["rows"]] == [100, 240]
     assert all(r["sdpa_ms"] > 0 and r["support_basis_ms"] > 0 and 0 < r["exact_pair_share"] < 1 for r in data["rows"])
-    assert "vs sdpa" in out and (tmp_path / "out" / "decode_step.png").exists()
+    assert all(r["aten_calls_per_layer"] >= 20 for r in data["rows"])  # fold, far part, band, merge: tens of calls
+    assert "vs sdpa" in out and "ATen calls/layer" in out and (tmp_path / "out" / "decode_step.png").exists()
