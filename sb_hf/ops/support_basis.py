@@ -393,12 +393,13 @@ def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk,
     longest = min(longest, kv_len)  # (no query reaches further back than the first key)
     if not recompute and q_len > 1 and _fused_attention_available(qg, v):  # (one row: the plain matmuls are faster)
         chunk = min(chunk or FUSED_BAND_BLOCK_SIZE, q_len)  # (fewer rows: one block, not padded)
-        if padded or offset or isinstance(reach, torch.Tensor):
+        if offset or isinstance(reach, torch.Tensor):
             return _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padded)
-        # The first `reach` queries see every earlier key: causal attention, no mask to build; the rest are blocks
-        # whose keys are all real (the ones with keys before position 0 would each need their own bias).
+        # The first `reach` queries see every earlier key: causal attention, no block masks to build; the rest are
+        # blocks whose keys all exist (the ones with keys before position 0 would each need their own bias).
         head = min(reach, q_len)
-        first = _fused_causal(qg[:, :, :, :head], k[:, :, :head], v[:, :, :head], scale)
+        first = _fused_causal(qg[:, :, :, :head], k[:, :, :head], v[:, :, :head], scale,
+                              key_valid[:, :head] if padded else None)
         if head == q_len:
             return first
         rest = _fused_band(qg[:, :, :, head:], k, v, key_valid, scale, reach, longest, head, chunk, padded)
@@ -437,15 +438,23 @@ def _fused_attention_available(q: torch.Tensor, v: torch.Tensor) -> bool:
             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"))
 
 
-def _fused_causal(qg, k, v, scale):
+def _fused_causal(qg, k, v, scale, key_valid=None):
     """Causal attention of ``qg (B, Hk, G, L, d)`` over ``k``, ``v`` ``(B, Hk, L, d)`` in the fused kernel, as
-    ``(num, den, shift)`` relative to each row's log-sum-exp (every row sees its own key)."""
+    ``(num, den, shift)`` relative to each row's log-sum-exp. ``key_valid (B, L)``: padding, one bias row per
+    sequence that the kernel broadcasts (a row that sees no real key gets mass 0 and shift ``-inf``)."""
     batch, kv_heads, groups, rows, d = qg.shape
     expand = lambda x: x[:, :, None].expand(batch, kv_heads, groups, *x.shape[2:]).reshape(batch, kv_heads * groups, *x.shape[2:])
+    bias = None
+    if key_valid is not None:
+        bias = torch.zeros(batch, 1, 1, rows, dtype=qg.dtype, device=qg.device).masked_fill_(~key_valid[:, None, None], float("-inf"))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        qg.reshape(batch, kv_heads * groups, rows, d), expand(k), expand(v), is_causal=True, scale=scale)
+        qg.reshape(batch, kv_heads * groups, rows, d), expand(k), expand(v), is_causal=True, attn_mask=bias, scale=scale)
     shape = (batch, kv_heads, groups, rows)
-    return out.view(*shape, -1), torch.ones(shape, dtype=out.dtype, device=out.device), lse.view(shape).to(out.dtype)
+    out, lse = out.view(*shape, -1), lse.view(shape).to(out.dtype)
+    if key_valid is None:  # every row sees its own key
+        return out, torch.ones(shape, dtype=out.dtype, device=out.device), lse
+    seen = (key_valid.cumsum(dim=-1) > 0)[:, None, None].expand(shape)  # a real key at or before the row
+    return out, seen.to(out.dtype), torch.where(seen, lse, float("-inf"))
 
 
 def _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padded):
@@ -454,8 +463,8 @@ def _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padde
     ``j`` holds the queries ``offset + j c + t``, ``t < c`` (the last block padded), and the keys ``lo_j + s``, ``s < n = c + longest - 1``,
     ``lo_j = offset + j c - longest + 1``: overlapping strided views of K and V, no copy. The kernel's batch holds
     the blocks, its heads the batch's KV heads, its rows a KV head's query heads. Visibility depends on the
-    positions only through ``t - s``, so the blocks whose keys are all real share one bias; the first blocks
-    (keys before position 0) and, with padding, every block get their own, a bounded number per call."""
+    positions only through ``t - s``, so the blocks whose keys are all real (in every sequence) share one bias;
+    the others (keys before position 0 or padded) get their own, a bounded number per call."""
     batch, kv_heads, groups, q_len, d = qg.shape
     blocks, n = -(-q_len // chunk), chunk + longest - 1
     left, extra = max(longest - 1 - offset, 0), blocks * chunk - q_len  # keys padded before 0, queries after the end
@@ -474,19 +483,29 @@ def _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padde
                        causal=True, sliding_window=reach)  # (c, n) or per head (Hk, G, c, n)
     relative = relative.expand(kv_heads, groups, chunk, n)
     valid = pad(key_valid, left, extra)[:, start:].unfold(1, n, chunk)  # (B, blocks, n)
-    own = blocks if padded else min(-(-left // chunk), blocks)  # blocks [0, own) have keys before 0 or padding
+    if padded:  # blocks whose keys are real in every sequence share the bias too (one host sync)
+        shares = valid.all(dim=2).all(dim=0).tolist()
+    else:  # only the first blocks reach keys before position 0
+        shares = [j >= -(-left // chunk) for j in range(blocks)]
     per_block = max(1, FUSED_BIAS_BYTES // (batch * kv_heads * groups * chunk * n * qg.element_size()))
     as_bias = lambda mask: torch.zeros(mask.shape, dtype=qg.dtype, device=qg.device).masked_fill_(~mask, float("-inf"))
+    shared = None
 
-    calls = []  # (blocks, bias, rows seeing a key): the first blocks in bounded groups, then the shared rest
-    for j0 in range(0, own, per_block):
-        j1 = min(j0 + per_block, own)
-        mask = relative & valid[:, j0:j1].transpose(0, 1)[:, :, None, None, None, :]  # (J, B, Hk, G, c, n)
-        calls.append((slice(j0, j1), as_bias(mask).view(j1 - j0, batch * kv_heads, groups * chunk, n), mask.any(dim=-1)))
-    if own < blocks:
-        shared = relative.reshape(1, kv_heads, groups * chunk, n).repeat(1, batch, 1, 1)
-        every_row = torch.ones(blocks - own, batch, kv_heads, groups, chunk, dtype=torch.bool, device=qg.device)
-        calls.append((slice(own, blocks), as_bias(shared), every_row))
+    calls = []  # (blocks, bias, rows seeing a key), in block order: runs of sharing blocks in one call each, the others
+    j0 = 0      # in groups of a bounded size with their own biases
+    while j0 < blocks:
+        j1 = j0 + 1
+        while j1 < blocks and shares[j1] == shares[j0] and (shares[j0] or j1 - j0 < per_block):
+            j1 += 1
+        if shares[j0]:
+            if shared is None:
+                shared = as_bias(relative.reshape(1, kv_heads, groups * chunk, n).repeat(1, batch, 1, 1))
+            every_row = torch.ones(j1 - j0, batch, kv_heads, groups, chunk, dtype=torch.bool, device=qg.device)
+            calls.append((slice(j0, j1), shared, every_row))
+        else:
+            mask = relative & valid[:, j0:j1].transpose(0, 1)[:, :, None, None, None, :]  # (J, B, Hk, G, c, n)
+            calls.append((slice(j0, j1), as_bias(mask).view(j1 - j0, batch * kv_heads, groups * chunk, n), mask.any(dim=-1)))
+        j0 = j1
     outs, lses, seens = [], [], []
     for some, bias, seen in calls:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
