@@ -8,8 +8,9 @@ Prefill: one forward pass over the first n tokens of the packaged news text (wit
 random token ids with --model, a local folder). Decoding: then --new-tokens greedy steps with the cache,
 timed per step: the median of the steps after the first (support basis's first step also folds the
 prompt's keys into its decoding state; its time is reported apart). Each backend first runs once on a
-512-token prefix (a warm-up: first calls pay one-time costs). Prints the machine, a table, and
-writes JSON and a PNG to --output.
+512-token prefix (a warm-up: first calls pay one-time costs); then, per length, --repeats rounds of both
+backends in turn (the load of a shared machine drifts within a run, and alike for both), each figure the
+median over the rounds. Prints the machine, a table, and writes JSON and a PNG to --output.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -69,11 +71,12 @@ def main() -> None:
     parser.add_argument("--settings", default=None, help="support-basis settings file (default: the defaults)")
     parser.add_argument("--lengths", default="2048,4096,8192")
     parser.add_argument("--new-tokens", type=int, default=8, help="decoding steps timed after the prefill (default 8)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of both backends per length (default 3)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default="runs/end_to_end")
     args = parser.parse_args()
-    if args.new_tokens < 1:
-        parser.error("--new-tokens must be >= 1")
+    if args.new_tokens < 1 or args.repeats < 1:
+        parser.error("--new-tokens and --repeats must be >= 1")
 
     import torch
 
@@ -94,12 +97,17 @@ def main() -> None:
         measure(model, ids[:, :WARMUP_TOKENS], 2)
     rows = []
     for n in lengths:
-        for method in METHODS:
-            use(method)
-            rows.append({"method": method, "n": n, **measure(model, ids[:, :n], args.new_tokens)})
+        rounds = {method: [] for method in METHODS}
+        for _ in range(args.repeats):
+            for method in METHODS:
+                use(method)
+                rounds[method].append(measure(model, ids[:, :n], args.new_tokens))
+        for method, runs in rounds.items():
+            median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+            rows.append({"method": method, "n": n, **median, "prefill_seconds_each": [run["prefill_seconds"] for run in runs]})
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads; model: "
           f"{args.model or 'SmolLM2-135M (packaged)'}; support basis: {args.settings or 'defaults'}; "
-          f"{args.new_tokens} decoding steps")
+          f"{args.new_tokens} decoding steps; medians of {args.repeats} rounds")
     print(f"{'n':>6} {'method':>14} {'prefill s':>10} {'tokens/s':>9} {'vs sdpa':>8} {'first step ms':>14} "
           f"{'decode ms/token':>16} {'vs sdpa':>8}")
     sdpa = {r["n"]: r for r in rows if r["method"] == "sdpa"}

@@ -58,8 +58,9 @@ def test_end_to_end_on_a_saved_tiny_model(tmp_path):
     model = tiny_model("llama", max_position_embeddings=512)
     model.save_pretrained(tmp_path / "model")
     _run("end_to_end.py", "--model", str(tmp_path / "model"), "--lengths", "40,90", "--new-tokens", "2", "--threads", "1",
-         "--output", str(tmp_path / "out"))
+         "--repeats", "2", "--output", str(tmp_path / "out"))
     rows = json.loads((tmp_path / "out" / "end_to_end.json").read_text())["rows"]
+    assert all(len(r["prefill_seconds_each"]) == 2 and r["prefill_seconds"] == sum(r["prefill_seconds_each"]) / 2 for r in rows)
     assert [(r["n"], r["method"]) for r in rows] == [(n, m) for n in (40, 90) for m in ("sdpa", "support_basis")]
     assert all(r["prefill_seconds"] > 0 and r["decode_ms_per_token"] > 0 for r in rows)
     assert (tmp_path / "out" / "end_to_end.png").exists()
