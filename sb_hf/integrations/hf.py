@@ -24,7 +24,7 @@ from transformers.masking_utils import (
     prepare_padding_mask,
 )
 
-from ..config import SupportBasisConfig, load_settings
+from ..config import SupportBasisConfig, _index, load_settings
 from ..ops import as23_attention, multi_threshold_attention, sink_window_attention, support_basis_attention
 from ..ops.common import check_buckets
 from ..ops.decoding import EVERY_KEY, DecodingState, Units, decoding_attention
@@ -300,14 +300,15 @@ def _module_groups(module: torch.nn.Module, name: str, device: torch.device, q_h
 
 
 def _layer_view(stored, layer_index):
-    """The parts of stored settings (a dict) one layer's settings come from: the defaults, the layers' keys
-    (a new key is validated again) and this layer's overrides. Comparing only these on every call keeps a
-    calibrated config's other 29 layers (per-head mean queries) out of a decoding step's cost."""
+    """The parts of stored settings (a dict) one layer's settings come from: the defaults and this layer's
+    overrides (every layer key parsed as the config parses it: a bad one raises here too). Comparing only
+    these on every call keeps a calibrated config's other 29 layers (per-head mean queries) out of a
+    decoding step's cost."""
     if not isinstance(stored, dict) or layer_index is None:
         return stored
     layers = stored.get("layers") or {}
     defaults = {key: value for key, value in stored.items() if key != "layers"}
-    return defaults, tuple(layers), [value for key, value in layers.items() if str(key).strip() == str(layer_index)]
+    return defaults, [value for key, value in layers.items() if _index(key, "layers") == layer_index]
 
 
 def settings_for(module: torch.nn.Module) -> SupportBasisConfig:
