@@ -18,13 +18,11 @@ from .common import (
     check_inputs,
     check_sink_window,
     compute_dtype,
-    group_matmul,
     key_spans,
-    masked_exp,
     span_counts,
     visible,
 )
-from .support_basis import _local_band, _merge
+from .support_basis import _exact_part, _local_band, _merge
 
 
 def sink_window_attention(
@@ -100,8 +98,7 @@ def sink_window_attention(
         older = sink_pos[:, None, :] <= q_pos[:, None] - local_window  # (B, Lq, S): outside the band
         sink_mask = visible(q_pos, sink_pos[:, None, :], causal=True, sliding_window=sliding_window)[:, 0]
         sink_mask = (sink_mask & older & sink_valid[:, None, :])[:, None, None]  # (B, 1, 1, Lq, S)
-        weights, row_max = masked_exp(scale * group_matmul(qg, sink_k.transpose(-1, -2)), sink_mask)
-        num, den = _merge(band, (group_matmul(weights, sink_v), weights.sum(dim=-1), row_max))
+        num, den = _merge(band, _exact_part(qg, sink_k, sink_v, sink_mask, scale))
     out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]  # a row with no key: zeros
 
     if stats is not None:

@@ -421,12 +421,17 @@ def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk,
                     mask = mask & key_valid[:, None, None, None, lo:hi]
                 else:
                     shared[key] = mask
-            scores = scale * group_matmul(qg[:, :, :, i0:i1], k[:, :, lo:hi].transpose(-1, -2))  # (B, Hk, G, c, n)
-            weights, row_max = masked_exp(scores, mask)
-            return group_matmul(weights, v[:, :, lo:hi]), weights.sum(dim=-1), row_max
+            return _exact_part(qg[:, :, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], mask, scale)
 
         parts.append(_step(recompute, block))
     return _concat_rows(parts)
+
+
+def _exact_part(qg, k, v, mask, scale):
+    """Exact attention of ``qg (B, Hk, G, c, d)`` to the keys ``k``, ``v`` ``(B, Hk, n, d)`` that ``mask``
+    shows, as a partial attention ``(num, den, shift)`` for :func:`_merge` (the plain-matmul form)."""
+    weights, row_max = masked_exp(scale * group_matmul(qg, k.transpose(-1, -2)), mask)  # (B, Hk, G, c, n)
+    return group_matmul(weights, v), weights.sum(dim=-1), row_max
 
 
 def _fused_attention_available(q: torch.Tensor, v: torch.Tensor) -> bool:
