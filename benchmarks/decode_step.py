@@ -8,8 +8,9 @@ Support basis runs each layer as the model does when decoding (:func:`sb_hf.inte
 call for the layer with per-head structure, or one call per group of heads), with its decoding state
 (:mod:`sb_hf.ops.decoding`) filled by a first step at position n - 1 (its time is reported apart: the
 prompt's keys folded at once), then --steps steps at positions n, n + 1, ... each adding a key; the median
-step is reported. SDPA runs the same steps. One more step is profiled for its count of top-level ATen calls
-per layer. Keys and queries: the capture's (real activations; n + steps + 1 up to its length) or random ones
+step is reported. SDPA runs the same steps, and SDPA over each layer's widest local band alone (the keys
+the step must read exactly, its floor at long contexts). One more step is profiled for its count of
+top-level ATen calls per layer. Keys and queries: the capture's (real activations; n + steps + 1 up to its length) or random ones
 (any n). Prints the machine, a table, and writes JSON and a PNG to --output.
 """
 
@@ -58,18 +59,34 @@ def layer_step(settings, layer: int, q_heads: int, kv_heads: int, scale: float, 
                                              decoding_states=states, scale=scale, stats=stats)
 
 
+def widest_band(settings, layer: int, q_heads: int, kv_heads: int) -> int:
+    """The longest local window of a layer's heads (a head computed exactly reaches every key): the keys the
+    step reads exactly for its band, whatever else it does."""
+    from sb_hf.config import SupportBasisConfig
+    from sb_hf.integrations.hf import EVERY_KEY, _polynomial, attention_groups
+
+    layer_settings = SupportBasisConfig.from_dict(settings).for_layer(layer)
+    groups, _ = attention_groups(layer_settings, "support_basis", "cpu", q_heads, kv_heads)
+    return max(EVERY_KEY if _polynomial("support_basis", kwargs)["thresholds"][0] == 0 else kwargs.get("local_window", 0)
+               for _, kwargs in groups)
+
+
 def measure(settings, capture, layers, n: int, steps: int) -> dict:
     """Timed steps at positions n .. n + steps - 1 (after a first step at n - 1), summed over the layers; the
     share of the visible pairs the step at position n computes exactly (counted in an untimed step); and the
     top-level ATen calls of the step at position n + steps per layer (profiled, untimed): in eager PyTorch each
-    costs microseconds whatever its size, the floor of a step's time at short contexts."""
+    costs microseconds whatever its size, the floor of a step's time at short contexts. Also SDPA over the
+    widest local band of each layer alone (the last keys every step must read exactly at these settings): the
+    floor of a step's time at long contexts, however fused."""
     import torch
 
-    sdpa_times, sb_times, first, stats, calls = [0.0] * steps, [0.0] * steps, 0.0, {}, 0
+    sdpa_times, sb_times, band_times, first, stats, calls = [0.0] * steps, [0.0] * steps, [0.0] * steps, 0.0, {}, 0
     for layer in layers:
         q, k, v, scale = layer_inputs(capture, layer, n + steps + 1, seed=layer)
-        sdpa = lambda t: torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], scale=scale, enable_gqa=True)
+        sdpa = lambda t, keys=None: torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, t : t + 1], k[:, :, t + 1 - (keys or t + 1) : t + 1], v[:, :, t + 1 - (keys or t + 1) : t + 1],
+            scale=scale, enable_gqa=True)
+        band = widest_band(settings, layer, q.shape[1], k.shape[1])
         step = layer_step(settings, layer, q.shape[1], k.shape[1], scale, None)  # no pair counts in the timed steps
         with torch.no_grad():
             start = time.perf_counter()
@@ -81,6 +98,9 @@ def measure(settings, capture, layers, n: int, steps: int) -> dict:
                 sdpa(t)
                 sdpa_times[i] += time.perf_counter() - start
                 start = time.perf_counter()
+                sdpa(t, min(band, t + 1))
+                band_times[i] += time.perf_counter() - start
+                start = time.perf_counter()
                 step(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1])
                 sb_times[i] += time.perf_counter() - start
             t = n + steps
@@ -90,7 +110,7 @@ def measure(settings, capture, layers, n: int, steps: int) -> dict:
             counted = layer_step(settings, layer, q.shape[1], k.shape[1], scale, stats)
             counted(q[:, :, n : n + 1], k[:, :, : n + 1], v[:, :, : n + 1])
     return {"n": n, "sdpa_ms": 1000 * statistics.median(sdpa_times), "support_basis_ms": 1000 * statistics.median(sb_times),
-            "first_step_ms": 1000 * first, "exact_pair_share": float(stats["exact_pairs"] / stats["pairs"]),
+            "band_sdpa_ms": 1000 * statistics.median(band_times), "first_step_ms": 1000 * first, "exact_pair_share": float(stats["exact_pairs"] / stats["pairs"]),
             "aten_calls_per_layer": calls / len(layers)}
 
 
@@ -128,11 +148,12 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads; settings: {args.settings}; "
           f"layers: {len(layers)}; inputs: {args.capture or 'random'}; 9 q heads / 3 kv heads, head dim 64; median of "
           f"{args.steps} steps, summed over the layers")
-    print(f"{'n':>6} {'sdpa ms':>9} {'support basis ms':>17} {'vs sdpa':>8} {'first step ms':>14} {'pairs exact':>12} "
-          f"{'ATen calls/layer':>17}")
+    print(f"{'n':>6} {'sdpa ms':>9} {'support basis ms':>17} {'vs sdpa':>8} {'band sdpa ms':>13} {'first step ms':>14} "
+          f"{'pairs exact':>12} {'ATen calls/layer':>17}")
     for r in rows:
         print(f"{r['n']:>6} {r['sdpa_ms']:>9.2f} {r['support_basis_ms']:>17.2f} {r['support_basis_ms'] / r['sdpa_ms']:>7.2f}x "
-              f"{r['first_step_ms']:>14.1f} {100 * r['exact_pair_share']:>11.1f}% {r['aten_calls_per_layer']:>17.0f}")
+              f"{r['band_sdpa_ms']:>13.2f} {r['first_step_ms']:>14.1f} {100 * r['exact_pair_share']:>11.1f}% "
+              f"{r['aten_calls_per_layer']:>17.0f}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_step.json").write_text(json.dumps({"args": vars(args), "layers": layers, "rows": rows}, indent=2))

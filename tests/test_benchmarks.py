@@ -75,4 +75,21 @@ def test_decode_step_with_calibrated_settings_on_a_capture(tmp_path):
     assert data["layers"] == [0, 1] and [r["n"] for r in data["rows"]] == [100, 240]
     assert all(r["sdpa_ms"] > 0 and r["support_basis_ms"] > 0 and 0 < r["exact_pair_share"] < 1 for r in data["rows"])
     assert all(r["aten_calls_per_layer"] >= 20 for r in data["rows"])  # fold, far part, band, merge: tens of calls
-    assert "vs sdpa" in out and "ATen calls/layer" in out and (tmp_path / "out" / "decode_step.png").exists()
+    assert all(r["band_sdpa_ms"] > 0 for r in data["rows"])
+    assert "vs sdpa" in out and "band sdpa ms" in out and (tmp_path / "out" / "decode_step.png").exists()
+
+
+def test_widest_band_is_the_longest_window_or_every_key():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from decode_step import widest_band
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from sb_hf.integrations.hf import EVERY_KEY
+
+    settings = dict(threshold=2.0, local_window=16, layers={
+        0: {"heads": {h: {"local_window": w} for h, w in enumerate([8, 300, 40, 8, 8, 8])}},
+        1: {"kv_heads": {1: {"threshold": 0.0}}}})
+    assert widest_band(settings, 0, 6, 2) == 300
+    assert widest_band(settings, 1, 6, 2) == EVERY_KEY  # a KV head computed exactly reads every key
+    assert widest_band(settings, 2, 6, 2) == 16

@@ -140,6 +140,14 @@ def test_a_state_checks_each_new_key_once():
     k[0, 1, 21, 3] = float("nan")
     with pytest.raises(ValueError, match="k contains NaN"):
         support_basis_attention(q[:, :, 21:22], k[:, :, :22], v[:, :, :22], decoding_state=state, **settings)
+    assert state.folded == []  # the state forgot the key it had folded
+    k[0, 1, 21, 3] = 0.5
+    q[1, 4, 22, 0] = float("inf")
+    with pytest.raises(ValueError, match="q contains NaN or inf"):
+        support_basis_attention(q[:, :, 22:23], k[:, :, :23], v[:, :, :23], decoding_state=state, **settings)
+    q[1, 4, 22, 0] = 0.5
+    got = support_basis_attention(q[:, :, 22:23], k[:, :, :23], v[:, :, :23], decoding_state=state, **settings)
+    torch.testing.assert_close(got, support_basis_attention(q[:, :, 22:23], k[:, :, :23], v[:, :, :23], **settings))
 
 
 # --------------------------------------------------------------------------- transformers
@@ -207,13 +215,23 @@ def per_head_groups(q_heads=6, per_query_head=True):
     return groups
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-band", "matmul-band"])
 @pytest.mark.parametrize("per_query_head", [True, False], ids=["query-heads", "kv-heads"])
-def test_one_call_per_layer_matches_the_op_per_group(per_query_head):
+def test_one_call_per_layer_matches_the_op_per_group(per_query_head, fused, monkeypatch):
     """:func:`decoding_attention` with every head's structure at once equals the op run per group of heads
-    without a state (outputs and pair counts), step by step over a left-padded batch."""
+    without a state (outputs and pair counts), step by step over a left-padded batch; the local band in the
+    fused CPU kernel and in plain matmuls (CUDA's path), windows of 0 (no band), 4 and 9 keys."""
+    import sb_hf.ops.decoding as decoding
     from sb_hf.integrations.hf import _polynomial, _units
     from sb_hf.ops.decoding import decoding_attention
     from sb_hf.ops.heads import grouped_attention
+
+    calls = []
+    available = decoding._fused_attention_available
+    monkeypatch.setattr(decoding, "_fused_attention_available", lambda q, v: calls.append(1) is None and fused and available(q, v))
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    kernel_calls = []
+    monkeypatch.setattr(decoding, "_flash_attention_for_cpu", lambda *a, **kw: kernel_calls.append(1) or kernel(*a, **kw))
 
     groups = per_head_groups(per_query_head=per_query_head)
     core = _polynomial("support_basis", groups[0][1])
@@ -231,6 +249,7 @@ def test_one_call_per_layer_matches_the_op_per_group(per_query_head):
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=lambda m: f"step {t}: {m}")
         assert {key: value.item() for key, value in stats_layer.items()} == {key: value.item() for key, value in stats_groups.items()}
     assert len(state.folded) == (6 if per_query_head else 2)
+    assert len(calls) == 30 and len(kernel_calls) == (30 if fused else 0)
 
 
 def test_one_call_per_layer_is_not_served_outside_decoding():

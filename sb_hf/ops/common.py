@@ -195,10 +195,10 @@ def structural_keys(k: torch.Tensor, key_valid: torch.Tensor, *, sinks: int | to
     the first ``sinks`` real keys (rank among real keys, after ``dropped_real_keys``), and the *columns*,
     keys whose score with a head's mean query ``scale * qbar_h . k_j`` exceeds ``column_threshold`` for
     some query head of the KV group. Both rules look at the key alone, so a KV cache agrees.
-    ``key_valid``: ``(B, Lk)``, or per head ``(B, Hk, Lk)`` (see :func:`sink_keys` for ``sinks``)."""
+    ``key_valid``: ``(B, Lk)``, or per head ``(B, Hk, Lk)`` (see :func:`sink_keys` for ``sinks``; None: no sinks)."""
     batch, kv_heads, kv_len, d = k.shape
     valid = key_valid if key_valid.dim() == 3 else key_valid[:, None, :].expand(batch, kv_heads, kv_len)
-    keys = sink_keys(valid, sinks, dropped_real_keys)
+    keys = sink_keys(valid, sinks, dropped_real_keys) if sinks is not None else torch.zeros_like(valid)
     if column_queries is not None:
         groups = column_queries.shape[0] // kv_heads
         mean_queries = column_queries.to(device=k.device, dtype=k.dtype).view(kv_heads, groups, d)

@@ -34,8 +34,10 @@ from .common import (
     RADIUS_FLOOR,
     Shapes,
     add_stats,
+    all_finite,
     check_finite_inputs,
     compute_dtype,
+    group_matmul,
     large_rows,
     span_counts,
 )
@@ -43,10 +45,11 @@ from .polynomial import FeatureMap
 from .support_basis import (
     _accumulate,
     _combine,
+    _exact_part,
     _fit_rows,
+    _fused_attention_available,
     _gather_rows,
     _KeyFeatures,
-    _local_band,
     _mean_score,
     _RowAttention,
     split_keys,
@@ -54,6 +57,7 @@ from .support_basis import (
 
 
 EVERY_KEY = 2**62  # a local window that covers every key: a unit computed exactly
+MIN_EXACT_SLOTS = 64  # the exact-key buffers grow by at least this many slots (fewer host syncs while they fill)
 
 
 @dataclass
@@ -121,31 +125,34 @@ class DecodingState:
         step = shapes.q_len == 1 and causal and not recompute and evaluation != "scores"
         return step and window is None and dropped_real_keys is None
 
-    def step(self, qg, k, v, key_valid, *, stats=None, out_dtype):
+    def step(self, qg, k, v, key_valid, *, padded=True, stats=None, out_dtype):
         """One decoding step: ``qg (B, Hk, G, 1, d)`` (the last key position) over ``k``, ``v`` ``(B, Hk, Lk, d)``
-        (compute dtype), ``key_valid (B, Lk)``; returns ``(B, Hk, G, 1, dv)``. Call :meth:`serves` first."""
+        (compute dtype), ``key_valid (B, Lk)`` (``padded=False`` promises it all true); returns ``(B, Hk, G, 1, dv)``.
+        Call :meth:`serves` first."""
         batch, kv_heads, groups, _, d = qg.shape
         kv_len = k.shape[2]
-        check_finite_inputs(qg, k[:, :, self.checked_keys:], v[:, :, self.checked_keys:])
-        self.checked_keys = kv_len
+        self._check_finite(qg, k, v, kv_len)
         if kv_len > self.seen:
             self._fold(k, v, key_valid, kv_len)
         units, per_unit = self._units.per_kv_head, groups // self._units.per_kv_head
         qu = qg.reshape(batch, kv_heads * units, per_unit, 1, d)  # the query heads of each unit
-        narrowest = RADIUS_FLOOR if self._core["radius"] is None else self._core["radius"]  # every interval is this wide
-        q_large = large_rows(qu, self._threshold) | (self._radius_limit < narrowest)
-        far_large, num, den, shift = self._far_part(qu, q_large, kv_len)
+        q_large, far = self._polynomial_part(qu)
+        part = self._exact_part(qg, qu, k, v, key_valid if padded else None, far)
         view = lambda x: x.reshape(batch, kv_heads, groups, *x.shape[3:])
-        far, q_large = (view(num), view(den), view(shift)), view(far_large)
-        band = None
-        if self._longest:
-            band = _local_band(qg, k, v, key_valid, self._scale, self._band_windows, None, kv_len - 1, None,
-                               False, longest=self._longest)
-        out, exact_rows = _combine(qg, k, v, key_valid, far, band, q_large, scale=self._scale, causal=True, window=None,
-                                   offset=kv_len - 1, recompute=False, out_dtype=out_dtype)
+        out, exact_rows = _combine(qg, k, v, key_valid, tuple(map(view, part)), None, view(q_large), scale=self._scale,
+                                   causal=True, window=None, offset=kv_len - 1, recompute=False, out_dtype=out_dtype)
         if stats is not None:
             self._count_pairs(stats, exact_rows, key_valid)
         return out
+
+    def _check_finite(self, qg, k, v, kv_len):
+        """The query and the keys and values no earlier call checked, in one pass (a step checks one key per head);
+        on a failure the state forgets everything and :func:`check_finite_inputs` names the culprit."""
+        new_k, new_v = k[:, :, self.checked_keys:], v[:, :, self.checked_keys:]
+        if not bool(all_finite(torch.cat([qg.reshape(-1), new_k.reshape(-1), new_v.reshape(-1)]))):
+            self.reset()
+            check_finite_inputs(qg, new_k, new_v)
+        self.checked_keys = kv_len
 
     def _start(self, shapes, dtype, device, core, units):
         """Settings as tensors on the device, and empty sums."""
@@ -153,15 +160,22 @@ class DecodingState:
         self._threshold = core["thresholds"][0]
         self._feature_maps = [FeatureMap(shapes.head_dim, g, r, core["sketch_seed"] + b, core["kernel"])
                               for b, (g, r) in enumerate(zip(core["degrees"], core["sketch_dims"]))]
+        self._rows = _RowAttention(self._scale, self._feature_maps, True, None, None, device)  # the polynomial alone
         count = shapes.kv_heads * units.per_kv_head
         per_unit = shapes.groups // units.per_kv_head
         as_tensor = lambda values, kind=torch.long: torch.tensor(values, dtype=kind, device=device)
         self._lags = as_tensor(units.local_windows)  # (N,)
         self._sinks = as_tensor(units.sinks)[:, None]  # (N, 1): sink_keys' per-head form
-        self._radius_limit = as_tensor(units.radius_limits, dtype)[None, :, None, None]  # (1, N, 1, 1)
+        self._sinks_done = max(units.sinks) == 0  # every unit has folded its sinks: no later key can be one
+        radius_limit = as_tensor(units.radius_limits, dtype)[None, :, None, None]  # (1, N, 1, 1)
+        narrowest = RADIUS_FLOOR if core["radius"] is None else core["radius"]  # every interval is this wide
+        self._radius_limit, self._every_row = radius_limit, radius_limit < narrowest  # units whose rows are all exact
         self._longest = max(units.local_windows)
         self._band_windows = self._lags.repeat_interleave(per_unit).view(shapes.kv_heads, shapes.groups, 1, 1)
+        self._band_bias = torch.zeros(shapes.kv_heads, shapes.groups, 1, 0, dtype=dtype, device=device)
+        self._band_sees = (self._band_windows > 0)[..., 0] if min(units.local_windows) == 0 else None  # (Hk, G, 1)
         self._kv_head = torch.arange(count, device=device) // units.per_kv_head  # each unit's KV head
+        self._buckets = torch.arange(len(self._feature_maps), device=device)
         self._columns = None
         if units.column_queries is not None:
             self._columns = (units.column_queries.to(device=device, dtype=dtype),
@@ -173,10 +187,11 @@ class DecodingState:
         self.norm_max, self.key_count = new(batch, count, buckets), new(batch, count, buckets, kind=torch.long)
         self.key_sum = new(batch, count, buckets, d)
         self.real_keys = new(batch, count, kind=torch.long)  # real keys folded: the sink ranks continue from them
+        # Each unit's exact keys, in slots [0, exact_count); exact_bias is 0 there and -inf in the free slots, so a
+        # step reads the whole buffer without a host sync; slot_bound >= the largest count (a host-side bound).
         self.exact_k, self.exact_v = new(batch, count, 0, d), new(batch, count, 0, dv)
-        self.exact_pos, self.exact_count = new(batch, count, 0, kind=torch.long), new(batch, count, kind=torch.long)
-        self.exact_slots = 0  # the largest exact_count
-        self._held_exact = None  # _exact_block's answer until keys are appended
+        self.exact_bias, self.exact_count = new(batch, count, 0), new(batch, count, kind=torch.long)
+        self._slot_bound = 0
 
     def _fold(self, k, v, key_valid, kv_len):
         """Fold the keys that left each unit's band since the last fold: unit ``n`` gets positions
@@ -189,25 +204,56 @@ class DecodingState:
         valid = key_valid[:, at] & in_range  # (B, N, new)
         self.seen = kv_len
         column_queries, column_threshold = self._columns or (None, None)
-        exact, k_bucket = split_keys(keys, valid, self._core["thresholds"], sinks=self._sinks, column_queries=column_queries,
-                                     column_threshold=column_threshold, scale=self._scale, dropped_real_keys=self.real_keys)
+        exact, k_bucket = split_keys(keys, valid, self._core["thresholds"], sinks=None if self._sinks_done else self._sinks,
+                                     column_queries=column_queries, column_threshold=column_threshold, scale=self._scale,
+                                     dropped_real_keys=self.real_keys)
         self.kv_sum, self.k_sum = _accumulate(_KeyFeatures(keys, values, k_bucket, self._feature_maps), self.kv_sum,
                                               self.k_sum, 0, new)
-        member = k_bucket[..., None] == torch.arange(len(self._feature_maps), device=k.device)  # (B, N, new, m)
-        norms = torch.where(member, keys.norm(dim=-1)[..., None], torch.zeros((), dtype=keys.dtype, device=keys.device))
-        self.norm_max = torch.maximum(self.norm_max, norms.amax(dim=2))
-        self.key_sum = self.key_sum + torch.einsum("bhnm,bhnd->bhmd", member.to(keys.dtype), keys)
-        self.key_count = self.key_count + member.sum(dim=2)
-        self.real_keys = self.real_keys + valid.sum(dim=-1)
-        gathered = _gather_rows(exact, (keys, values))
-        if gathered is not None:
-            (new_k, new_v), index, slot_valid = gathered
-            self._append_exact(new_k, new_v, torch.gather(at.expand_as(valid), -1, index), slot_valid)
+        member = k_bucket[..., None] == self._buckets  # (B, N, new, m)
+        if self._core["radius"] is None:  # the intervals
+            norms = torch.where(member, keys.norm(dim=-1)[..., None], torch.zeros((), dtype=keys.dtype, device=keys.device))
+            self.norm_max = torch.maximum(self.norm_max, norms.amax(dim=2))
+        if self._core["kernel"] == "taylor":  # the centres
+            self.key_sum = self.key_sum + torch.einsum("bhnm,bhnd->bhmd", member.to(keys.dtype), keys)
+            self.key_count = self.key_count + member.sum(dim=2)
+        if not self._sinks_done:
+            self.real_keys = self.real_keys + valid.sum(dim=-1)
+            self._sinks_done = bool((self.real_keys >= self._sinks[:, 0]).all())
+        self._append_exact(keys, values, exact)
 
-    def _far_part(self, qu, q_large, kv_len):
-        """The exact keys and the polynomial over the folded keys, per query head of each unit ``qu (B, N, Gu, 1, d)``:
-        ``(q_large, num, den, shift)`` (a unit with no folded key gets zero sums: only the band counts)."""
+    def _append_exact(self, keys, values, exact):
+        """Write each unit's new exact keys (``exact (B, N, new)`` of ``keys``, ``values``) after its others. One key
+        per unit (a decoding step) is written at the unit's next slot whether exact or not (a non-exact one stays a
+        free slot), with no host sync; the buffers grow by doubling when the host-side bound on the largest count
+        says they might be full (then one sync: the true count)."""
+        if keys.shape[2] == 1:
+            slot_valid = exact
+        else:
+            gathered = _gather_rows(exact, (keys, values))
+            if gathered is None:
+                return
+            (keys, values), _, slot_valid = gathered
+        added = keys.shape[2]
+        capacity = self.exact_k.shape[2]
+        self._slot_bound += added
+        if self._slot_bound > capacity:
+            self._slot_bound = int(self.exact_count.max()) + added
+            if self._slot_bound > capacity:
+                grow = max(self._slot_bound, 2 * capacity, MIN_EXACT_SLOTS) - capacity
+                pad = lambda x, value=0.0: torch.nn.functional.pad(x, (0, 0, 0, grow) if x.dim() == 4 else (0, grow), value=value)
+                self.exact_k, self.exact_v, self.exact_bias = pad(self.exact_k), pad(self.exact_v), pad(self.exact_bias, float("-inf"))
+        slots = self.exact_count[..., None] + torch.arange(added, device=keys.device)  # (B, N, added)
+        self.exact_k.scatter_(2, slots[..., None].expand_as(keys), keys)
+        self.exact_v.scatter_(2, slots[..., None].expand_as(values), values)
+        self.exact_bias.scatter_(2, slots, torch.zeros((), dtype=keys.dtype, device=keys.device).masked_fill(~slot_valid, float("-inf")))
+        self.exact_count = self.exact_count + slot_valid.sum(dim=-1)
+
+    def _polynomial_part(self, qu):
+        """The polynomial over the folded small keys, per query head of each unit ``qu (B, N, Gu, 1, d)``: ``q_large``
+        (the large rows and those the radius guard sends to the exact path) and ``(num, den, shift)`` (a unit
+        with no folded key gets zero sums)."""
         core, scale, buckets = self._core, self._scale, len(self._feature_maps)
+        q_large = large_rows(qu, self._threshold) | self._every_row
         key_norm_max = self.norm_max[:, :, None, None] if core["radius"] is None else None  # (B, N, 1, 1, m)
         centers = None
         if core["kernel"] == "taylor":
@@ -215,38 +261,63 @@ class DecodingState:
                                    for b in range(buckets)], dim=-1)
         q_large, row_fit = _fit_rows(qu, q_large, key_norm_max, centers, buckets, scale=scale, radius=core["radius"],
                                      radius_limit=self._radius_limit)
-        rows = _RowAttention(scale, self._feature_maps, True, None, self._exact_block(), qu.device)
-        q_pos = torch.full((1,), kv_len, device=qu.device)  # every held exact key is behind every unit's band
-        num, den, shift = rows(qu, q_pos, row_fit, q_large, (self.kv_sum, self.k_sum), [])
-        return q_large, num, den, shift
+        return q_large, self._rows(qu, None, row_fit, q_large, (self.kv_sum, self.k_sum), [])
 
-    def _append_exact(self, new_k, new_v, positions, slot_valid):
-        """Write each unit's new exact keys after its others (slots ``exact_count`` on), growing the buffers by
-        doubling. One host sync (the new largest count)."""
-        added = new_k.shape[2]
-        capacity = self.exact_k.shape[2]
-        if self.exact_slots + added > capacity:
-            grow = max(self.exact_slots + added, 2 * capacity) - capacity
-            pad = lambda x: torch.nn.functional.pad(x, (0, 0, 0, grow) if x.dim() == 4 else (0, grow))
-            self.exact_k, self.exact_v, self.exact_pos = pad(self.exact_k), pad(self.exact_v), pad(self.exact_pos)
-        slots = self.exact_count[..., None] + torch.arange(added, device=new_k.device)  # (B, N, added)
-        self.exact_k.scatter_(2, slots[..., None].expand_as(new_k), new_k)  # unused slots land past the new count
-        self.exact_v.scatter_(2, slots[..., None].expand_as(new_v), new_v)
-        self.exact_pos.scatter_(2, slots, positions)
-        self.exact_count = self.exact_count + slot_valid.sum(dim=-1)
-        self.exact_slots = int(self.exact_count.max())
-        self._held_exact = None
+    def _exact_part(self, qg, qu, k, v, key_valid, far):
+        """The local band and the held exact keys joined with the polynomial part ``far``, relative to one shift per
+        row: ``(num, den, shift)`` per unit. ``key_valid`` None: no padding."""
+        batch, count, per_unit = qu.shape[:3]
+        band_num, band_den, band_shift = (x.reshape(batch, count, per_unit, *x.shape[3:]) for x in self._band(qg, k, v, key_valid))
+        held = group_matmul(qu * self._scale, self.exact_k.transpose(-1, -2)) + self.exact_bias[:, :, None, None]  # (B, N, Gu, 1, slots)
+        num, den, shift = far
+        top = torch.maximum(shift, band_shift)  # finite: the polynomial's shift is
+        if held.shape[-1]:
+            top = torch.maximum(top, held.amax(dim=-1))
+        weights = torch.exp(held - top[..., None])  # a free slot weighs exp(-inf) = 0
+        far_weight, band_weight = torch.exp(shift - top), torch.exp(band_shift - top)
+        num = group_matmul(weights, self.exact_v) + num * far_weight[..., None] + band_num * band_weight[..., None]
+        return num, weights.sum(dim=-1) + den * far_weight + band_den * band_weight, top
 
-    def _exact_block(self):
-        """The gathered exact keys as :class:`sb_hf.ops.support_basis._RowAttention` takes them, or None (built
-        once per change of the held keys)."""
-        if self.exact_slots == 0:
-            return None
-        if self._held_exact is None:
-            used = self.exact_slots
-            slot_valid = torch.arange(used, device=self.exact_count.device) < self.exact_count[..., None]
-            self._held_exact = (self.exact_k[:, :, :used], self.exact_v[:, :, :used]), self.exact_pos[:, :, :used], slot_valid
-        return self._held_exact
+    def _band(self, qg, k, v, key_valid):
+        """Exact attention of the query to its local band, ``(num, den, shift)`` per query head ``(B, Hk, G, 1, ...)``
+        (``shift`` -inf for a head that sees no key): the last ``min(longest window, Lk)`` keys of each KV head, each
+        query head's window as a bias. On a CPU in PyTorch's fused kernel (GQA as it is, the log-sum-exp for the
+        merge; 3x faster than the matmuls for a 768-key band, 1.8x for 8000, measured), elsewhere plain matmuls."""
+        batch, kv_heads, groups, _, d = qg.shape
+        kv_len = k.shape[2]
+        width = min(self._longest, kv_len)
+        if width == 0:
+            empty = qg.new_zeros(batch, kv_heads, groups, 1)
+            return empty[..., None].expand(*empty.shape, v.shape[-1]), empty, torch.full_like(empty, float("-inf"))
+        band_k, band_v = k[:, :, kv_len - width:], v[:, :, kv_len - width:]
+        bias = self._band_bias_for(width)  # (Hk, G, 1, width)
+        if key_valid is not None:
+            bias = bias.masked_fill(~key_valid[:, None, None, None, kv_len - width:], float("-inf"))  # (B, Hk, G, 1, width)
+        if not _fused_attention_available(qg, v):
+            return _exact_part(qg, band_k, band_v, bias > float("-inf"), self._scale)
+        heads = kv_heads * groups
+        out, lse = _flash_attention_for_cpu(
+            qg.view(batch, heads, 1, d), band_k, band_v, attn_mask=bias.reshape(-1, heads, 1, width), scale=self._scale)
+        shape = (batch, kv_heads, groups, 1)
+        out, lse = out.view(*shape, -1), lse.view(shape).to(out.dtype)
+        # The kernel gives a row that sees no key 0 and 0; a row sees one when its window is not empty (then it
+        # holds the query's own key) and that key is real.
+        seen = self._band_sees
+        if key_valid is not None:
+            seen = key_valid[:, -1, None, None, None] if seen is None else seen & key_valid[:, -1, None, None, None]
+        if seen is not None:
+            lse = torch.where(seen, lse, float("-inf"))
+        return out, torch.ones_like(lse), lse
+
+    def _band_bias_for(self, width):
+        """``(Hk, G, 1, width)``: 0 where the query head's window shows the key (of the last ``width`` keys), else
+        -inf. It depends only on the distance from the last key, so a longer one's tail serves."""
+        if self._band_bias.shape[-1] < width:
+            length = max(width, 2 * self._band_bias.shape[-1])
+            behind = torch.arange(length - 1, -1, -1, device=self._band_bias.device)  # distance from the last key
+            self._band_bias = torch.zeros(behind.shape, dtype=self._band_bias.dtype, device=behind.device).masked_fill(
+                behind >= self._band_windows, float("-inf"))
+        return self._band_bias[..., self._band_bias.shape[-1] - width:]
 
     def _count_pairs(self, stats, exact_rows, key_valid):
         """The step's visible pairs and exact ones (the band, the held exact keys; every key for an exact row)."""
@@ -260,6 +331,10 @@ class DecodingState:
         exact = torch.where(exact_rows, pairs[:, :, None, None], per_unit.view(batch, kv_heads, groups, 1))
         add_stats(stats, exact_pairs=exact.sum(), pairs=pairs.sum() * exact_rows[0].numel(), exact_rows=exact_rows.sum(),
                   rows=torch.tensor(exact_rows.numel(), device=exact_rows.device))
+
+
+def _flash_attention_for_cpu(*args, **kwargs):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*args, **kwargs)
 
 
 def decoding_attention(q, k, v, state: DecodingState, *, core: dict, units: Units, scale: float | None = None,
@@ -283,7 +358,8 @@ def decoding_attention(q, k, v, state: DecodingState, *, core: dict, units: Unit
         return None
     key_valid = torch.ones(batch, kv_len, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
     qg = q.to(compute).view(batch, kv_heads, q_heads // kv_heads, 1, d)
-    out = state.step(qg, k.to(compute), v.to(compute), key_valid, stats=stats, out_dtype=q.dtype)
+    out = state.step(qg, k.to(compute), v.to(compute), key_valid, padded=key_padding_mask is not None, stats=stats,
+                     out_dtype=q.dtype)
     return out.reshape(batch, q_heads, 1, -1).to(q.dtype)
 
 

@@ -221,6 +221,8 @@ class FeatureMap:
         if weights is not None:
             base = base * weights
         if self.kernel in SQUARED_KERNELS:
+            if base.shape[-1] == 1:  # (the degree-0 taylor kernel: one feature, its square; a decoding step's fast path)
+                return base * base
             index, weight = _monomials(base.shape[-1], 2)
             return base[..., index].prod(dim=-1) * weight.to(device=base.device, dtype=base.dtype)
         return base

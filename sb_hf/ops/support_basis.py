@@ -242,7 +242,8 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
                              column_queries=column_queries, column_threshold=column_threshold)
         if decoding_state.serves(shapes, compute, q.device, core, units, causal=causal, window=window, recompute=recompute,
                                  dropped_real_keys=dropped_real_keys, evaluation=requested_evaluation):
-            out = decoding_state.step(qg, k, v, key_valid, stats=stats, out_dtype=out_dtype)
+            out = decoding_state.step(qg, k, v, key_valid, padded=key_padding_mask is not None, stats=stats,
+                                      out_dtype=out_dtype)
             return out.reshape(s.batch, s.q_heads, s.q_len, s.value_dim).to(out_dtype)
     check_finite_inputs(q, k, v)
     if decoding_state is not None:
@@ -651,8 +652,8 @@ class _RowAttention:
         q_features = torch.cat(q_features, dim=-1) if len(q_features) > 1 else q_features[0]  # (B, Hk, G, c, r)
         if state is not None:
             kv_state, k_state = state
-            num = num + group_matmul(q_features, kv_state)
-            den = den + group_matmul(q_features, k_state[..., None]).squeeze(-1)
+            state_num, state_den = group_matmul(q_features, kv_state), group_matmul(q_features, k_state[..., None]).squeeze(-1)
+            num, den = (state_num, state_den) if large_keys is None else (num + state_num, den + state_den)
         if row_state is not None:
             row_kv, row_k = row_state
             num = num + torch.einsum("bhgcr,bhcrv->bhgcv", q_features, row_kv)
