@@ -8,8 +8,8 @@ Support basis runs each layer as the model does when decoding (:func:`sb_hf.inte
 call for the layer with per-head structure, or one call per group of heads), with its decoding state
 (:mod:`sb_hf.ops.decoding`) filled by a first step at position n - 1 (its time is reported apart: the
 prompt's keys folded at once), then --steps steps at positions n, n + 1, ... each adding a key; the median
-step is reported. SDPA runs the same steps, and SDPA over each layer's widest local band alone (the keys
-the step must read exactly, its floor at long contexts). One more step is profiled for its count of
+step is reported. SDPA runs the same steps, and SDPA over the local bands alone, per KV head the widest
+window of its query heads (the keys the step must read exactly, a floor at long contexts). One more step is profiled for its count of
 top-level ATen calls per layer. Keys and queries: the capture's (real activations; n + steps + 1 up to its length) or random ones
 (any n). Prints the machine, a table, and writes JSON and a PNG to --output.
 """
@@ -59,16 +59,22 @@ def layer_step(settings, layer: int, q_heads: int, kv_heads: int, scale: float, 
                                              decoding_states=states, scale=scale, stats=stats)
 
 
-def widest_band(settings, layer: int, q_heads: int, kv_heads: int) -> int:
-    """The longest local window of a layer's heads (a head computed exactly reaches every key): the keys the
-    step reads exactly for its band, whatever else it does."""
+def widest_bands(settings, layer: int, q_heads: int, kv_heads: int) -> list[int]:
+    """Per KV head, the longest local window of its query heads (a head computed exactly reaches every key):
+    the last keys of that KV head a decoding step must read exactly for its band, whatever else it does."""
     from sb_hf.config import SupportBasisConfig
     from sb_hf.integrations.hf import EVERY_KEY, _polynomial, attention_groups
 
     layer_settings = SupportBasisConfig.from_dict(settings).for_layer(layer)
-    groups, _ = attention_groups(layer_settings, "support_basis", "cpu", q_heads, kv_heads)
-    return max(EVERY_KEY if _polynomial("support_basis", kwargs)["thresholds"][0] == 0 else kwargs.get("local_window", 0)
-               for _, kwargs in groups)
+    groups, per_query_head = attention_groups(layer_settings, "support_basis", "cpu", q_heads, kv_heads)
+    rep = q_heads // kv_heads
+    widest = [0] * kv_heads
+    for heads, kwargs in groups:
+        window = EVERY_KEY if _polynomial("support_basis", kwargs)["thresholds"][0] == 0 else kwargs.get("local_window", 0)
+        for head in heads:
+            kv_head = head // rep if per_query_head else head
+            widest[kv_head] = max(widest[kv_head], window)
+    return widest
 
 
 def measure(settings, capture, layers, n: int, steps: int) -> dict:
@@ -76,17 +82,24 @@ def measure(settings, capture, layers, n: int, steps: int) -> dict:
     share of the visible pairs the step at position n computes exactly (counted in an untimed step); and the
     top-level ATen calls of the step at position n + steps per layer (profiled, untimed): in eager PyTorch each
     costs microseconds whatever its size, the floor of a step's time at short contexts. Also SDPA over the
-    widest local band of each layer alone (the last keys every step must read exactly at these settings): the
-    floor of a step's time at long contexts, however fused."""
+    local bands alone, one call per KV head over the widest window of its query heads (the last keys every step
+    must read exactly at these settings): a floor of a step's time at long contexts, however fused."""
     import torch
 
     sdpa_times, sb_times, band_times, first, stats, calls = [0.0] * steps, [0.0] * steps, [0.0] * steps, 0.0, {}, 0
     for layer in layers:
         q, k, v, scale = layer_inputs(capture, layer, n + steps + 1, seed=layer)
-        sdpa = lambda t, keys=None: torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, t : t + 1], k[:, :, t + 1 - (keys or t + 1) : t + 1], v[:, :, t + 1 - (keys or t + 1) : t + 1],
-            scale=scale, enable_gqa=True)
-        band = widest_band(settings, layer, q.shape[1], k.shape[1])
+        sdpa = lambda t: torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], scale=scale, enable_gqa=True)
+        rep = q.shape[1] // k.shape[1]
+        bands = [(h, w) for h, w in enumerate(widest_bands(settings, layer, q.shape[1], k.shape[1])) if w]
+
+        def sdpa_bands(t):  # one call per KV head: its query heads over its widest band
+            for h, w in bands:
+                lo = max(t + 1 - w, 0)
+                torch.nn.functional.scaled_dot_product_attention(
+                    q[:, h * rep : (h + 1) * rep, t : t + 1], k[:, h : h + 1, lo : t + 1], v[:, h : h + 1, lo : t + 1],
+                    scale=scale, enable_gqa=True)
         step = layer_step(settings, layer, q.shape[1], k.shape[1], scale, None)  # no pair counts in the timed steps
         with torch.no_grad():
             start = time.perf_counter()
@@ -98,7 +111,7 @@ def measure(settings, capture, layers, n: int, steps: int) -> dict:
                 sdpa(t)
                 sdpa_times[i] += time.perf_counter() - start
                 start = time.perf_counter()
-                sdpa(t, min(band, t + 1))
+                sdpa_bands(t)
                 band_times[i] += time.perf_counter() - start
                 start = time.perf_counter()
                 step(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1])

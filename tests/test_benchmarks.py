@@ -79,10 +79,10 @@ def test_decode_step_with_calibrated_settings_on_a_capture(tmp_path):
     assert "vs sdpa" in out and "band sdpa ms" in out and (tmp_path / "out" / "decode_step.png").exists()
 
 
-def test_widest_band_is_the_longest_window_or_every_key():
+def test_widest_bands_are_the_longest_window_of_each_kv_head_or_every_key():
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        from decode_step import widest_band
+        from decode_step import widest_bands
     finally:
         sys.path.remove(str(BENCHMARKS))
     from sb_hf.integrations.hf import EVERY_KEY
@@ -90,6 +90,6 @@ def test_widest_band_is_the_longest_window_or_every_key():
     settings = dict(threshold=2.0, local_window=16, layers={
         0: {"heads": {h: {"local_window": w} for h, w in enumerate([8, 300, 40, 8, 8, 8])}},
         1: {"kv_heads": {1: {"threshold": 0.0}}}})
-    assert widest_band(settings, 0, 6, 2) == 300
-    assert widest_band(settings, 1, 6, 2) == EVERY_KEY  # a KV head computed exactly reads every key
-    assert widest_band(settings, 2, 6, 2) == 16
+    assert widest_bands(settings, 0, 6, 2) == [300, 8]  # query heads 0-2 on KV head 0, 3-5 on KV head 1
+    assert widest_bands(settings, 1, 6, 2) == [16, EVERY_KEY]  # a KV head computed exactly reads every key
+    assert widest_bands(settings, 2, 6, 2) == [16, 16]

@@ -252,6 +252,33 @@ def test_one_call_per_layer_matches_the_op_per_group(per_query_head, fused, monk
     assert len(calls) == 30 and len(kernel_calls) == (30 if fused else 0)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-band", "matmul-band"])
+def test_a_band_per_kv_head_when_their_windows_differ(fused, monkeypatch):
+    """Query heads whose longest windows differ per KV head (21 keys on KV head 0, 3 on KV head 1): the band runs
+    one span per KV head, each reading its own window, and the steps still equal the op per query head."""
+    import sb_hf.ops.decoding as decoding
+    from sb_hf.integrations.hf import _polynomial, _units
+    from sb_hf.ops.decoding import decoding_attention
+    from sb_hf.ops.heads import grouped_attention
+
+    if not fused:
+        monkeypatch.setattr(decoding, "_fused_attention_available", lambda q, v: False)
+    core = dict(threshold=3.0, degree=0, kernel="taylor", radius=None, sketch_dim=None, sketch_seed=0, radius_limit=150.0, sinks=1)
+    groups = [([h], {**core, "local_window": w}) for h, w in enumerate([2, 0, 21, 3, 1, 2])]
+    units = _units(groups, True, 6, 2)
+    q, k, v = qkv(50, seed=9)
+    mask = left_padding(2, 50, pads=(4, 0))
+    state = DecodingState()
+    for t in range(25, 50):
+        step = dict(key_padding_mask=mask[:, : t + 1])
+        got = decoding_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], state,
+                                 core=_polynomial("support_basis", groups[0][1]), units=units, **step)
+        expected = grouped_attention(support_basis_attention, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1],
+                                     groups, per_query_head=True, **step)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=lambda m: f"step {t}: {m}")
+    assert state._band_spans == [(0, 1, 21), (1, 2, 3)]
+
+
 def test_one_call_per_layer_is_not_served_outside_decoding():
     from sb_hf.integrations.hf import _polynomial, _units
     from sb_hf.ops.decoding import decoding_attention

@@ -57,6 +57,7 @@ from .support_basis import (
 
 
 EVERY_KEY = 2**62  # a local window that covers every key: a unit computed exactly
+BAND_SPLIT = 0.75  # the band of a decoding step runs one kernel call per KV head when that reads at most this share
 MIN_EXACT_SLOTS = 64  # the exact-key buffers grow by at least this many slots (fewer host syncs while they fill)
 
 
@@ -174,6 +175,11 @@ class DecodingState:
         self._band_windows = self._lags.repeat_interleave(per_unit).view(shapes.kv_heads, shapes.groups, 1, 1)
         self._band_bias = torch.zeros(shapes.kv_heads, shapes.groups, 1, 0, dtype=dtype, device=device)
         self._band_sees = (self._band_windows > 0)[..., 0] if min(units.local_windows) == 0 else None  # (Hk, G, 1)
+        # The band reads, per KV head, the keys of its query heads' longest window: one kernel call for all KV heads
+        # (at the longest of all) unless one call per KV head reads at most BAND_SPLIT of that.
+        widest = [max(units.local_windows[h * units.per_kv_head : (h + 1) * units.per_kv_head]) for h in range(shapes.kv_heads)]
+        split = sum(widest) <= BAND_SPLIT * len(widest) * self._longest
+        self._band_spans = ([(h, h + 1, w) for h, w in enumerate(widest)] if split else [(0, shapes.kv_heads, self._longest)])
         self._kv_head = torch.arange(count, device=device) // units.per_kv_head  # each unit's KV head
         self._buckets = torch.arange(len(self._feature_maps), device=device)
         self._columns = None
@@ -280,29 +286,38 @@ class DecodingState:
 
     def _band(self, qg, k, v, key_valid):
         """Exact attention of the query to its local band, ``(num, den, shift)`` per query head ``(B, Hk, G, 1, ...)``
-        (``shift`` -inf for a head that sees no key): the last ``min(longest window, Lk)`` keys of each KV head, each
-        query head's window as a bias. On a CPU in PyTorch's fused kernel (GQA as it is, the log-sum-exp for the
-        merge; 3x faster than the matmuls for a 768-key band, 1.8x for 8000, measured), elsewhere plain matmuls."""
+        (``shift`` -inf for a head that sees no key): per span of KV heads (:meth:`_start`), the last
+        ``min(longest window, Lk)`` keys, each query head's window as a bias."""
+        parts = [self._band_span(qg[:, h0:h1], k[:, h0:h1], v[:, h0:h1], key_valid, h0, h1, longest)
+                 for h0, h1, longest in self._band_spans]
+        if len(parts) == 1:
+            return parts[0]
+        return tuple(torch.cat(x, dim=1) for x in zip(*parts))
+
+    def _band_span(self, qg, k, v, key_valid, h0, h1, longest):
+        """:meth:`_band` for the KV heads ``[h0, h1)``. On a CPU in PyTorch's fused kernel (GQA as it is, the
+        log-sum-exp for the merge; 3x faster than the matmuls for a 768-key band, 1.8x for 8000, measured),
+        elsewhere plain matmuls."""
         batch, kv_heads, groups, _, d = qg.shape
         kv_len = k.shape[2]
-        width = min(self._longest, kv_len)
+        width = min(longest, kv_len)
         if width == 0:
             empty = qg.new_zeros(batch, kv_heads, groups, 1)
             return empty[..., None].expand(*empty.shape, v.shape[-1]), empty, torch.full_like(empty, float("-inf"))
         band_k, band_v = k[:, :, kv_len - width:], v[:, :, kv_len - width:]
-        bias = self._band_bias_for(width)  # (Hk, G, 1, width)
+        bias = self._band_bias_for(width)[h0:h1]  # (Hk, G, 1, width)
         if key_valid is not None:
             bias = bias.masked_fill(~key_valid[:, None, None, None, kv_len - width:], float("-inf"))  # (B, Hk, G, 1, width)
         if not _fused_attention_available(qg, v):
             return _exact_part(qg, band_k, band_v, bias > float("-inf"), self._scale)
         heads = kv_heads * groups
         out, lse = _flash_attention_for_cpu(
-            qg.view(batch, heads, 1, d), band_k, band_v, attn_mask=bias.reshape(-1, heads, 1, width), scale=self._scale)
+            qg.reshape(batch, heads, 1, d), band_k, band_v, attn_mask=bias.reshape(-1, heads, 1, width), scale=self._scale)
         shape = (batch, kv_heads, groups, 1)
         out, lse = out.view(*shape, -1), lse.view(shape).to(out.dtype)
         # The kernel gives a row that sees no key 0 and 0; a row sees one when its window is not empty (then it
         # holds the query's own key) and that key is real.
-        seen = self._band_sees
+        seen = None if self._band_sees is None else self._band_sees[h0:h1]
         if key_valid is not None:
             seen = key_valid[:, -1, None, None, None] if seen is None else seen & key_valid[:, -1, None, None, None]
         if seen is not None:
