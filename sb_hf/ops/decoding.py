@@ -40,6 +40,7 @@ from .common import (
     group_matmul,
     large_rows,
     span_counts,
+    visible,
 )
 from .polynomial import FeatureMap
 from .support_basis import (
@@ -138,7 +139,7 @@ class DecodingState:
         units, per_unit = self._units.per_kv_head, groups // self._units.per_kv_head
         qu = qg.reshape(batch, kv_heads * units, per_unit, 1, d)  # the query heads of each unit
         q_large, far = self._polynomial_part(qu)
-        part = self._exact_part(qg, qu, k, v, key_valid if padded else None, far)
+        part = self._joined(qg, qu, k, v, key_valid if padded else None, far)
         view = lambda x: x.reshape(batch, kv_heads, groups, *x.shape[3:])
         out, exact_rows = _combine(qg, k, v, key_valid, tuple(map(view, part)), None, view(q_large), scale=self._scale,
                                    causal=True, window=None, offset=kv_len - 1, recompute=False, out_dtype=out_dtype)
@@ -269,7 +270,7 @@ class DecodingState:
                                      radius_limit=self._radius_limit)
         return q_large, self._rows(qu, None, row_fit, q_large, (self.kv_sum, self.k_sum), [])
 
-    def _exact_part(self, qg, qu, k, v, key_valid, far):
+    def _joined(self, qg, qu, k, v, key_valid, far):
         """The local band and the held exact keys joined with the polynomial part ``far``, relative to one shift per
         row: ``(num, den, shift)`` per unit. ``key_valid`` None: no padding."""
         batch, count, per_unit = qu.shape[:3]
@@ -329,9 +330,10 @@ class DecodingState:
         -inf. It depends only on the distance from the last key, so a longer one's tail serves."""
         if self._band_bias.shape[-1] < width:
             length = max(width, 2 * self._band_bias.shape[-1])
-            behind = torch.arange(length - 1, -1, -1, device=self._band_bias.device)  # distance from the last key
-            self._band_bias = torch.zeros(behind.shape, dtype=self._band_bias.dtype, device=behind.device).masked_fill(
-                behind >= self._band_windows, float("-inf"))
+            positions = torch.arange(length, device=self._band_bias.device)
+            shown = visible(positions[-1:], positions, causal=True, sliding_window=self._band_windows)  # (Hk, G, 1, length)
+            self._band_bias = torch.zeros(shown.shape, dtype=self._band_bias.dtype, device=shown.device).masked_fill(
+                ~shown, float("-inf"))
         return self._band_bias[..., self._band_bias.shape[-1] - width:]
 
     def _count_pairs(self, stats, exact_rows, key_valid):

@@ -378,23 +378,18 @@ def _fit_rows(qg, q_large, key_norm_max, centers, buckets, *, scale, radius, rad
     return q_large, torch.stack([row_radius, row_center], dim=-1)
 
 
-def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk, recompute, longest=None, padded=True):
+def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk, recompute, padded=True):
     """Exact attention of every query ``p`` to the keys ``p - local_window < j <= p`` it may see, query
     chunk by chunk (a ``(c, c + local_window)`` block; ``chunk`` None: the measured default of the path): per
     row the numerator, the mass and the maximum score they are taken relative to (``-inf`` when the row sees
-    no key). ``local_window`` may be a tensor of one per query head, ``(Hk, G, 1, 1)``; ``longest`` is then its
-    largest value. ``padded=False`` promises every key valid: blocks of one shape and one query-key offset then
+    no key). ``padded=False`` promises every key valid: blocks of one shape and one query-key offset then
     share their mask."""
-    longest = local_window if longest is None else longest
-    reach = local_window
-    if window is not None:
-        reach = local_window.clamp(max=window) if isinstance(local_window, torch.Tensor) else min(local_window, window)
-        longest = min(longest, window)
+    reach = local_window if window is None else min(local_window, window)
     q_len, kv_len = qg.shape[3], k.shape[2]
-    longest = min(longest, kv_len)  # (no query reaches further back than the first key)
+    longest = min(reach, kv_len)  # (no query reaches further back than the first key)
     if not recompute and q_len > 1 and _fused_attention_available(qg, v):  # (one row: the plain matmuls are faster)
         chunk = min(chunk or FUSED_BAND_BLOCK_SIZE, q_len)  # (fewer rows: one block, not padded)
-        if offset or isinstance(reach, torch.Tensor):
+        if offset:
             return _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padded)
         # The first `reach` queries see every earlier key: causal attention, no block masks to build; the rest are
         # blocks whose keys all exist (the ones with keys before position 0 would each need their own bias).
@@ -486,7 +481,7 @@ def _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padde
     q_blocks = pad(qg, 0, 0, 0, extra).reshape(batch * kv_heads, groups, blocks, chunk, d)
     q_blocks = q_blocks.permute(2, 0, 1, 3, 4).reshape(blocks, batch * kv_heads, groups * chunk, d)
     relative = visible(torch.arange(chunk, device=qg.device) + longest - 1, torch.arange(n, device=qg.device),
-                       causal=True, sliding_window=reach)  # (c, n) or per head (Hk, G, c, n)
+                       causal=True, sliding_window=reach)  # (c, n)
     relative = relative.expand(kv_heads, groups, chunk, n)
     valid = pad(key_valid, left, extra)[:, start:].unfold(1, n, chunk)  # (B, blocks, n)
     if padded:  # blocks whose keys are real in every sequence share the bias too (one host sync)
