@@ -77,16 +77,20 @@ def widest_bands(settings, layer: int, q_heads: int, kv_heads: int) -> list[int]
     return widest
 
 
-def measure(settings, capture, layers, n: int, steps: int) -> dict:
+def measure(settings, capture, layers, n: int, steps: int, cpu_kernel: bool = False) -> dict:
     """Timed steps at positions n .. n + steps - 1 (after a first step at n - 1), summed over the layers; the
     share of the visible pairs the step at position n computes exactly (counted in an untimed step); and the
     top-level ATen calls of the step at position n + steps per layer (profiled, untimed): in eager PyTorch each
     costs microseconds whatever its size, the floor of a step's time at short contexts. Also SDPA over the
     local bands alone, one call per KV head over the widest window of its query heads (the last keys every step
-    must read exactly at these settings): a floor of a step's time at long contexts, however fused."""
+    must read exactly at these settings): a floor of a step's time at long contexts, however fused. ``cpu_kernel``:
+    also the step with :mod:`sb_hf.ops.cpu_kernel` (its own state), timed in the same loop."""
     import torch
 
+    from sb_hf.ops.cpu_kernel import use_cpu_kernel
+
     sdpa_times, sb_times, band_times, first, stats, calls = [0.0] * steps, [0.0] * steps, [0.0] * steps, 0.0, {}, 0
+    kernel_times, kernel_first = [0.0] * steps, 0.0
     for layer in layers:
         q, k, v, scale = layer_inputs(capture, layer, n + steps + 1, seed=layer)
         sdpa = lambda t: torch.nn.functional.scaled_dot_product_attention(
@@ -101,10 +105,22 @@ def measure(settings, capture, layers, n: int, steps: int) -> dict:
                     q[:, h * rep : (h + 1) * rep, t : t + 1], k[:, h : h + 1, lo : t + 1], v[:, h : h + 1, lo : t + 1],
                     scale=scale, enable_gqa=True)
         step = layer_step(settings, layer, q.shape[1], k.shape[1], scale, None)  # no pair counts in the timed steps
+        kernel_step = layer_step(settings, layer, q.shape[1], k.shape[1], scale, None)
+
+        def timed_kernel_step(t):
+            use_cpu_kernel(True)
+            start = time.perf_counter()
+            kernel_step(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1])
+            elapsed = time.perf_counter() - start
+            use_cpu_kernel(False)
+            return elapsed
+
         with torch.no_grad():
             start = time.perf_counter()
             step(q[:, :, n - 1 : n], k[:, :, :n], v[:, :, :n])
             first += time.perf_counter() - start
+            if cpu_kernel:
+                kernel_first += timed_kernel_step(n - 1)
             for i in range(steps):
                 t = n + i
                 start = time.perf_counter()
@@ -116,6 +132,8 @@ def measure(settings, capture, layers, n: int, steps: int) -> dict:
                 start = time.perf_counter()
                 step(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1])
                 sb_times[i] += time.perf_counter() - start
+                if cpu_kernel:
+                    kernel_times[i] += timed_kernel_step(t)
             t = n + steps
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
                 step(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1])
@@ -124,7 +142,9 @@ def measure(settings, capture, layers, n: int, steps: int) -> dict:
             counted(q[:, :, n : n + 1], k[:, :, : n + 1], v[:, :, : n + 1])
     return {"n": n, "sdpa_ms": 1000 * statistics.median(sdpa_times), "support_basis_ms": 1000 * statistics.median(sb_times),
             "band_sdpa_ms": 1000 * statistics.median(band_times), "first_step_ms": 1000 * first, "exact_pair_share": float(stats["exact_pairs"] / stats["pairs"]),
-            "aten_calls_per_layer": calls / len(layers)}
+            "aten_calls_per_layer": calls / len(layers),
+            **({"cpu_kernel_ms": 1000 * statistics.median(kernel_times), "cpu_kernel_first_step_ms": 1000 * kernel_first}
+               if cpu_kernel else {})}
 
 
 def main() -> None:
@@ -135,6 +155,8 @@ def main() -> None:
     parser.add_argument("--lengths", default="2048,4096,8000")
     parser.add_argument("--steps", type=int, default=16, help="timed steps per length (default 16)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpu-kernel", action="store_true",
+                        help="also time the step with sb_hf's C++ CPU kernel (sb_hf.ops.use_cpu_kernel; built on first use)")
     parser.add_argument("--output", default="runs/decode_step")
     args = parser.parse_args()
     if args.steps < 1:
@@ -157,24 +179,26 @@ def main() -> None:
         layers = sorted(int(x) for x in settings.get("layers", {})) or list(range(30))
     rows = []
     for n in [int(x) for x in args.lengths.split(",")]:
-        rows.append(measure(settings, capture, layers, n, args.steps))
+        rows.append(measure(settings, capture, layers, n, args.steps, args.cpu_kernel))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads; settings: {args.settings}; "
           f"layers: {len(layers)}; inputs: {args.capture or 'random'}; 9 q heads / 3 kv heads, head dim 64; median of "
           f"{args.steps} steps, summed over the layers")
     print(f"{'n':>6} {'sdpa ms':>9} {'support basis ms':>17} {'vs sdpa':>8} {'band sdpa ms':>13} {'first step ms':>14} "
-          f"{'pairs exact':>12} {'ATen calls/layer':>17}")
+          f"{'pairs exact':>12} {'ATen calls/layer':>17}" + (f" {'cpu kernel ms':>14} {'vs sdpa':>8}" if args.cpu_kernel else ""))
     for r in rows:
         print(f"{r['n']:>6} {r['sdpa_ms']:>9.2f} {r['support_basis_ms']:>17.2f} {r['support_basis_ms'] / r['sdpa_ms']:>7.2f}x "
               f"{r['band_sdpa_ms']:>13.2f} {r['first_step_ms']:>14.1f} {100 * r['exact_pair_share']:>11.1f}% "
-              f"{r['aten_calls_per_layer']:>17.0f}")
+              f"{r['aten_calls_per_layer']:>17.0f}"
+              + (f" {r['cpu_kernel_ms']:>14.2f} {r['cpu_kernel_ms'] / r['sdpa_ms']:>7.2f}x" if args.cpu_kernel else ""))
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "decode_step.json").write_text(json.dumps({"args": vars(args), "layers": layers, "rows": rows}, indent=2))
     from plotting import loglog_panels
 
-    points = [{"method": method, "n": r["n"], "ms": r[f"{method}_ms"]} for r in rows for method in ("sdpa", "support_basis")]
+    methods = ("sdpa", "support_basis") + (("cpu_kernel",) if args.cpu_kernel else ())
+    points = [{"method": method, "n": r["n"], "ms": r[f"{method}_ms"]} for r in rows for method in methods]
     try:
-        loglog_panels(points, ("sdpa", "support_basis"), [(lambda r: r["ms"], "ms per token", "decoding step, all layers")],
+        loglog_panels(points, methods, [(lambda r: r["ms"], "ms per token", "decoding step, all layers")],
                       "cached tokens", out / "decode_step.png")
     except ImportError:  # no matplotlib: the table and JSON only
         pass

@@ -10,7 +10,9 @@ timed per step: the median of the steps after the first (support basis's first s
 prompt's keys into its decoding state; its time is reported apart). Each backend first runs once on a
 512-token prefix (a warm-up: first calls pay one-time costs); then, per length, --repeats rounds of both
 backends in turn (the load of a shared machine drifts within a run, and alike for both), each figure the
-median over the rounds. Prints the machine, a table, and writes JSON and a PNG to --output.
+median over the rounds. --cpu-kernel adds support basis with its C++ decoding step (``sb_hf.ops.use_cpu_kernel``;
+its prefill is the same computation) as a third backend. Prints the machine, a table, and writes JSON and a PNG
+to --output.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8, help="decoding steps timed after the prefill (default 8)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of both backends per length (default 3)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpu-kernel", action="store_true",
+                        help="also support basis with the C++ decoding step (sb_hf.ops.use_cpu_kernel; built on first use)")
     parser.add_argument("--output", default="runs/end_to_end")
     args = parser.parse_args()
     if args.new_tokens < 1 or args.repeats < 1:
@@ -85,21 +89,23 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
     model, ids = token_ids(args.model, max(lengths))
+    methods = METHODS + (("support_basis_cpu_kernel",) if args.cpu_kernel else ())
 
     def use(method):
         if method == "sdpa":
             sb_hf.revert_support_basis(model)
         else:
             sb_hf.apply_support_basis(model, config=args.settings)
+        sb_hf.ops.use_cpu_kernel(method == "support_basis_cpu_kernel")
 
-    for method in METHODS:  # warm up: the first call of each kernel pays one-time costs a running model has paid
+    for method in methods:  # warm up: the first call of each kernel pays one-time costs a running model has paid
         use(method)
         measure(model, ids[:, :WARMUP_TOKENS], 2)
     rows = []
     for n in lengths:
-        rounds = {method: [] for method in METHODS}
+        rounds = {method: [] for method in methods}
         for _ in range(args.repeats):
-            for method in METHODS:
+            for method in methods:
                 use(method)
                 rounds[method].append(measure(model, ids[:, :n], args.new_tokens))
         for method, runs in rounds.items():
@@ -108,12 +114,12 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads; model: "
           f"{args.model or 'SmolLM2-135M (packaged)'}; support basis: {args.settings or 'defaults'}; "
           f"{args.new_tokens} decoding steps; medians of {args.repeats} rounds")
-    print(f"{'n':>6} {'method':>14} {'prefill s':>10} {'tokens/s':>9} {'vs sdpa':>8} {'first step ms':>14} "
+    print(f"{'n':>6} {'method':>24} {'prefill s':>10} {'tokens/s':>9} {'vs sdpa':>8} {'first step ms':>14} "
           f"{'decode ms/token':>16} {'vs sdpa':>8}")
     sdpa = {r["n"]: r for r in rows if r["method"] == "sdpa"}
     for r in rows:
         base = sdpa[r["n"]]
-        print(f"{r['n']:>6} {r['method']:>14} {r['prefill_seconds']:>10.2f} {r['prefill_tokens_per_second']:>9.0f} "
+        print(f"{r['n']:>6} {r['method']:>24} {r['prefill_seconds']:>10.2f} {r['prefill_tokens_per_second']:>9.0f} "
               f"{r['prefill_seconds'] / base['prefill_seconds']:>7.2f}x {r['first_step_ms']:>14.1f} {r['decode_ms_per_token']:>16.1f} "
               f"{r['decode_ms_per_token'] / base['decode_ms_per_token']:>7.2f}x")
     out = Path(args.output)
@@ -121,7 +127,7 @@ def main() -> None:
     (out / "end_to_end.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     from plotting import loglog_panels
 
-    loglog_panels(rows, METHODS, [(lambda r: r["prefill_seconds"], "seconds", "prefill"),
+    loglog_panels(rows, methods, [(lambda r: r["prefill_seconds"], "seconds", "prefill"),
                                   (lambda r: r["decode_ms_per_token"], "ms per token", "decoding")],
                   "context length", out / "end_to_end.png")
 

@@ -58,10 +58,10 @@ def test_end_to_end_on_a_saved_tiny_model(tmp_path):
     model = tiny_model("llama", max_position_embeddings=512)
     model.save_pretrained(tmp_path / "model")
     _run("end_to_end.py", "--model", str(tmp_path / "model"), "--lengths", "40,90", "--new-tokens", "2", "--threads", "1",
-         "--repeats", "2", "--output", str(tmp_path / "out"))
+         "--repeats", "2", "--cpu-kernel", "--output", str(tmp_path / "out"))
     rows = json.loads((tmp_path / "out" / "end_to_end.json").read_text())["rows"]
     assert all(len(r["prefill_seconds_each"]) == 2 and r["prefill_seconds"] == sum(r["prefill_seconds_each"]) / 2 for r in rows)
-    assert [(r["n"], r["method"]) for r in rows] == [(n, m) for n in (40, 90) for m in ("sdpa", "support_basis")]
+    assert [(r["n"], r["method"]) for r in rows] == [(n, m) for n in (40, 90) for m in ("sdpa", "support_basis", "support_basis_cpu_kernel")]
     assert all(r["prefill_seconds"] > 0 and r["decode_ms_per_token"] > 0 for r in rows)
     assert (tmp_path / "out" / "end_to_end.png").exists()
 
@@ -70,13 +70,13 @@ def test_decode_step_with_calibrated_settings_on_a_capture(tmp_path):
     """Every layer of a per-query-head calibration of a tiny model, decoding steps on its captured activations."""
     settings, path = calibrated_capture(tmp_path, tokens=260, seed=1)
     out = _run("decode_step.py", "--settings", str(settings), "--capture", str(path), "--lengths", "100,240", "--steps", "3",
-               "--threads", "1", "--output", str(tmp_path / "out"))
+               "--threads", "1", "--cpu-kernel", "--output", str(tmp_path / "out"))
     data = json.loads((tmp_path / "out" / "decode_step.json").read_text())
     assert data["layers"] == [0, 1] and [r["n"] for r in data["rows"]] == [100, 240]
     assert all(r["sdpa_ms"] > 0 and r["support_basis_ms"] > 0 and 0 < r["exact_pair_share"] < 1 for r in data["rows"])
     assert all(r["aten_calls_per_layer"] >= 20 for r in data["rows"])  # fold, far part, band, merge: tens of calls
-    assert all(r["band_sdpa_ms"] > 0 for r in data["rows"])
-    assert "vs sdpa" in out and "band sdpa ms" in out and (tmp_path / "out" / "decode_step.png").exists()
+    assert all(r["band_sdpa_ms"] > 0 and r["cpu_kernel_ms"] > 0 for r in data["rows"])
+    assert "vs sdpa" in out and "band sdpa ms" in out and "cpu kernel ms" in out and (tmp_path / "out" / "decode_step.png").exists()
 
 
 def test_widest_bands_are_the_longest_window_of_each_kv_head_or_every_key():

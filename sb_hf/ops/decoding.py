@@ -21,7 +21,8 @@ causal inference steps (prefill, training, a sliding window in effect, ``evaluat
 keys it has not seen at the next step. Keys must
 only ever be appended: :meth:`DecodingState.reset` when the key sequence changes otherwise (cropped, reordered,
 another sequence). A change of shapes or settings resets it by itself; keys keep the padding
-(``key_padding_mask``) they had when they were folded.
+(``key_padding_mask``) they had when they were folded. With :func:`sb_hf.ops.use_cpu_kernel` a step whose far
+part is the degree-0 taylor kernel runs on a CPU as one C++ call (``csrc/decoding_step.cpp``, the same formulas).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from .common import (
     span_counts,
     visible,
 )
+from .cpu_kernel import cpu_kernel
 from .polynomial import FeatureMap
 from .support_basis import (
     _accumulate,
@@ -131,6 +133,9 @@ class DecodingState:
         """One decoding step: ``qg (B, Hk, G, 1, d)`` (the last key position) over ``k``, ``v`` ``(B, Hk, Lk, d)``
         (compute dtype), ``key_valid (B, Lk)`` (``padded=False`` promises it all true); returns ``(B, Hk, G, 1, dv)``.
         Call :meth:`serves` first."""
+        kernel = cpu_kernel() if self._kernel_serves and stats is None else None
+        if kernel is not None:
+            return self._kernel_step(kernel, qg, k, v, key_valid, padded, out_dtype)
         batch, kv_heads, groups, _, d = qg.shape
         kv_len = k.shape[2]
         self._check_finite(qg, k, v, kv_len)
@@ -146,6 +151,42 @@ class DecodingState:
         if stats is not None:
             self._count_pairs(stats, exact_rows, key_valid)
         return out
+
+    def _kernel_step(self, kernel, qg, k, v, key_valid, padded, out_dtype):
+        """:meth:`step` in :mod:`sb_hf.ops.cpu_kernel`'s one call (the state's tensors updated in place). A fold of
+        more than one key per unit (the first step) runs here first, so the kernel folds at most one."""
+        kv_len = k.shape[2]
+        if kv_len - self.seen > 1:
+            self._check_finite(qg, k, v, kv_len)
+            self._fold(k, v, key_valid, kv_len)
+        if kv_len > self.seen:
+            self._reserve(1)
+        for name in self._KERNEL_STATE:  # (the PyTorch path's updates may leave views behind)
+            if not getattr(self, name).is_contiguous():
+                setattr(self, name, getattr(self, name).contiguous())
+        batch, kv_heads, groups, _, d = qg.shape
+        contiguous = lambda x: x if x.stride(-1) == 1 else x.contiguous()
+        out = qg.new_empty(batch, kv_heads, groups, v.shape[-1])
+        column_queries, column_threshold = self._columns or (None, None)
+        status = kernel.decoding_step(
+            contiguous(qg[:, :, :, 0]), contiguous(k), contiguous(v), key_valid.contiguous() if padded else None,
+            out, *(getattr(self, name) for name in self._KERNEL_STATE), self._units.local_windows, self._units.sinks,
+            self._units.radius_limits, column_queries, column_threshold, self.seen, self.checked_keys, not self._sinks_done,
+            self._threshold, self._scale, -1.0 if self._core["radius"] is None else self._core["radius"], RADIUS_FLOOR,
+            torch.finfo(out_dtype).max)
+        if status:
+            self.reset()
+            if status <= 3:
+                raise ValueError(f"{'qkv'[status - 1]} contains NaN or inf; attention of non-finite inputs is undefined")
+            raise RuntimeError(f"the decoding kernel failed with status {status} (a full exact-key buffer: a bug)")
+        self.seen = self.checked_keys = kv_len
+        if not self._sinks_done:
+            self._sinks_done = bool((self.real_keys >= self._sinks[:, 0]).all())
+        return out.unsqueeze(3)
+
+    # The state as the kernel takes it, in its argument order.
+    _KERNEL_STATE = ("kv_sum", "k_sum", "key_sum", "key_count", "norm_max", "real_keys", "exact_k", "exact_v", "exact_bias",
+                     "exact_count")
 
     def _check_finite(self, qg, k, v, kv_len):
         """The query and the keys and values no earlier call checked, in one pass (a step checks one key per head);
@@ -163,6 +204,8 @@ class DecodingState:
         self._feature_maps = [FeatureMap(shapes.head_dim, g, r, core["sketch_seed"] + b, core["kernel"])
                               for b, (g, r) in enumerate(zip(core["degrees"], core["sketch_dims"]))]
         self._rows = _RowAttention(self._scale, self._feature_maps, True, None, None, device)  # the polynomial alone
+        # What the C++ step computes: one bucket's degree-0 taylor kernel, on a CPU (sb_hf.ops.cpu_kernel).
+        self._kernel_serves = (device.type == "cpu" and list(core["degrees"]) == [0] and core["kernel"] == "taylor")
         count = shapes.kv_heads * units.per_kv_head
         per_unit = shapes.groups // units.per_kv_head
         as_tensor = lambda values, kind=torch.long: torch.tensor(values, dtype=kind, device=device)
@@ -185,8 +228,8 @@ class DecodingState:
         self._buckets = torch.arange(len(self._feature_maps), device=device)
         self._columns = None
         if units.column_queries is not None:
-            self._columns = (units.column_queries.to(device=device, dtype=dtype),
-                             units.column_threshold.to(device=device, dtype=dtype))
+            self._columns = (units.column_queries.to(device=device, dtype=dtype).contiguous(),
+                             units.column_threshold.to(device=device, dtype=dtype).contiguous())
         buckets, features = len(self._feature_maps), sum(f.dim for f in self._feature_maps)
         new = lambda *shape, kind=dtype: torch.zeros(*shape, dtype=kind, device=device)
         batch, d, dv = shapes.batch, shapes.head_dim, shapes.value_dim
@@ -241,6 +284,16 @@ class DecodingState:
                 return
             (keys, values), _, slot_valid = gathered
         added = keys.shape[2]
+        self._reserve(added)
+        slots = self.exact_count[..., None] + torch.arange(added, device=keys.device)  # (B, N, added)
+        self.exact_k.scatter_(2, slots[..., None].expand_as(keys), keys)
+        self.exact_v.scatter_(2, slots[..., None].expand_as(values), values)
+        self.exact_bias.scatter_(2, slots, torch.zeros((), dtype=keys.dtype, device=keys.device).masked_fill(~slot_valid, float("-inf")))
+        self.exact_count = self.exact_count + slot_valid.sum(dim=-1)
+
+    def _reserve(self, added):
+        """Room for ``added`` more exact keys in every unit's buffers: they grow (by doubling) when the host-side bound
+        on the largest count says they might be full (then one sync: the true count)."""
         capacity = self.exact_k.shape[2]
         self._slot_bound += added
         if self._slot_bound > capacity:
@@ -249,11 +302,6 @@ class DecodingState:
                 grow = max(self._slot_bound, 2 * capacity, MIN_EXACT_SLOTS) - capacity
                 pad = lambda x, value=0.0: torch.nn.functional.pad(x, (0, 0, 0, grow) if x.dim() == 4 else (0, grow), value=value)
                 self.exact_k, self.exact_v, self.exact_bias = pad(self.exact_k), pad(self.exact_v), pad(self.exact_bias, float("-inf"))
-        slots = self.exact_count[..., None] + torch.arange(added, device=keys.device)  # (B, N, added)
-        self.exact_k.scatter_(2, slots[..., None].expand_as(keys), keys)
-        self.exact_v.scatter_(2, slots[..., None].expand_as(values), values)
-        self.exact_bias.scatter_(2, slots, torch.zeros((), dtype=keys.dtype, device=keys.device).masked_fill(~slot_valid, float("-inf")))
-        self.exact_count = self.exact_count + slot_valid.sum(dim=-1)
 
     def _polynomial_part(self, qu):
         """The polynomial over the folded small keys, per query head of each unit ``qu (B, N, Gu, 1, d)``: ``q_large``
