@@ -105,7 +105,7 @@ def measure(settings, capture, layers, n: int, steps: int, cpu_kernel: bool = Fa
                     q[:, h * rep : (h + 1) * rep, t : t + 1], k[:, h : h + 1, lo : t + 1], v[:, h : h + 1, lo : t + 1],
                     scale=scale, enable_gqa=True)
         step = layer_step(settings, layer, q.shape[1], k.shape[1], scale, None)  # no pair counts in the timed steps
-        kernel_step = layer_step(settings, layer, q.shape[1], k.shape[1], scale, None)
+        kernel_step = layer_step(settings, layer, q.shape[1], k.shape[1], scale, None) if cpu_kernel else None
 
         def timed_kernel_step(t):
             use_cpu_kernel(True)

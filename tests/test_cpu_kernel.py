@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_model
 from test_decoding import COLUMNS, left_padding, qkv
-from test_hf import logits, padded_batch
+from test_hf import generation_matching_full_recompute, padded_batch
 from test_ops import F64, INF
 
 import sb_hf.ops.cpu_kernel as cpu_kernel
@@ -169,9 +169,5 @@ def test_generate_with_the_kernel_matches_a_full_recompute(calls):
     sb_hf.apply_support_basis(model, **CALIBRATED_KIND)
     ids, mask = padded_batch(lengths=(14, 10), total=14)
     new = 12
-    generated = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
-                               output_logits=True, return_dict_in_generate=True)
-    full = logits(model, generated.sequences, torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], dim=1))
-    for step, step_logits in enumerate(generated.logits):
-        torch.testing.assert_close(step_logits, full[:, ids.shape[1] - 1 + step], rtol=1e-4, atol=1e-4)
+    generation_matching_full_recompute(model, ids, mask, new)
     assert len(calls) == 2 * (new - 1)  # the prompt is a prefill; each later token one call per layer

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_model
 from test_calibration import assert_calibrated_model_saves_and_reloads
-from test_hf import logits, padded_batch
+from test_hf import generation_matching_full_recompute, logits, padded_batch
 from test_ops import F64, assert_matches, gradients, make_qkv, padding_mask
 
 import sb_hf
@@ -321,12 +321,7 @@ def test_cached_generation_with_head_settings_matches_full_recompute(field, kind
     if field == "heads":  # query heads 0 and 3 (of different KV heads) like KV head 0 above, head 1 like KV head 1
         per_head = {0: per_head[0], 3: per_head[0], 1: per_head[1]}
     sb_hf.apply_support_basis(model, threshold=2.0, layers={0: {field: per_head}, 1: {field: {1: {"threshold": 0.0}}}})
-    new = 10
-    generated = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
-                               output_logits=True, return_dict_in_generate=True)
-    full = logits(model, generated.sequences, torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], dim=1))
-    for step, step_logits in enumerate(generated.logits):
-        torch.testing.assert_close(step_logits, full[:, ids.shape[1] - 1 + step], rtol=1e-4, atol=1e-4)
+    generation_matching_full_recompute(model, ids, mask, 10)
 
 
 @pytest.mark.parametrize("field,heads", [("kv_heads", 2), ("heads", 4)])

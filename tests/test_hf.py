@@ -40,6 +40,19 @@ def logits(model, ids, mask=None, implementation=None, **settings):
         return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
 
 
+def generation_matching_full_recompute(model, ids, mask, new, tolerance=1e-4):
+    """Greedy ``generate()`` of ``new`` tokens with the KV cache, asserting that every step's logits equal those of a
+    full forward pass over the sequence so far (``mask`` None: no attention_mask); returns generate()'s output."""
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                               output_logits=True, return_dict_in_generate=True)
+    full_mask = None if mask is None else torch.cat([mask, torch.ones(ids.shape[0], new, dtype=mask.dtype)], dim=1)
+    full = logits(model, generated.sequences, full_mask)
+    assert len(generated.logits) == new
+    for step, step_logits in enumerate(generated.logits):
+        torch.testing.assert_close(step_logits, full[:, ids.shape[1] - 1 + step], rtol=tolerance, atol=tolerance)
+    return generated
+
+
 def split_share(model, ids, mask, **settings):
     sb_hf.apply_support_basis(model, **settings)
     with attention_stats() as stats, torch.no_grad():
@@ -125,14 +138,7 @@ def test_cached_decoding_matches_full_recompute(kind, method, settings):
     model = tiny_model(kind)
     ids, mask = padded_batch(lengths=(14, 10), total=14)
     sb_hf.apply_support_basis(model, method=method, **{"threshold": SPLIT, "degree": 2, **settings})
-    generated = model.generate(
-        ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
-        output_logits=True, return_dict_in_generate=True,
-    )
-    full_mask = torch.cat([mask, torch.ones(ids.shape[0], 10, dtype=mask.dtype)], dim=1)
-    full = logits(model, generated.sequences, full_mask)
-    for step, step_logits in enumerate(generated.logits):
-        torch.testing.assert_close(step_logits, full[:, ids.shape[1] - 1 + step], rtol=1e-4, atol=1e-4)
+    generation_matching_full_recompute(model, ids, mask, 10)
 
 
 def test_training_gradients_match_sdpa_at_threshold_zero_and_are_finite_otherwise():

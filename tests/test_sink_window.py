@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import VOCAB, tiny_model
-from test_hf import logits, padded_batch
+from test_hf import generation_matching_full_recompute, logits, padded_batch
 from test_ops import F64, TOLERANCES, dense_visibility, make_qkv, padding_mask
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -375,14 +375,7 @@ def test_cached_decoding_matches_full_recompute(kind, sinks):
     model = tiny_model(kind)
     ids, mask = padded_batch(lengths=(14, 10), total=14)
     sb_hf.apply_support_basis(model, method="sink_window", sinks=sinks, local_window=LOCAL)
-    generated = model.generate(
-        ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
-        output_logits=True, return_dict_in_generate=True,
-    )
-    full_mask = torch.cat([mask, torch.ones(ids.shape[0], 10, dtype=mask.dtype)], dim=1)
-    full = logits(model, generated.sequences, full_mask)
-    for step, step_logits in enumerate(generated.logits):
-        torch.testing.assert_close(step_logits, full[:, ids.shape[1] - 1 + step], rtol=1e-5, atol=1e-5)
+    generation_matching_full_recompute(model, ids, mask, 10, tolerance=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)

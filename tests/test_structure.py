@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_model
-from test_hf import logits, padded_batch
+from test_hf import generation_matching_full_recompute, logits, padded_batch
 from test_ops import F64, INF, assert_matches, dense_visibility, gradients, make_qkv, padding_mask, sdpa
 from test_sink_window import masked_attention
 from transformers import AutoModelForCausalLM
@@ -614,14 +614,7 @@ def test_cached_generation_matches_full_recompute(kind, overrides, local_window,
     if not padded:
         ids, mask = ids[:1], None
     sb_hf.apply_support_basis(model, **_settings(**{**STRUCTURE, "local_window": local_window}))
-    new = 12
-    generated = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
-                               output_logits=True, return_dict_in_generate=True)
-    full_mask = None if mask is None else torch.cat([mask, torch.ones(ids.shape[0], new, dtype=mask.dtype)], dim=1)
-    full = logits(model, generated.sequences, full_mask)
-    assert len(generated.logits) == new
-    for step, step_logits in enumerate(generated.logits):
-        torch.testing.assert_close(step_logits, full[:, ids.shape[1] - 1 + step], rtol=1e-4, atol=1e-4)
+    generation_matching_full_recompute(model, ids, mask, 12)
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])

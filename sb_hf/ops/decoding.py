@@ -174,14 +174,13 @@ class DecodingState:
             self._units.radius_limits, column_queries, column_threshold, self.seen, self.checked_keys, not self._sinks_done,
             self._threshold, self._scale, -1.0 if self._core["radius"] is None else self._core["radius"], RADIUS_FLOOR,
             torch.finfo(out_dtype).max)
-        if status:
+        if status:  # 1-3: a non-finite q, k or v (named by the same check as the PyTorch path); else a bug
+            checked = self.checked_keys
             self.reset()
-            if status <= 3:
-                raise ValueError(f"{'qkv'[status - 1]} contains NaN or inf; attention of non-finite inputs is undefined")
+            check_finite_inputs(qg, k[:, :, checked:], v[:, :, checked:])
             raise RuntimeError(f"the decoding kernel failed with status {status} (a full exact-key buffer: a bug)")
         self.seen = self.checked_keys = kv_len
-        if not self._sinks_done:
-            self._sinks_done = bool((self.real_keys >= self._sinks[:, 0]).all())
+        self._note_sinks()
         return out.unsqueeze(3)
 
     # The state as the kernel takes it, in its argument order.
@@ -268,8 +267,13 @@ class DecodingState:
             self.key_count = self.key_count + member.sum(dim=2)
         if not self._sinks_done:
             self.real_keys = self.real_keys + valid.sum(dim=-1)
-            self._sinks_done = bool((self.real_keys >= self._sinks[:, 0]).all())
+            self._note_sinks()
         self._append_exact(keys, values, exact)
+
+    def _note_sinks(self):
+        """Whether every unit has now folded its sinks (then no later key can be one, and folds skip the test)."""
+        if not self._sinks_done:
+            self._sinks_done = bool((self.real_keys >= self._sinks[:, 0]).all())
 
     def _append_exact(self, keys, values, exact):
         """Write each unit's new exact keys (``exact (B, N, new)`` of ``keys``, ``values``) after its others. One key
