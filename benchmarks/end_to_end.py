@@ -5,7 +5,8 @@ basis (the defaults, or a settings file such as ``sb-hf calibrate``'s ``support_
         --lengths 2048,4096,8192 --output runs/end_to_end
 
 Prefill: one forward pass over the first n tokens of the packaged news text (with the default model;
-random token ids with --model, a local folder). Decoding: then --new-tokens greedy steps with the cache,
+random token ids with --model, a local folder) that, as ``generate()``'s, computes the logits of the last
+position only (--all-logits: every position's, as a scoring pass). Decoding: then --new-tokens greedy steps with the cache,
 timed per step: the median of the steps after the first (support basis's first step also folds the
 prompt's keys into its decoding state; its time is reported apart). Each backend first runs once on a
 512-token prefix (a warm-up: first calls pay one-time costs); then, per length, --repeats rounds of both
@@ -49,12 +50,15 @@ def token_ids(model_path: str | None, n: int):
     return model, ids
 
 
-def measure(model, ids, new_tokens: int) -> dict:
+def measure(model, ids, new_tokens: int, all_logits: bool = False) -> dict:
+    """Prefill as ``generate()`` runs it: the logits of the last position only (``logits_to_keep=1``; with
+    ``all_logits`` every position's, as a scoring pass needs: 8192 x 49152 more for SmolLM2), then greedy steps."""
     import torch
 
+    keep = {} if all_logits else {"logits_to_keep": 1}
     with torch.no_grad():
         start = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, **keep)
         prefill = time.perf_counter() - start
         cache, token, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
         for _ in range(new_tokens):
@@ -77,6 +81,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu-kernel", action="store_true",
                         help="also support basis with the C++ decoding step (sb_hf.ops.use_cpu_kernel; built on first use)")
+    parser.add_argument("--all-logits", action="store_true",
+                        help="prefill computes every position's logits (a scoring pass), not only the last (as generate())")
     parser.add_argument("--output", default="runs/end_to_end")
     args = parser.parse_args()
     if args.new_tokens < 1 or args.repeats < 1:
@@ -107,13 +113,14 @@ def main() -> None:
         for _ in range(args.repeats):
             for method in methods:
                 use(method)
-                rounds[method].append(measure(model, ids[:, :n], args.new_tokens))
+                rounds[method].append(measure(model, ids[:, :n], args.new_tokens, args.all_logits))
         for method, runs in rounds.items():
             median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
             rows.append({"method": method, "n": n, **median, "prefill_seconds_each": [run["prefill_seconds"] for run in runs]})
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads; model: "
           f"{args.model or 'SmolLM2-135M (packaged)'}; support basis: {args.settings or 'defaults'}; "
-          f"{args.new_tokens} decoding steps; medians of {args.repeats} rounds")
+          f"{args.new_tokens} decoding steps; prefill logits: {'every position' if args.all_logits else 'the last (as generate())'}; "
+          f"medians of {args.repeats} rounds")
     print(f"{'n':>6} {'method':>24} {'prefill s':>10} {'tokens/s':>9} {'vs sdpa':>8} {'first step ms':>14} "
           f"{'decode ms/token':>16} {'vs sdpa':>8}")
     sdpa = {r["n"]: r for r in rows if r["method"] == "sdpa"}
