@@ -151,13 +151,6 @@ def test_fused_and_plain_band_match_reference(case, monkeypatch):
     assert bool(calls) == (q.shape[2] > 1)  # the fused kernel ran (not for one query; a prompt's plain attention too)
     monkeypatch.setattr(module, "FUSED_BIAS_BYTES", 1)  # one separately masked block per kernel call
     assert_matches(support_basis_attention(q, k, v, chunk_size=case["chunk_size"], **kw), expected, q.dtype)
-    segments = []  # a prompt without padding runs a wide window as causal segments (here every window is wide)
-    monkeypatch.setattr(module, "SEGMENT_BAND_MIN_WINDOW", 1)
-    monkeypatch.setattr(module, "_segment_band", lambda *a, original=module._segment_band: segments.append(1) or original(*a))
-    assert_matches(support_basis_attention(q, k, v, chunk_size=case["chunk_size"], **kw), expected, q.dtype)
-    reach = min(case["local_window"], case["sliding_window"] or case["local_window"])
-    prompt = case["kv_len"] in (None, case["q_len"]) and case["padding"] is None
-    assert bool(segments) == (prompt and reach < case["q_len"] and not plain)
     monkeypatch.setattr(module, "_fused_attention_available", lambda q, v: False)
     calls.clear()
     assert_matches(support_basis_attention(q, k, v, chunk_size=case["chunk_size"], **kw), expected, q.dtype)
@@ -168,25 +161,21 @@ def test_fused_and_plain_band_match_reference(case, monkeypatch):
 @pytest.mark.parametrize("q_len", [37, 40, 2])
 @pytest.mark.parametrize("heads", [(1, 1), (3, 1), (2, 2)], ids=["1x1", "gqa3x1", "2x2"])
 @pytest.mark.parametrize("local_window", [0, 1, 5, 8, 13, 36, 37], ids=lambda w: f"window{w}")
-def test_prompt_kernel_forms_match_reference(local_window, heads, q_len, dtype, monkeypatch):
-    """A prompt's exact band runs as causal segments of the window (queries against their own segment, and reversed
-    against the one before), and a causal kernel call with a thread left idle (odd head counts on 2 threads) as two
-    halves in one call plus the rectangle between them; plain attention (threshold 0) takes the latter too. Every
-    window from 1 to the whole prompt, lengths that are and are not multiples of it, against the twin."""
+def test_halved_causal_calls_match_reference(local_window, heads, q_len, dtype, monkeypatch):
+    """A causal kernel call that would leave a thread idle (an odd head count on 2 threads) runs as its two halves in
+    one call plus the rectangle between them: the first window's rows of a prompt's band, and plain attention
+    (threshold 0). Windows from 1 to the whole prompt, odd and even lengths, against the twin."""
     import sb_hf.ops.support_basis as module
 
     q, k, v = make_qkv(batch=1, q_heads=heads[0], kv_heads=heads[1], q_len=q_len, dtype=dtype, seed=21)
-    segments, halves = [], []
-    for name, seen in (("_segment_band", segments), ("_halved_causal", halves)):
-        monkeypatch.setattr(module, name, lambda *a, original=getattr(module, name), seen=seen: seen.append(1) or original(*a))
-    monkeypatch.setattr(module, "SEGMENT_BAND_MIN_WINDOW", 1)
+    halves = []
+    monkeypatch.setattr(module, "_halved_causal", lambda *a, original=module._halved_causal: halves.append(1) or original(*a))
     monkeypatch.setattr(module, "BALANCED_CAUSAL_MIN_ROWS", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # (the decision; the file runs on one thread)
     threshold = 0.0 if local_window == 0 else INF
     kw = dict(threshold=threshold, degree=0, kernel="taylor", sinks=2, local_window=local_window)
     out = support_basis_attention(q, k, v, **kw)
     assert_matches(out, reference.support_basis_attention(q, k, v, **kw), dtype)
-    assert bool(segments) == (0 < local_window < q_len)
     assert bool(halves) == (heads[0] % 2 == 1 and local_window != 1)  # (a window of 1 calls no causal kernel)
 
 

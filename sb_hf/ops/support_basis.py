@@ -60,7 +60,6 @@ FUSED_BAND_BLOCK_SIZE = 64  # the same in the fused kernel, where many blocks sh
 PREFIX_BLOCK_SIZE = 2048  # query rows per block of the prefix scan (few features: the exact keys dominate); by measurement
 DEFAULT_MAX_FEATURE_BYTES = 8 * 2**30
 FUSED_BIAS_BYTES = 64 * 2**20  # bound on the separately masked blocks of one fused band call
-SEGMENT_BAND_MIN_WINDOW = 512  # from this window on, a prompt's band runs as causal segments; by measurement
 BALANCED_CAUSAL_MIN_ROWS = 512  # from this length on, a causal call over too few heads for the threads runs halved
 EXACT_ROW_BLOCK = 128  # gathered exact query rows handled per block: bounds the (rows x keys) score block
 EVALUATIONS = ("auto", "features", "scores")
@@ -394,8 +393,6 @@ def _local_band(qg, k, v, key_valid, scale, local_window, window, offset, chunk,
     longest = min(reach, kv_len)  # (no query reaches further back than the first key)
     if not recompute and q_len > 1 and _fused_attention_available(qg, v):  # (one row: the plain matmuls are faster)
         chunk = min(chunk or FUSED_BAND_BLOCK_SIZE, q_len)  # (fewer rows: one block, not padded)
-        if not offset and not padded and SEGMENT_BAND_MIN_WINDOW <= longest < q_len:
-            return _segment_band(qg, k, v, scale, longest)
         if offset:
             return _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padded)
         # The first `reach` queries see every earlier key: causal attention, no block masks to build; the rest are
@@ -491,45 +488,6 @@ def _fused(qg, k, v, scale, *, causal, bias=None):
         qg.reshape(batch, kv_heads * groups, rows, d), expand(k), expand(v), is_causal=causal, attn_mask=bias, scale=scale)
     shape = (batch, kv_heads, groups, rows)
     return out.view(*shape, -1), lse.view(shape).to(out.dtype)
-
-
-def _segment_band(qg, k, v, scale, window):
-    """:func:`_local_band` of a prompt without padding (query ``i`` at key position ``i``) for a wide window, in
-    causal calls of the fused kernel, its fastest form (no mask; large blocks; blocks past the diagonal skipped):
-    1.5x faster than the masked 64-row blocks of :func:`_fused_band` for windows of 512 to 4096 keys (measured at
-    8192 tokens). Cut the positions into segments of ``window``; query ``t`` of a segment sees the keys ``<= t``
-    of its own segment (causal) and the keys ``> t`` of the one before, which is causal too once both are reversed
-    (queries ``0 .. w - 2`` against keys ``1 .. w - 1``). The two partial attentions merge by log-sum-exp."""
-    batch, kv_heads, groups, n, _ = qg.shape
-    full, tail = divmod(n, window)
-    segments = full + (tail > 0)
-
-    def split(x, count):  # (..., count * w, d) -> (B * count, Hk, [G,] w, d): segments folded into the batch
-        x = x.unflatten(-2, (count, window)).movedim(-3, 1)
-        return x.reshape(batch * count, *x.shape[2:])
-
-    def join(x, count):  # (B * count, Hk, G, rows, ...) -> (B, Hk, G, count, rows, ...)
-        return x.reshape(batch, count, *x.shape[1:]).movedim(1, 3)
-
-    # Within each segment: causal; a shorter last segment in a call of its own.
-    cut = full * window
-    within = _fused_causal(split(qg[..., :cut, :], full), split(k[:, :, :cut], full), split(v[:, :, :cut], full), scale)
-    within = tuple(join(x, full).flatten(3, 4) for x in within)
-    if tail:
-        within = _concat_rows([within, _fused_causal(qg[..., cut:, :], k[:, :, cut:], v[:, :, cut:], scale)])
-    if window == 1:  # (each query sees only itself)
-        return within
-    # Across: segment s's queries 0 .. w-2 against segment s-1's keys 1 .. w-1, both reversed (a shorter last
-    # segment padded with zero queries, their rows dropped). Each segment's last row sees no earlier segment.
-    later = torch.nn.functional.pad(qg, (0, 0, 0, segments * window - n))[..., window:, :]
-    earlier = lambda x: split(x[:, :, :(segments - 1) * window], segments - 1)[..., 1:, :].flip(-2)
-    across = _fused_causal(split(later, segments - 1)[..., : window - 1, :].flip(-2), earlier(k), earlier(v), scale)
-    num, den, shift = (join(x.flip(3), segments - 1) for x in across)  # (B, Hk, G, segments - 1, w - 1, ...)
-    rows = lambda x, value=0.0: torch.nn.functional.pad(  # segment 0 and each segment's last row: no key
-        torch.nn.functional.pad(x, (0, 1), value=value).flatten(-2), (window, 0), value=value)[..., :n]
-    across = rows(num.movedim(-1, 0)).movedim(0, -1), rows(den), rows(shift, float("-inf"))
-    num, den = _merge(within, across)
-    return num, den, torch.maximum(within[2], across[2])
 
 
 def _fused_band(qg, k, v, key_valid, scale, reach, longest, offset, chunk, padded):
