@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import VOCAB, tiny_model
 
@@ -64,6 +65,22 @@ def test_end_to_end_on_a_saved_tiny_model(tmp_path):
     assert [(r["n"], r["method"]) for r in rows] == [(n, m) for n in (40, 90) for m in ("sdpa", "support_basis", "support_basis_cpu_kernel")]
     assert all(r["prefill_seconds"] > 0 and r["decode_ms_per_token"] > 0 for r in rows)
     assert (tmp_path / "out" / "end_to_end.png").exists()
+
+
+@pytest.mark.parametrize("all_logits", [False, True])
+def test_end_to_end_prefill_computes_the_logits_generate_does(all_logits):
+    """Prefill keeps the last position's logits only, as generate() does (--all-logits: every position's)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from end_to_end import measure
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    model = tiny_model("llama")
+    shapes, forward = [], model.forward
+    model.forward = lambda *a, **kw: shapes.append(tuple((out := forward(*a, **kw)).logits.shape)) or out
+    measure(model, torch.randint(1, model.config.vocab_size, (1, 30)), new_tokens=2, all_logits=all_logits)
+    vocab = model.config.vocab_size
+    assert shapes == [(1, 30 if all_logits else 1, vocab), (1, 1, vocab), (1, 1, vocab)]
 
 
 def test_decode_step_with_calibrated_settings_on_a_capture(tmp_path):
