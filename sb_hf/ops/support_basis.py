@@ -295,8 +295,9 @@ def _attention(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, kernel
 
 
 def _plain_attention(qg, k, v, scale, causal, window, offset, recompute):
-    """Softmax attention of every row of ``qg (B, Hk, G, Lq, d)`` in PyTorch's SDPA (fused kernels on CPU and CUDA),
-    queries at key positions ``offset + i``: ``(B, Hk, G, Lq, dv)``. Every row must see a key (no padding)."""
+    """Softmax attention of every row of ``qg (B, Hk, G, Lq, d)`` in PyTorch's SDPA (fused kernels on CPU and CUDA;
+    a prompt's causal call on CPU through :func:`_fused_causal`, which keeps every thread busy), queries at key
+    positions ``offset + i``: ``(B, Hk, G, Lq, dv)``. Every row must see a key (no padding)."""
     batch, kv_heads, groups, q_len, d = qg.shape
     mask = None
     if causal and (window is not None or offset):
