@@ -473,11 +473,11 @@ def _halved_causal(qg, k, v, scale):
     both = lambda x: torch.cat([x[..., :half, :], pad(x)])  # (2B, ...): the halves as two sequences
     out, lse = _fused(both(qg), both(k), both(v), scale, causal=True)
     batch = qg.shape[0]
-    first = (out[:batch], torch.ones_like(lse[:batch]), lse[:batch])
-    second = (out[batch:, ..., : rows - half, :], torch.ones_like(lse[batch:, ..., : rows - half]), lse[batch:, ..., : rows - half])
-    out, lse = _fused(qg[..., half:, :], k[:, :, :half], v[:, :, :half], scale, causal=False)
-    num, den = _merge(second, (out, torch.ones_like(lse), lse))
-    return _concat_rows([first, (num, den, torch.maximum(second[2], lse))])
+    partial = lambda out, lse: (out, torch.ones_like(lse), lse)  # the kernel's output, normalized: mass 1
+    first, second = partial(out[:batch], lse[:batch]), partial(out[batch:, ..., : rows - half, :], lse[batch:, ..., : rows - half])
+    across = partial(*_fused(qg[..., half:, :], k[:, :, :half], v[:, :, :half], scale, causal=False))
+    num, den = _merge(second, across)
+    return _concat_rows([first, (num, den, torch.maximum(second[2], across[2]))])
 
 
 def _fused(qg, k, v, scale, *, causal, bias=None):
