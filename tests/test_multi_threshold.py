@@ -1,4 +1,5 @@
-"""Multi-threshold support basis: the fast op against its naive twin, the one-bucket limit, buckets."""
+"""Multi-threshold support basis: the fast op against its naive twin, the one-bucket limit, buckets (the signed
+Chebyshev fit, any degree; the non-negative kernels' grid is in test_squared_kernel.py)."""
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def _inputs(c):
                        kv_len=c["kv_len"], dtype=c["dtype"], seed=c["seed"])
     kw = dict(thresholds=c["thresholds"], degrees=c["degrees"], sketch_dim=c["sketch_dim"], causal=c["causal"],
               sliding_window=c["sliding_window"], key_padding_mask=padding_mask(c["batch"], k.shape[2], c["padding"]),
-              sketch_seed=4)
+              sketch_seed=4, kernel="chebyshev")
     return q, k, v, kw
 
 
@@ -71,7 +72,7 @@ def test_key_buckets_by_hand():
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
 def test_one_bucket_is_the_single_threshold_op(fast):
     q, k, v = make_qkv(batch=3, q_heads=6, kv_heads=2, seed=3)
-    kw = dict(key_padding_mask=padding_mask(3, 37, "left"), sliding_window=9)
+    kw = dict(key_padding_mask=padding_mask(3, 37, "left"), sliding_window=9, kernel="chebyshev")
     multi = multi_threshold_attention if fast else reference.multi_threshold_attention
     single = support_basis_attention if fast else reference.support_basis_attention
     for degree, sketch in ((2, None), (3, 10)):
@@ -84,7 +85,7 @@ def test_gradients_match_reference():
     q, k, v = make_qkv(batch=2, q_heads=4, kv_heads=2, q_len=23, seed=5)
     weights = torch.randn(2, 4, 23, 8, dtype=F64, generator=torch.Generator().manual_seed(6))
     kw = dict(thresholds=THRESHOLDS, degrees=[2, 3, 2], sketch_dim=[None, 8, None], key_padding_mask=padding_mask(2, 23, "left"),
-              sliding_window=7)
+              sliding_window=7, kernel="chebyshev")
     fast = gradients(multi_threshold_attention, q, k, v, weights, chunk_size=6, **kw)
     for g_fast, g_ref in zip(fast, gradients(reference.multi_threshold_attention, q, k, v, weights, **kw)):
         assert torch.isfinite(g_fast).all() and g_fast.abs().max() > 0

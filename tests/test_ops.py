@@ -1,8 +1,11 @@
-"""The fast chunked op against its naive quadratic twin, plain softmax attention, and invariances."""
+"""The fast chunked op against its naive quadratic twin, plain softmax attention, and invariances: the paper's
+signed Chebyshev fit (``kernel="chebyshev"``, any degree; the non-negative kernels, the ops' default, have
+their own grid in test_squared_kernel.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 
@@ -12,6 +15,7 @@ import torch.nn.functional as F
 
 from sb_hf.config import SupportBasisConfig
 from sb_hf.ops import as23_attention, large_rows, reference, support_basis_attention
+from sb_hf.ops import support_basis_attention as ops_support_basis_attention
 from sb_hf.ops.common import all_finite, visible_key_sums
 
 F64 = torch.float64
@@ -107,6 +111,7 @@ def _case(name, marks=(), **kw):
     base = dict(
         batch=2, q_heads=4, kv_heads=2, q_len=37, kv_len=None, head_dim=8, dtype=F64,
         causal=True, threshold=2.0, degree=2, chunk_size=16, padding=None, sliding_window=None, seed=0, radius=None,
+        kernel="chebyshev",
     )
     base.update(kw)
     return pytest.param(base, id=name, marks=marks)
@@ -193,7 +198,7 @@ def _run_case(case, fast_fn, ref_fn, with_threshold=True, evaluation="features")
     )
     kwargs = dict(
         degree=c["degree"], causal=c["causal"], sliding_window=c["sliding_window"], radius=c["radius"],
-        key_padding_mask=padding_mask(c["batch"], k.shape[2], c["padding"]),
+        key_padding_mask=padding_mask(c["batch"], k.shape[2], c["padding"]), kernel=c["kernel"],
     )
     if with_threshold:
         kwargs["threshold"] = c["threshold"]
@@ -236,7 +241,8 @@ def test_as23_matches_reference(case, evaluation):
     assert_matches(out, expected, q.dtype)
     # AS23 is support-basis attention with no large rows
     kw = dict(degree=case["degree"], causal=case["causal"], sliding_window=case["sliding_window"],
-              key_padding_mask=padding_mask(case["batch"], k.shape[2], case["padding"]), chunk_size=case["chunk_size"])
+              key_padding_mask=padding_mask(case["batch"], k.shape[2], case["padding"]), chunk_size=case["chunk_size"],
+              kernel=case["kernel"])
     assert_matches(out, support_basis_attention(q, k, v, threshold=INF, **kw), q.dtype)
 
 
@@ -285,7 +291,7 @@ def test_polynomial_part_is_an_approximation_not_exact():
     (the polynomial part is really used), and converges to it as the degree grows."""
     q, k, v = make_qkv(seed=11)
     exact = reference.exact_attention(q, k, v)
-    errors = {d: (support_basis_attention(q, k, v, threshold=INF, degree=d) - exact).abs() for d in (1, 8, 12)}
+    errors = {d: (support_basis_attention(q, k, v, threshold=INF, degree=d, kernel="chebyshev") - exact).abs() for d in (1, 8, 12)}
     assert errors[1].mean() > 1e-2
     assert errors[8].mean() < 1e-2
     assert errors[12].mean() < 1e-4
@@ -307,8 +313,8 @@ def test_explicit_scale_and_fixed_radius():
     q, k, v = make_qkv(seed=13)
     mask = padding_mask(2, 37, "left")
     for kw in (dict(scale=0.7), dict(radius=3.0), dict(radius=0.5, scale=0.2), dict(radius=6.0, sliding_window=6)):
-        out = support_basis_attention(q, k, v, threshold=2.0, degree=3, key_padding_mask=mask, chunk_size=8, **kw)
-        expected = reference.support_basis_attention(q, k, v, threshold=2.0, degree=3, key_padding_mask=mask, **kw)
+        out = support_basis_attention(q, k, v, threshold=2.0, degree=3, key_padding_mask=mask, chunk_size=8, kernel="chebyshev", **kw)
+        expected = reference.support_basis_attention(q, k, v, threshold=2.0, degree=3, key_padding_mask=mask, kernel="chebyshev", **kw)
         assert_matches(out, expected, F64)
     # an explicit scale equal to the default gives the default result; a different one changes it
     default = support_basis_attention(q, k, v, threshold=2.0, degree=2)
@@ -348,7 +354,7 @@ def test_gradients_non_causal_match_reference(evaluation):
     q, k, v = make_qkv(batch=2, q_heads=6, kv_heads=2, q_len=13, kv_len=21, seed=22)
     mask = padding_mask(2, 21, "right", pad=3)
     weights = torch.randn(2, 6, 13, 8, dtype=F64, generator=torch.Generator().manual_seed(23))
-    kw = dict(threshold=1.5, degree=3, causal=False, key_padding_mask=mask)
+    kw = dict(threshold=1.5, degree=3, causal=False, key_padding_mask=mask, kernel="chebyshev")
     fast = gradients(support_basis_attention, q, k, v, weights, evaluation=evaluation, chunk_size=5, **kw)
     for g_fast, g_ref in zip(fast, gradients(reference.support_basis_attention, q, k, v, weights, **kw)):
         torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-8)
@@ -586,7 +592,7 @@ def test_right_padding_invariance(causal):
     qp, kp, vp = (torch.cat([x, 20 * torch.randn(*x.shape[:2], pad, x.shape[3], dtype=F64, generator=gen)], dim=2) for x in (q, k, v))
     mask = torch.ones(1, length + pad, dtype=torch.bool)
     mask[:, length:] = False
-    kw = dict(threshold=2.0, degree=3, causal=causal, chunk_size=8)
+    kw = dict(threshold=2.0, degree=3, causal=causal, chunk_size=8, kernel="chebyshev")
     alone = support_basis_attention(q, k, v, **kw)
     padded = support_basis_attention(qp, kp, vp, key_padding_mask=mask, **kw)
     torch.testing.assert_close(padded[:, :, :length], alone, rtol=1e-10, atol=1e-10)
@@ -596,7 +602,7 @@ def test_chunk_size_and_evaluation_do_not_change_the_result():
     q, k, v = make_qkv(batch=2, q_heads=6, kv_heads=2, q_len=45, seed=65)
     mask = padding_mask(2, 45, "left", pad=9)
     for window in (None, 7):
-        kw = dict(threshold=1.5, degree=3, sliding_window=window, key_padding_mask=mask)
+        kw = dict(threshold=1.5, degree=3, sliding_window=window, key_padding_mask=mask, kernel="chebyshev")
         outs = [support_basis_attention(q, k, v, chunk_size=c, evaluation=e, **kw)
                 for c in (1, 3, 8, 45, 100) for e in ("features", "scores")]
         for out in outs[1:]:
@@ -690,6 +696,7 @@ def test_bad_input_as23():
 
 def test_feature_map_too_big_raises_with_estimate():
     q, k, v = make_qkv(batch=1, q_heads=1, kv_heads=1, q_len=4, head_dim=64, dtype=torch.float32, seed=71)
+    support_basis_attention = functools.partial(ops_support_basis_attention, kernel="chebyshev")  # (odd degrees)
     with pytest.raises(ValueError, match=r"degree 6 with head_dim 64 .*GiB"):
         support_basis_attention(q, k, v, threshold=2.0, degree=6, max_feature_bytes=2**20, evaluation="features")
     with pytest.raises(ValueError, match="GiB"):
@@ -786,7 +793,7 @@ def test_randomized_robustness():
         stats = {}
         out = support_basis_attention(
             q, k, v, threshold=threshold, degree=degree, causal=causal, key_padding_mask=mask,
-            sliding_window=window, radius=radius, chunk_size=chunk, stats=stats,
+            sliding_window=window, radius=radius, chunk_size=chunk, stats=stats, kernel="chebyshev",
         )
         assert out.dtype == dtype, settings
         assert out.shape == (batch, q_heads, q_len, head_dim), settings
@@ -803,7 +810,7 @@ def test_randomized_robustness():
         if dtype == torch.float64:
             expected = reference.support_basis_attention(
                 q, k, v, threshold=threshold, degree=degree, causal=causal, key_padding_mask=mask,
-                sliding_window=window, radius=radius,
+                sliding_window=window, radius=radius, kernel="chebyshev",
             )
             torch.testing.assert_close(out, expected, rtol=1e-7, atol=1e-7, msg=lambda m: f"{m}\n{settings}")
         checked[dtype] = checked.get(dtype, 0) + 1
@@ -953,7 +960,8 @@ def test_sketched_fast_matches_reference(case):
     q, k, v = make_qkv(batch=c["batch"], q_heads=c["q_heads"], kv_heads=c["kv_heads"], q_len=c["q_len"],
                        kv_len=c["kv_len"], head_dim=c["head_dim"], dtype=c["dtype"], seed=c["seed"])
     kw = dict(threshold=c["threshold"], degree=c["degree"], causal=c["causal"], sliding_window=c["sliding_window"],
-              key_padding_mask=padding_mask(c["batch"], k.shape[2], c["padding"]), sketch_dim=24, sketch_seed=7)
+              key_padding_mask=padding_mask(c["batch"], k.shape[2], c["padding"]), sketch_dim=24, sketch_seed=7,
+              kernel=c["kernel"])
     out = support_basis_attention(q, k, v, chunk_size=c["chunk_size"], **kw)
     expected = reference.support_basis_attention(q, k, v, **kw)
     assert torch.isfinite(out).all()

@@ -63,6 +63,28 @@ def test_the_kernels_are_different_kernels():
             assert (outs[i] - outs[j]).abs().max() > 1e-3
 
 
+def test_the_ops_default_to_the_non_negative_kernel_and_as23_to_chebyshev():
+    """The ops (fast and reference) default to the taylor kernel, as the transformers backend does: large entries
+    (q, k ~ 3 N(0, 1), d = 40), values in [0, 1], sketched degree-2 buckets keep every output inside [0, 1]; the
+    signed Chebyshev fit stays available by name (and leaves the range here) and stays AS23a's default."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = (3 * torch.randn(1, 2, 300, 40, generator=generator) for _ in range(2))
+    v = torch.rand(1, 2, 300, 40, generator=generator)
+    settings = dict(thresholds=[6.0, 3.0], degrees=[2, 2], sketch_dim=64, causal=True)
+    out = multi_threshold_attention(q, k, v, **settings)
+    assert torch.equal(out, multi_threshold_attention(q, k, v, kernel="taylor", **settings))
+    assert out.min() >= 0 and out.max() <= 1
+    signed = multi_threshold_attention(q, k, v, kernel="chebyshev", **settings)
+    assert signed.min() < 0 or signed.max() > 1  # why it is not the default
+    for op in (support_basis_attention, reference.support_basis_attention):
+        assert torch.equal(op(q, k, v, threshold=6.0, degree=2), op(q, k, v, threshold=6.0, degree=2, kernel="taylor"))
+    for op in (as23_attention, reference.as23_attention):
+        assert torch.equal(op(q[..., :40, :], k[..., :40, :], v[..., :40, :], degree=3),
+                           op(q[..., :40, :], k[..., :40, :], v[..., :40, :], degree=3, kernel="chebyshev"))
+    with pytest.raises(ValueError, match="even degrees.*kernel='chebyshev'"):
+        support_basis_attention(q, k, v, threshold=6.0, degree=3)
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("threshold", [2.0, INF])
 def test_multi_threshold_matches_reference(threshold, kernel):
@@ -209,7 +231,8 @@ def test_naive_weights_are_non_negative_on_heavy_inputs():
         weights = reference.support_basis_attention(q, k, v, threshold=6.0, return_weights=True, **kw)
         assert (weights >= 0).all(), kw
         torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights[..., 0]))
-    signed = reference.support_basis_attention(q, k, v, threshold=6.0, degree=2, radius=20.0, return_weights=True)
+    signed = reference.support_basis_attention(q, k, v, threshold=6.0, degree=2, radius=20.0, kernel="chebyshev",
+                                            return_weights=True)
     assert (signed < 0).any()
 
 

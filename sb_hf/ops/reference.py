@@ -47,7 +47,7 @@ def support_basis_attention(
     evaluation: str | None = None,
     sketch_dim: int | None = None,
     sketch_seed: int = 0,
-    kernel: str = "chebyshev",
+    kernel: str = "taylor",
     radius_limit: float = RADIUS_LIMIT,
     sinks: int = 0,
     local_window: int = 0,
@@ -82,7 +82,7 @@ def multi_threshold_attention(
     degrees: int | list[int] = 2,
     sketch_dim: int | None | list[int | None] = None,
     sketch_seed: int = 0,
-    kernel: str = "chebyshev",
+    kernel: str = "taylor",
     causal: bool = True,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
@@ -196,9 +196,11 @@ def _support_basis(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, ke
     return out.to(out_dtype)
 
 
-def as23_attention(q, k, v, *, degree: int, causal: bool = True, scale: float | None = None, **kwargs) -> torch.Tensor:
+def as23_attention(q, k, v, *, degree: int, causal: bool = True, scale: float | None = None, kernel: str = "chebyshev",
+                   **kwargs) -> torch.Tensor:
     """AS23a (bounded entries): the polynomial everywhere, no exact part."""
-    return support_basis_attention(q, k, v, threshold=float("inf"), degree=degree, causal=causal, scale=scale, **kwargs)
+    return support_basis_attention(q, k, v, threshold=float("inf"), degree=degree, causal=causal, scale=scale, kernel=kernel,
+                                   **kwargs)
 
 
 def exact_attention(

@@ -83,7 +83,7 @@ def support_basis_attention(
     evaluation: str = "auto",
     sketch_dim: int | None = None,
     sketch_seed: int = 0,
-    kernel: str = "chebyshev",
+    kernel: str = "taylor",
     radius_limit: float = RADIUS_LIMIT,
     sinks: int = 0,
     local_window: int = 0,
@@ -114,10 +114,12 @@ def support_basis_attention(
         sketch_dim: None: exact monomial features; ``r``: each degree >= 2 block sketched to ``r``
             features (:class:`sb_hf.ops.polynomial.FeatureMap`), an unbiased estimate of the
             polynomial kernel; then always the feature form. ``sketch_seed`` fixes the sketch.
-        kernel: ``"chebyshev"``: the degree-``degree`` fit of ``exp`` (signed); ``"squared"``: the square
-            of the degree-``degree / 2`` fit of ``exp(x / 2)``, non-negative for every pair, sketched or
-            not (``degree`` even; see :mod:`sb_hf.ops.polynomial`); ``"taylor"``: ``exp(c) (1 + (x - c) / degree)^degree``
-            with ``c`` the query's mean score over the small keys it sees (squared too, non-negative).
+        kernel: ``"taylor"`` (the default, as the transformers backend's): ``exp(c) (1 + (x - c) / degree)^degree``
+            with ``c`` the query's mean score over the small keys it sees, the square of a half-degree
+            polynomial, so non-negative for every pair (``degree`` even, 0 included); ``"squared"``: the square
+            of the degree-``degree / 2`` fit of ``exp(x / 2)``, non-negative too, sketched or not (``degree``
+            even; see :mod:`sb_hf.ops.polynomial`); ``"chebyshev"``: the degree-``degree`` fit of ``exp``, any
+            degree, signed (a row's outputs can leave the range of the values; AS23a's default).
         radius_limit: query rows whose interval (any bucket) is wider than this are computed exactly:
             the guard against inputs outside the calibrated range (``sb-hf calibrate`` sets it per
             layer); at most and by default 150, beyond which no fit is meaningful.
@@ -155,7 +157,7 @@ def multi_threshold_attention(
     degrees: int | list[int] = 2,
     sketch_dim: int | None | list[int | None] = None,
     sketch_seed: int = 0,
-    kernel: str = "chebyshev",
+    kernel: str = "taylor",
     causal: bool = True,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
@@ -565,9 +567,11 @@ def _merge(a, b):
     return num_a * scale_a[..., None] + num_b * scale_b[..., None], den_a * scale_a + den_b * scale_b
 
 
-def as23_attention(q, k, v, *, degree: int, causal: bool = True, scale: float | None = None, **kwargs) -> torch.Tensor:
+def as23_attention(q, k, v, *, degree: int, causal: bool = True, scale: float | None = None, kernel: str = "chebyshev",
+                   **kwargs) -> torch.Tensor:
     """AS23a, the bounded-entry baseline: the polynomial on every pair, no exact part."""
-    return support_basis_attention(q, k, v, threshold=float("inf"), degree=degree, causal=causal, scale=scale, **kwargs)
+    return support_basis_attention(q, k, v, threshold=float("inf"), degree=degree, causal=causal, scale=scale, kernel=kernel,
+                                   **kwargs)
 
 
 def estimate_feature_bytes(
