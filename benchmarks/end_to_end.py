@@ -7,7 +7,8 @@ basis (the defaults, or a settings file such as ``sb-hf calibrate``'s ``support_
 Prefill: one forward pass over the first n tokens of the packaged news text (with the default model;
 random token ids with --model, a local folder) that, as ``generate()``'s, computes the logits of the last
 position only (--all-logits: every position's, as a scoring pass). Decoding: then --new-tokens greedy steps with the cache,
-timed per step: the median of the steps after the first (support basis's first step also folds the
+timed per step: the median of the steps after the first (the column "steps from state" counts the steps support
+basis computed from its decoding state, per layer, the fewest of any layer: all of them when the fast path ran) (support basis's first step also folds the
 prompt's keys into its decoding state; its time is reported apart). Each backend first runs once on a
 512-token prefix (a warm-up: first calls pay one-time costs); then, per length, --repeats rounds of both
 backends in turn (the load of a shared machine drifts within a run, and alike for both), each figure the
@@ -52,23 +53,30 @@ def token_ids(model_path: str | None, n: int):
 
 def measure(model, ids, new_tokens: int, all_logits: bool = False) -> dict:
     """Prefill as ``generate()`` runs it: the logits of the last position only (``logits_to_keep=1``; with
-    ``all_logits`` every position's, as a scoring pass needs: 8192 x 49152 more for SmolLM2), then greedy steps."""
+    ``all_logits`` every position's, as a scoring pass needs: 8192 x 49152 more for SmolLM2), then greedy steps.
+    ``state_steps``: the decoding steps the layers computed from their support-basis decoding states (0 for
+    SDPA; a support-basis run that shows fewer than its steps ran the whole op per token)."""
     import torch
 
+    from sb_hf.integrations.cache import cache_argument, layer_states, returned_cache
+
     keep = {} if all_logits else {"logits_to_keep": 1}
+    name = cache_argument(model)
     with torch.no_grad():
         start = time.perf_counter()
         out = model(input_ids=ids, use_cache=True, **keep)
         prefill = time.perf_counter() - start
-        cache, token, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+        cache, token, steps = returned_cache(out), out.logits[:, -1:].argmax(-1), []
         for _ in range(new_tokens):
             start = time.perf_counter()
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, use_cache=True, **{name: cache})
             steps.append(time.perf_counter() - start)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
+    per_layer = [sum(state.served_steps for state in states.values()) for states in layer_states(cache)]
     steady = sorted(steps[1:] or steps)
     return {"prefill_seconds": prefill, "prefill_tokens_per_second": ids.shape[1] / prefill,
-            "first_step_ms": 1000 * steps[0], "decode_ms_per_token": 1000 * steady[len(steady) // 2]}
+            "first_step_ms": 1000 * steps[0], "decode_ms_per_token": 1000 * steady[len(steady) // 2],
+            "state_steps": min(per_layer, default=0)}
 
 
 def main() -> None:
@@ -122,13 +130,13 @@ def main() -> None:
           f"{args.new_tokens} decoding steps; prefill logits: {'every position' if args.all_logits else 'the last (as generate())'}; "
           f"medians of {args.repeats} rounds")
     print(f"{'n':>6} {'method':>24} {'prefill s':>10} {'tokens/s':>9} {'vs sdpa':>8} {'first step ms':>14} "
-          f"{'decode ms/token':>16} {'vs sdpa':>8}")
+          f"{'decode ms/token':>16} {'vs sdpa':>8} {'steps from state':>17}")
     sdpa = {r["n"]: r for r in rows if r["method"] == "sdpa"}
     for r in rows:
         base = sdpa[r["n"]]
         print(f"{r['n']:>6} {r['method']:>24} {r['prefill_seconds']:>10.2f} {r['prefill_tokens_per_second']:>9.0f} "
               f"{r['prefill_seconds'] / base['prefill_seconds']:>7.2f}x {r['first_step_ms']:>14.1f} {r['decode_ms_per_token']:>16.1f} "
-              f"{r['decode_ms_per_token'] / base['decode_ms_per_token']:>7.2f}x")
+              f"{r['decode_ms_per_token'] / base['decode_ms_per_token']:>7.2f}x {r['state_steps']:>8.0f} of {args.new_tokens:<5}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "end_to_end.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))

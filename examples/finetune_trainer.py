@@ -13,6 +13,7 @@ Each process prints ``RESULT {json}``: attention implementation, eval loss befor
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -92,11 +93,14 @@ def main() -> None:
     eval_data = data[: args.eval_blocks]
     train_data = data[args.eval_blocks : args.eval_blocks + args.train_blocks]
 
+    # (transformers renamed gradient checkpointing to activation checkpointing; the old name is deprecated)
+    fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     training = TrainingArguments(
         output_dir=args.output, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="constant",
         logging_steps=max(1, args.max_steps // 5), save_strategy="no", report_to=[], use_cpu=True,
-        activation_checkpointing=args.gradient_checkpointing, seed=0,
+        seed=0, **{checkpointing: args.gradient_checkpointing},
     )
     trainer = Trainer(
         model=model, args=training, train_dataset=train_data, eval_dataset=eval_data,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -64,6 +65,8 @@ def test_end_to_end_on_a_saved_tiny_model(tmp_path):
     assert all(len(r["prefill_seconds_each"]) == 2 and r["prefill_seconds"] == sum(r["prefill_seconds_each"]) / 2 for r in rows)
     assert [(r["n"], r["method"]) for r in rows] == [(n, m) for n in (40, 90) for m in ("sdpa", "support_basis", "support_basis_cpu_kernel")]
     assert all(r["prefill_seconds"] > 0 and r["decode_ms_per_token"] > 0 for r in rows)
+    # every decoding step of support basis (both steps, every layer) came from its decoding state
+    assert [r["state_steps"] for r in rows] == [0, 2, 2] * 2
     assert (tmp_path / "out" / "end_to_end.png").exists()
 
 
@@ -75,12 +78,25 @@ def test_end_to_end_prefill_computes_the_logits_generate_does(all_logits):
         from end_to_end import measure
     finally:
         sys.path.remove(str(BENCHMARKS))
+    from sb_hf.integrations.cache import cache_argument
+
     model = tiny_model("llama")
-    shapes, forward = [], model.forward
-    model.forward = lambda *a, **kw: shapes.append(tuple((out := forward(*a, **kw)).logits.shape)) or out
+    shapes, arguments, forward = [], [], model.forward
+
+    @functools.wraps(forward)  # (keeps forward's signature, which names the cache argument)
+    def recording(*args, **kwargs):
+        arguments.append(set(kwargs))
+        out = forward(*args, **kwargs)
+        shapes.append(tuple(out.logits.shape))
+        return out
+
+    model.forward = recording
+    name = cache_argument(model)
     measure(model, torch.randint(1, model.config.vocab_size, (1, 30)), new_tokens=2, all_logits=all_logits)
     vocab = model.config.vocab_size
     assert shapes == [(1, 30 if all_logits else 1, vocab), (1, 1, vocab), (1, 1, vocab)]
+    # the steps pass the cache under the name this transformers takes (no deprecated name, no warning)
+    assert all(name in kw and kw & {"cache", "past_key_values"} == {name} for kw in arguments[1:])
 
 
 def test_decode_step_with_calibrated_settings_on_a_capture(tmp_path):

@@ -13,6 +13,7 @@ from test_ops import F64, INF
 
 import sb_hf
 from sb_hf.ops import as23_attention, multi_threshold_attention, reference, support_basis_attention
+from sb_hf.integrations.cache import cache_argument, layer_states, returned_cache
 from sb_hf.ops.decoding import DecodingState
 
 HEAD_DIM = 8
@@ -20,8 +21,8 @@ COLUMNS = torch.randn(6, HEAD_DIM, generator=torch.Generator().manual_seed(3), d
 # (op, its reference, settings): a mix of large and small rows (entries ~ N(0, 1.5^2), thresholds 2.5-4), every
 # kernel, sketched features, several buckets, and the structure (sinks, a local window, key columns).
 SETTINGS = {
-    "chebyshev": (support_basis_attention, reference.support_basis_attention, dict(threshold=3.0, degree=2)),
-    "fixed-radius-deg3": (support_basis_attention, reference.support_basis_attention, dict(threshold=3.0, degree=3, radius=4.0)),
+    "chebyshev": (support_basis_attention, reference.support_basis_attention, dict(threshold=3.0, degree=2, kernel="chebyshev")),
+    "fixed-radius-deg3": (support_basis_attention, reference.support_basis_attention, dict(threshold=3.0, degree=3, radius=4.0, kernel="chebyshev")),
     "squared-sinks": (support_basis_attention, reference.support_basis_attention,
                       dict(threshold=2.5, degree=2, kernel="squared", sinks=2)),
     "taylor0-structure": (support_basis_attention, reference.support_basis_attention,
@@ -30,7 +31,8 @@ SETTINGS = {
                         dict(threshold=INF, degree=2, kernel="taylor", local_window=5, column_queries=COLUMNS,
                              column_threshold=torch.linspace(0.5, 1.5, 6, dtype=F64))),
     "sketched": (support_basis_attention, reference.support_basis_attention, dict(threshold=3.0, degree=2, sketch_dim=24)),
-    "multi": (multi_threshold_attention, reference.multi_threshold_attention, dict(thresholds=[3.5, 2.0], degrees=[2, 1])),
+    "multi": (multi_threshold_attention, reference.multi_threshold_attention,
+              dict(thresholds=[3.5, 2.0], degrees=[2, 1], kernel="chebyshev")),
     "as23": (as23_attention, reference.as23_attention, dict(degree=2)),
 }
 
@@ -158,8 +160,7 @@ PER_HEAD = dict(threshold=2.0, layers={0: {"heads": {0: {"threshold": INF, "degr
                                                     3: {"threshold": 1.5}}}})
 
 
-def states_of(cache):
-    return [layer.__dict__.get("_sb_hf_decoding_states", {}) for layer in cache.layers]
+states_of = layer_states
 
 
 def test_beam_search_reorders_and_the_states_follow():
@@ -181,15 +182,16 @@ def test_a_cropped_cache_drops_the_states():
     sb_hf.apply_support_basis(model, **SB_SETTINGS)
     ids = torch.randint(1, 90, (1, 30), generator=torch.Generator().manual_seed(2))
     full = logits(model, ids)
+    name = cache_argument(model)
     with torch.no_grad():
-        cache = model(input_ids=ids[:, :10], use_cache=True).past_key_values
+        cache = returned_cache(model(input_ids=ids[:, :10], use_cache=True))
         for t in range(10, 22):
-            cache = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).past_key_values
+            cache = returned_cache(model(input_ids=ids[:, t : t + 1], use_cache=True, **{name: cache}))
         assert all(min(state.folded) > 0 for states in states_of(cache) for state in states.values())
         cache.crop(-7)  # 22 keys -> 15
         assert all(not states for states in states_of(cache))
         for t in range(15, 30):
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, t : t + 1], use_cache=True, **{name: cache})
             torch.testing.assert_close(out.logits[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
 
 
@@ -316,9 +318,11 @@ def test_generate_keeps_decoding_states_and_matches_a_full_recompute(case):
     ids, mask = padded_batch(lengths=(14, 10), total=14)
     new = 12
     generated = generation_matching_full_recompute(model, ids, mask, new)
-    per_layer = states_of(generated.past_key_values)
+    per_layer = states_of(returned_cache(generated))
     assert [len(states) for states in per_layer] == calls
     assert [[len(state.folded) for state in states.values()] for states in per_layer] == units
+    # every step after the prompt came from the states (the prompt is a prefill, which the op runs in full)
+    assert all(state.served_steps == new - 1 for states in per_layer for state in states.values())
     if case == "layer":
         assert all(state.folded == [ids.shape[1] + new - 1 - settings["local_window"]] * 2
                    for states in per_layer for state in states.values())
@@ -334,7 +338,7 @@ def test_a_model_that_generated_still_pickles_and_forgets_the_cache(tmp_path):
     sb_hf.apply_support_basis(model, **SB_SETTINGS)
     ids = torch.randint(1, 90, (1, 12), generator=torch.Generator().manual_seed(4))
     generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-    cache = weakref.ref(generated.past_key_values)
+    cache = weakref.ref(returned_cache(generated))
     assert states_of(cache())[0]  # the steps kept a decoding state on it
     del generated
     gc.collect()

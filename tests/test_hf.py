@@ -1,6 +1,7 @@
 """The Transformers backend on tiny random Llama (GQA) and Mistral (sliding window) models."""
 
 import copy
+import inspect
 import json
 
 import pytest
@@ -180,9 +181,14 @@ def test_mask_function_is_registered_and_keeps_padding():
     sb_hf.apply_support_basis(model)
     ids, mask = padded_batch()
     embeds = model.model.embed_tokens(ids)
-    built = create_causal_mask(model.config, embeds, mask, past_key_values=None)
+    # (the cache keyword under this release's name; the earliest releases we support also take cache_position)
+    parameters = inspect.signature(create_causal_mask).parameters
+    no_cache = {"cache" if "cache" in parameters else "past_key_values": None}
+    if "cache_position" in parameters:
+        no_cache["cache_position"] = torch.arange(ids.shape[1])
+    built = create_causal_mask(model.config, embeds, mask, **no_cache)
     assert built is not None and built.shape == mask.shape and torch.equal(built, mask.bool())
-    assert create_causal_mask(model.config, embeds, torch.ones_like(mask), past_key_values=None) is None
+    assert create_causal_mask(model.config, embeds, torch.ones_like(mask), **no_cache) is None
 
 
 def test_packed_sequences_and_4d_masks_are_refused():
@@ -316,3 +322,15 @@ def test_settings_edited_in_place_take_effect():
     torch.testing.assert_close(again[real], exact[real])
     assert (layer_edited[real] - exact[real]).abs().max() > 1e-5  # layer 0 is no longer exact
     torch.testing.assert_close(layer_edited[real], fresh_logits[real])
+
+
+def test_a_transformers_release_before_the_supported_range_is_refused():
+    """Releases before 5.4 call mask functions with another signature: registering says which release is needed."""
+    import transformers
+
+    from sb_hf.integrations.hf import check_transformers_version
+
+    with pytest.raises(ImportError, match=r"transformers >= 5.4 .* found 5.3.0"):
+        check_transformers_version("5.3.0")
+    for supported in ("5.4.0", "5.24.0", "5.10.0.dev0", transformers.__version__):
+        check_transformers_version(supported)

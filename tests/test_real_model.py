@@ -7,6 +7,7 @@ import torch
 
 import sb_hf
 from sb_hf.assets import load_model, news_text_path
+from sb_hf.integrations.cache import layer_states, returned_cache
 from sb_hf.integrations.hf import attention_stats
 
 pytestmark = pytest.mark.real_model
@@ -98,8 +99,9 @@ def test_generation_with_the_decoding_cache_matches_a_full_recompute(smollm2, se
     new = 8
     generated = model.generate(prompt, max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True,
                                pad_token_id=0)
-    layers = generated.past_key_values.layers
-    assert all(min(state.folded) > 0 for layer in layers for state in layer.__dict__["_sb_hf_decoding_states"].values())
+    per_layer = layer_states(returned_cache(generated))
+    assert len(per_layer) == model.config.num_hidden_layers and all(per_layer)
+    assert all(min(state.folded) > 0 and state.served_steps == new - 1 for states in per_layer for state in states.values())
     with torch.no_grad():
         full = model(input_ids=generated.sequences).logits
     for step, step_logits in enumerate(generated.logits):

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import sb_hf
 from sb_hf.config import SupportBasisConfig
+from sb_hf.integrations.cache import cache_argument, returned_cache
 from sb_hf.integrations.hf import OP_SETTINGS, _op_kwargs, attention_stats, settings_for
 from sb_hf.ops import multi_threshold_attention, reference, support_basis_attention
 
@@ -640,7 +641,7 @@ def test_cached_generation_matches_full_recompute(kind, overrides, local_window,
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
 def test_manual_cached_steps_match_full_recompute(kind):
-    """A step loop with past_key_values (no generate) agrees with the full forward too (Mistral window 12 < 20
+    """A step loop with the cache (no generate) agrees with the full forward too (Mistral window 12 < 20
     tokens: its cache drops keys, and local_window 8 leaves a polynomial part)."""
     model = tiny_model(kind, **({"sliding_window": 12} if kind == "mistral" else {}))
     sb_hf.apply_support_basis(model, **_settings(**STRUCTURE))
@@ -648,16 +649,17 @@ def test_manual_cached_steps_match_full_recompute(kind):
     full = logits(model, ids, mask)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     prefix = 6
+    name = cache_argument(model)
     with torch.no_grad():
         out = model(input_ids=ids[:, :prefix], attention_mask=mask[:, :prefix], position_ids=positions[:, :prefix],
                     use_cache=True)
-        cache = out.past_key_values
+        cache = returned_cache(out)
         real = mask[:, :prefix].bool()
         torch.testing.assert_close(out.logits[real], full[:, :prefix][real], rtol=1e-4, atol=1e-4)
         for t in range(prefix, ids.shape[1]):
             out = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=positions[:, t : t + 1],
-                        past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+                        use_cache=True, **{name: cache})
+            cache = returned_cache(out)
             torch.testing.assert_close(out.logits[:, 0], full[:, t], rtol=1e-4, atol=1e-4, msg=lambda m: f"step {t}: {m}")
 
 

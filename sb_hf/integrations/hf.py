@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import weakref
+import re
 from typing import Any, Iterator
 
 import torch
+import transformers
 from transformers import AttentionInterface
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import (
     AttentionMaskInterface,
     causal_mask_function,
@@ -27,8 +27,9 @@ from transformers.masking_utils import (
 from ..config import SupportBasisConfig, _index, load_settings
 from ..ops import as23_attention, multi_threshold_attention, sink_window_attention, support_basis_attention
 from ..ops.common import check_buckets
-from ..ops.decoding import EVERY_KEY, DecodingState, Units, decoding_attention
+from ..ops.decoding import EVERY_KEY, Units, decoding_attention
 from ..ops.heads import grouped_attention, head_groups
+from .cache import decoding_states
 
 IMPLEMENTATIONS = {
     "support_basis": support_basis_attention,
@@ -89,6 +90,7 @@ def _make_attention_forward(name: str):
             raise ValueError(f"`{name}` attention never forms the attention matrix; use attn_implementation='eager' for output_attentions")
         if kwargs.get("s_aux") is not None:
             raise ValueError(f"`{name}` attention does not support learned attention sinks (s_aux)")
+        query, key, value = autocast_inputs(query, key, value)
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         key_padding_mask, extra = None, {}
         if attention_mask is not None:
@@ -128,60 +130,18 @@ def _make_attention_forward(name: str):
     return attention_forward
 
 
-def decoding_states(module: torch.nn.Module, name: str, groups: int) -> list[DecodingState] | None:
-    """The decoding states of ``module``'s op calls (one per group of heads), kept on the layer of the
-    transformers cache the model was called with, or None when there is none to keep them on.
-
-    The states live on a ``DynamicLayer`` or ``DynamicSlidingWindowLayer`` (what ``generate()`` and the models
-    create by default): ``update`` only appends keys (the sliding one also drops the oldest, which the op sees
-    and then runs in full: a state serves only while no sliding window is in effect), and their other methods
-    that change the keys (``crop``, ``reorder_cache`` for beam search, ``reset``, the batch selections) are
-    wrapped on that layer object to drop the states first. Static and quantized layers get none: those calls
-    run the op in full.
-    The cache reaches us through a forward pre-hook on the attention module (the attention function itself is
-    not given it), installed on the first call, which keeps a weak reference to it.
-    """
-    if module not in _module_caches:
-        _module_caches[module] = None
-        module.register_forward_pre_hook(_remember_cache, with_kwargs=True)
-        return None  # the pre-hook sees this module's calls from the next one on
-    reference = _module_caches[module]
-    cache = reference() if reference is not None else None
-    layer_idx = getattr(module, "layer_idx", None)
-    layers = getattr(cache, "layers", None)
-    if layers is None or layer_idx is None or layer_idx >= len(layers) or type(layers[layer_idx]) not in _APPEND_ONLY_LAYERS:
-        return None
-    layer = layers[layer_idx]
-    states = layer.__dict__.get("_sb_hf_decoding_states")
-    if states is None:
-        states = layer.__dict__["_sb_hf_decoding_states"] = {}
-        for method in _KEY_CHANGING_METHODS:
-            if hasattr(layer, method):
-                setattr(layer, method, _dropping_states(layer, getattr(layer, method)))
-    return [states.setdefault((name, group), DecodingState()) for group in range(groups)]
-
-
-_APPEND_ONLY_LAYERS = (DynamicLayer, DynamicSlidingWindowLayer)
-_KEY_CHANGING_METHODS = ("crop", "reset", "reorder_cache", "batch_repeat_interleave", "batch_select_indices",
-                         "lazy_initialization")
-
-
-def _dropping_states(layer, method):
-    def wrapped(*args, **kwargs):
-        layer.__dict__["_sb_hf_decoding_states"].clear()
-        return method(*args, **kwargs)
-
-    return wrapped
-
-
-# attention module -> weak reference to the cache of its current call; weak both ways (no module or cache kept
-# alive) and off the module (a pickled model holds no weak reference)
-_module_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _remember_cache(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    cache = kwargs.get("past_key_values")
-    _module_caches[module] = weakref.ref(cache) if cache is not None else None
+def autocast_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The attention inputs as SDPA takes them under ``torch.autocast``: inside an autocast region for their
+    device, each of ``query``, ``key``, ``value`` that is a float below fp64 is cast to autocast's dtype (the
+    output is then in that dtype; the op computes in fp32 as always). transformers hands the attention
+    function fp32 queries and keys (its rotary embedding) with autocast's values there. Outside autocast the
+    tensors are returned as they are (the op refuses mixed dtypes, as SDPA does)."""
+    device = query.device.type
+    if not torch.is_autocast_enabled(device):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(device)
+    cast = lambda x: x.to(dtype) if x.is_floating_point() and x.dtype != torch.float64 else x
+    return cast(query), cast(key), cast(value)
 
 
 def _layer_units(module, name, groups, per_query_head, q_heads, kv_heads) -> tuple[dict, Units] | None:
@@ -380,9 +340,21 @@ def _check_mask_function(mask_function) -> None:
     )
 
 
+OLDEST_TRANSFORMERS = (5, 4)  # the first release whose mask functions take (batch_size, q_length, kv_length, ...)
+
+
+def check_transformers_version(version: str) -> None:
+    """Raise ``ImportError`` for a transformers release older than :data:`OLDEST_TRANSFORMERS`."""
+    installed = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    if installed < OLDEST_TRANSFORMERS:
+        raise ImportError(f"sb-hf needs transformers >= {'.'.join(map(str, OLDEST_TRANSFORMERS))} (its attention mask "
+                          f"interface), found {version}; pip install -U 'transformers>=5.4,<5.25'")
+
+
 def register() -> None:
     """Register ``support_basis``, ``support_basis_multi``, ``as23`` and ``sink_window`` with transformers'
-    attention and mask interfaces."""
+    attention and mask interfaces (an ``ImportError`` on a transformers release older than the package supports)."""
+    check_transformers_version(transformers.__version__)
     for name in IMPLEMENTATIONS:
         AttentionInterface.register(name, _make_attention_forward(name))
         AttentionMaskInterface.register(name, support_basis_mask)

@@ -98,6 +98,7 @@ class DecodingState:
     """The far part of one layer's heads between decoding steps (see the module docstring)."""
 
     def __init__(self) -> None:
+        self.served_steps = 0  # decoding steps computed from this state, over its whole life (resets included)
         self.reset()
 
     def reset(self) -> None:
@@ -133,6 +134,7 @@ class DecodingState:
         """One decoding step: ``qg (B, Hk, G, 1, d)`` (the last key position) over ``k``, ``v`` ``(B, Hk, Lk, d)``
         (compute dtype), ``key_valid (B, Lk)`` (``padded=False`` promises it all true); returns ``(B, Hk, G, 1, dv)``.
         Call :meth:`serves` first."""
+        self.served_steps += 1
         kernel = cpu_kernel() if self._kernel_serves and stats is None else None
         if kernel is not None:
             return self._kernel_step(kernel, qg, k, v, key_valid, padded, out_dtype)
