@@ -3,21 +3,17 @@
     python examples/quickstart.py
 """
 
-import os
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import sb_hf  # registers attn_implementation="support_basis" and "as23"
+from sb_hf.assets import smollm2_path
+from sb_hf.integrations.hf import attention_stats
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-import sb_hf  # noqa: E402  (registers attn_implementation="support_basis" and "as23")
-from sb_hf.assets import smollm2_path  # noqa: E402
-from sb_hf.integrations.hf import attention_stats  # noqa: E402
-
-folder, gguf = smollm2_path()
-tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+folder, gguf = smollm2_path()  # a local folder: local_files_only, no Hub request
+tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, local_files_only=True)
 model = AutoModelForCausalLM.from_pretrained(
-    folder, gguf_file=gguf, dtype=torch.float32, attn_implementation="support_basis"
+    folder, gguf_file=gguf, dtype=torch.float32, attn_implementation="support_basis", local_files_only=True
 )
 sb_hf.apply_support_basis(model, threshold=6.0, degree=2)  # or defaults: sb_hf.apply_support_basis(model)
 

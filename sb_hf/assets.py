@@ -85,7 +85,9 @@ def wiki_text(path: Path | None = None) -> str:
 
 
 def load_model(model: str | None = None, *, attn_implementation: str = "sdpa", dtype=None):
-    """Load a causal LM and its tokenizer: a local folder (or GGUF file), default the packaged SmolLM2."""
+    """Load a causal LM and its tokenizer: a local folder (or GGUF file), default the packaged SmolLM2; a name
+    that is no local path loads as ``from_pretrained`` loads it (the Hub and its cache, under the user's
+    ``HF_HUB_OFFLINE`` setting). Local files load with ``local_files_only=True``: never a Hub request."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,6 +99,8 @@ def load_model(model: str | None = None, *, attn_implementation: str = "sdpa", d
     elif str(model).endswith(".gguf"):
         path = Path(model)
         model, kwargs = str(path.parent), {"gguf_file": path.name}
+    if Path(model).exists():
+        kwargs["local_files_only"] = True
     tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
     return lm.eval(), tokenizer

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -342,7 +341,6 @@ COMMANDS = {"compare": run_compare, "ppl": run_compare, "capture": run_capture, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["lm-eval"]:  # every other argument belongs to lm-eval
         from sb_hf.evaluation import run_lm_eval

@@ -395,8 +395,6 @@ def evaluate_methods(
     from lm_eval.models.huggingface import HFLM
 
     quiet_lm_eval_logs()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from sb_hf.config import SupportBasisConfig
 
     methods = check_methods(methods)
@@ -528,8 +526,6 @@ def run_eval(args) -> int:
 
     from sb_hf.assets import load_model
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     methods = check_methods(args.methods)
     settings = load_settings(args)
     names = [TASK_ALIASES.get(t, t) for t in args.tasks]
@@ -601,8 +597,6 @@ def run_lm_eval(argv: list[str] | None = None) -> int:
     _require_lm_eval()
     import sb_hf  # noqa: F401  (registers support_basis, as23 and sink_window)
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     sb_args, rest = _sb_settings_arguments().parse_known_args(argv)
     _LM_EVAL_SETTINGS.clear()

@@ -343,6 +343,50 @@ def test_run_lm_eval_stock_cli(saved_tiny, tmp_path, capsys):
     assert 0 <= data["results"]["sb_mmlu_anatomy"]["acc,none"] <= 1
 
 
+def _without_offline_switches() -> dict:
+    """This process's environment with the Hub switched on (no HF_*_OFFLINE): what a user's shell may have."""
+    return {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+
+
+def test_lm_eval_with_the_hub_on_runs_our_tasks_and_leaves_the_switches_alone(saved_tiny, tmp_path):
+    """With the Hub switched on (this machine reaches none, so a Hub request fails), `sb-hf lm-eval` runs a packaged
+    task over a local model folder (local files only: no request), and sets no HF_*_OFFLINE switch of its own (a
+    stock task in the same run must keep its Hub)."""
+    code = (
+        "import os, sys\n"
+        "from sb_hf.evaluation import run_lm_eval\n"
+        f"code = run_lm_eval(['--model', 'hf', '--model_args', 'pretrained={saved_tiny},dtype=float32', '--tasks', "
+        f"'sb_mmlu_anatomy', '--limit', '1', '--device', 'cpu', '--output_path', {str(tmp_path)!r}])\n"
+        "print('SWITCHES', os.environ.get('HF_HUB_OFFLINE'), os.environ.get('HF_DATASETS_OFFLINE'))\n"
+        "sys.exit(code)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=_without_offline_switches(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SWITCHES None None" in proc.stdout
+    (results,) = tmp_path.glob("*/results_*.json")
+    assert json.loads(results.read_text())["n-samples"]["sb_mmlu_anatomy"]["effective"] == 1
+
+
+def test_a_local_model_loads_from_local_files_only(saved_tiny, monkeypatch):
+    """`load_model` (sb-hf eval, compare, calibrate) never asks the Hub for a local folder; a Hub name it leaves to
+    transformers (and the user's HF_HUB_OFFLINE)."""
+    import transformers
+
+    from sb_hf.assets import load_model
+
+    seen = []
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        original = auto.from_pretrained.__func__
+        monkeypatch.setattr(auto, "from_pretrained", classmethod(lambda cls, *a, _f=original, **kw: seen.append(kw) or _f(cls, *a, **kw)))
+    load_model(str(saved_tiny))
+    assert len(seen) == 2 and all(kw.get("local_files_only") is True for kw in seen)
+    seen.clear()
+    with pytest.raises(OSError):  # not a local path: transformers asks the Hub, which this machine does not reach
+        load_model("sb-hf-tests/no-such-model")
+    assert all("local_files_only" not in kw for kw in seen)
+
+
 def test_data_parallel_accelerate_two_cpu_processes(saved_tiny, tmp_path):
     """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m sb_hf.evaluation lm-eval ...`:
     two gloo processes, each scoring its rank's half of the questions, results gathered on rank 0."""

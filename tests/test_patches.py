@@ -4,7 +4,10 @@ and `sb-hf run` on an unmodified training script. Every test checks which attent
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,6 +185,22 @@ def test_sb_hf_run_bad_input(capsys, tmp_path):
     with pytest.raises(KeyError, match="from the script"):  # the script's own error, with its traceback
         cli.main(["run", str(raising)])
     assert not is_patched()
+
+
+@pytest.mark.parametrize("switch", [None, "1"], ids=["hub-on", "user-offline"])
+def test_sb_hf_run_leaves_the_scripts_hub_settings_alone(switch, tmp_path):
+    """`sb-hf run -- script.py` sets no HF_*_OFFLINE switch: a script that loads a model from the Hub keeps its
+    Hub; a user's own switch reaches it unchanged (subprocesses: huggingface_hub reads the switch once, on import)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os\nimport huggingface_hub.constants as c\n"
+                     "print('SWITCHES', os.environ.get('HF_HUB_OFFLINE'), os.environ.get('HF_DATASETS_OFFLINE'), c.HF_HUB_OFFLINE)\n")
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    if switch is not None:
+        env["HF_HUB_OFFLINE"] = switch
+    proc = subprocess.run([sys.executable, "-m", "sb_hf", "run", "--", str(probe)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"SWITCHES {switch} None {switch == '1'}" in proc.stdout
 
 
 def test_split_argv_keeps_the_targets_options():
