@@ -77,7 +77,7 @@ def inputs(n: int, large_rows: int, capture: str | None, layer: int):
 
 def support_basis_call(q, k, v, scale, stats, *, settings: str | None, layer: int, degree: int, chunk_size: int | None):
     """The support-basis call: a calibrated layer's settings (grouped per head as the model runs them), or
-    threshold 3 with ``degree``."""
+    threshold 3 with ``degree`` and the op's default kernel (taylor)."""
     from sb_hf.ops import support_basis_attention
     from sb_hf.ops.heads import grouped_attention
 
