@@ -334,3 +334,27 @@ def test_a_transformers_release_before_the_supported_range_is_refused():
         check_transformers_version("5.3.0")
     for supported in ("5.4.0", "5.24.0", "5.10.0.dev0", transformers.__version__):
         check_transformers_version(supported)
+
+
+def test_mixed_dtypes_under_autocast_are_computed_as_sdpa_computes_them():
+    """Under bf16 autocast transformers hands the attention fp32 queries and keys (its rotary embedding) with bf16
+    values: the backend casts them as SDPA does (every input below fp64 to bf16) and returns bf16, at threshold 0
+    SDPA's result; outside autocast mixed dtypes are refused, as SDPA refuses them."""
+    from sb_hf.integrations.hf import autocast_inputs
+
+    model = tiny_model("llama")
+    ids, mask = padded_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = logits(model, ids, mask, "sdpa")
+        got = logits(model, ids, mask, "support_basis", threshold=0.0)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    q, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert [x.dtype for x in autocast_inputs(q, q, v)] == [torch.bfloat16] * 3
+        assert [x.dtype for x in autocast_inputs(q.double(), q.double(), v.double())] == [torch.float64] * 3
+        attention = sb_hf.integrations.hf._make_attention_forward("support_basis")
+        out, _ = attention(model.model.layers[0].self_attn, q, q, v, None, scaling=8**-0.5)
+        assert out.dtype == torch.bfloat16
+    assert [x.dtype for x in autocast_inputs(q, q, v)] == [torch.float32, torch.float32, torch.bfloat16]
+    with pytest.raises(ValueError, match="must share a dtype.*autocast"):
+        attention(model.model.layers[0].self_attn, q, q, v, None, scaling=8**-0.5)
