@@ -4,7 +4,7 @@ every layer of a model's settings (summed), one query token against n cached key
     python benchmarks/decode_step.py --settings runs/calibrate_q_8k/budget_0.05/support_basis.json \
         --capture runs/capture8k_all.safetensors --lengths 2048,4096,8000 --output runs/decode_step
 
-Support basis runs each layer as the model does when decoding (:func:`sb_hf.integrations.hf.layer_plan`: one
+Support basis runs each layer as the model does when decoding (:func:`sb_hf.integrations.plan.layer_plan`: one
 call for the layer with per-head structure, or one call per group of heads), with its decoding state
 (:mod:`sb_hf.ops.decoding`) filled by a first step at position n - 1 (its time is reported apart: the
 prompt's keys folded at once), then --steps steps at positions n, n + 1, ... each adding a key; the median
@@ -43,7 +43,7 @@ def layer_inputs(capture, layer: int, n: int, seed: int):
 def layer_step(settings, layer: int, q_heads: int, kv_heads: int, scale: float, stats: dict | None):
     """A decoding step of one layer as the model runs it, with fresh decoding state(s)."""
     from sb_hf.config import SupportBasisConfig
-    from sb_hf.integrations.hf import attention_groups, layer_plan
+    from sb_hf.integrations.plan import attention_groups, layer_plan
     from sb_hf.ops import support_basis_attention
     from sb_hf.ops.decoding import DecodingState, decoding_attention
     from sb_hf.ops.heads import grouped_attention
@@ -63,14 +63,15 @@ def widest_bands(settings, layer: int, q_heads: int, kv_heads: int) -> list[int]
     """Per KV head, the longest local window of its query heads (a head computed exactly reaches every key):
     the last keys of that KV head a decoding step must read exactly for its band, whatever else it does."""
     from sb_hf.config import SupportBasisConfig
-    from sb_hf.integrations.hf import EVERY_KEY, _polynomial, attention_groups
+    from sb_hf.integrations.plan import attention_groups, polynomial_of
+    from sb_hf.ops.decoding import EVERY_KEY
 
     layer_settings = SupportBasisConfig.from_dict(settings).for_layer(layer)
     groups, per_query_head = attention_groups(layer_settings, "support_basis", "cpu", q_heads, kv_heads)
     rep = q_heads // kv_heads
     widest = [0] * kv_heads
     for heads, kwargs in groups:
-        window = EVERY_KEY if _polynomial("support_basis", kwargs)["thresholds"][0] == 0 else kwargs.get("local_window", 0)
+        window = EVERY_KEY if polynomial_of("support_basis", kwargs)["thresholds"][0] == 0 else kwargs.get("local_window", 0)
         for head in heads:
             kv_head = head // rep if per_query_head else head
             widest[kv_head] = max(widest[kv_head], window)

@@ -85,7 +85,7 @@ def support_basis_call(q, k, v, scale, stats, *, settings: str | None, layer: in
     if settings is None:
         return lambda: support_basis_attention(q, k, v, threshold=3.0, degree=degree, scale=scale, stats=stats, **chunk)
     from sb_hf.config import SupportBasisConfig, load_settings
-    from sb_hf.integrations.hf import attention_groups
+    from sb_hf.integrations.plan import attention_groups
 
     layer_settings = SupportBasisConfig.from_dict(load_settings(settings)).for_layer(layer)
     groups, per_query_head = attention_groups(layer_settings, "support_basis", q.device, q.shape[1], k.shape[1])

@@ -573,7 +573,8 @@ def patch_hflm() -> None:
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
-        from sb_hf.integrations.hf import IMPLEMENTATIONS, apply_support_basis
+        from sb_hf.integrations.hf import apply_support_basis
+        from sb_hf.integrations.plan import IMPLEMENTATIONS
 
         model = getattr(self, "_model", None)
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)

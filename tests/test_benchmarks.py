@@ -118,7 +118,7 @@ def test_widest_bands_are_the_longest_window_of_each_kv_head_or_every_key():
         from decode_step import widest_bands
     finally:
         sys.path.remove(str(BENCHMARKS))
-    from sb_hf.integrations.hf import EVERY_KEY
+    from sb_hf.ops.decoding import EVERY_KEY
 
     settings = dict(threshold=2.0, local_window=16, layers={
         0: {"heads": {h: {"local_window": w} for h, w in enumerate([8, 300, 40, 8, 8, 8])}},

@@ -13,9 +13,8 @@ from test_hf import generation_matching_full_recompute, padded_batch
 from test_ops import F64, INF
 
 import sb_hf.ops.cpu_kernel as cpu_kernel
-from sb_hf.integrations.hf import EVERY_KEY, _polynomial, _units
 from sb_hf.ops import support_basis_attention
-from sb_hf.ops.decoding import DecodingState, decoding_attention
+from sb_hf.ops.decoding import EVERY_KEY, DecodingState, decoding_attention
 from sb_hf.ops.heads import grouped_attention
 
 
@@ -56,7 +55,7 @@ def heads(per_query_head: bool, threshold: float, **core):
 
 
 def plan(groups, per_query_head):
-    from sb_hf.integrations.hf import layer_plan
+    from sb_hf.integrations.plan import layer_plan
 
     return layer_plan("support_basis", groups, per_query_head, 6, 2)
 

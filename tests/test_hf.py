@@ -12,7 +12,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, create_caus
 
 import sb_hf
 from sb_hf.config import SupportBasisConfig
-from sb_hf.integrations.hf import attention_stats, settings_for
+from sb_hf.integrations.hf import attention_stats
+from sb_hf.integrations.plan import settings_for
 
 KINDS = ["llama", "mistral"]
 SPLIT = 1.0  # threshold that makes some rows large and some small in `tiny_model`

@@ -16,7 +16,9 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 import sb_hf
 from sb_hf.config import SupportBasisConfig
-from sb_hf.integrations.hf import _op_kwargs, attention_stats, settings_for, support_basis_mask
+from sb_hf.integrations.hf import attention_stats
+from sb_hf.integrations.masks import support_basis_mask
+from sb_hf.integrations.plan import op_kwargs, settings_for
 from sb_hf.ops import reference, sink_window_attention
 
 OPS = {"fast": sink_window_attention, "reference": reference.sink_window_attention}
@@ -325,13 +327,13 @@ def test_config_sinks_and_local_window():
 
 def test_each_method_gets_only_its_settings():
     c = SupportBasisConfig(threshold=1.5, degree=3, chunk_size=16, sinks=2, local_window=9)
-    assert _op_kwargs(c, "sink_window") == dict(sinks=2, local_window=9, chunk_size=16)
-    assert _op_kwargs(c, "support_basis") == c.op_kwargs() and c.op_kwargs()["local_window"] == 9
+    assert op_kwargs(c, "sink_window") == dict(sinks=2, local_window=9, chunk_size=16)
+    assert op_kwargs(c, "support_basis") == c.op_kwargs() and c.op_kwargs()["local_window"] == 9
     as23 = {key: value for key, value in c.op_kwargs("as23").items() if key != "threshold"}
-    assert _op_kwargs(c, "as23") == as23 and as23["kernel"] == "chebyshev" and "sinks" not in as23
+    assert op_kwargs(c, "as23") == as23 and as23["kernel"] == "chebyshev" and "sinks" not in as23
     # left unset, each method gets its own default: the baseline's pattern, no structure for support basis
     c = SupportBasisConfig()
-    assert (_op_kwargs(c, "sink_window")["local_window"], _op_kwargs(c, "support_basis")["local_window"]) == (256, 0)
+    assert (op_kwargs(c, "sink_window")["local_window"], op_kwargs(c, "support_basis")["local_window"]) == (256, 0)
 
 
 # --------------------------------------------------------------------------- Transformers backend

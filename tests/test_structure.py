@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 import sb_hf
 from sb_hf.config import SupportBasisConfig
 from sb_hf.integrations.cache import cache_argument, returned_cache
-from sb_hf.integrations.hf import OP_SETTINGS, _op_kwargs, attention_stats, settings_for
+from sb_hf.integrations.hf import attention_stats
+from sb_hf.integrations.plan import OP_SETTINGS, op_kwargs, settings_for
 from sb_hf.ops import multi_threshold_attention, reference, support_basis_attention
 
 COLUMN_THRESHOLD = 1.0  # with `column_queries` below and randn keys (head_dim 8): about 15% of the keys are columns
@@ -571,11 +572,11 @@ def test_config_column_fields_round_trip_and_reach_the_op():
     assert float(layer0["column_threshold"]) == 0.25
     torch.testing.assert_close(layer1["column_threshold"], torch.tensor([0.1, 0.2, 0.3, 0.4]))
     for method in ("support_basis", "support_basis_multi"):
-        kw = _op_kwargs(c, method)
+        kw = op_kwargs(c, method)
         assert set(OP_SETTINGS[method]) >= {"sinks", "local_window", "column_queries", "column_threshold"}
         assert kw["sinks"] == 2 and kw["local_window"] == 8
         torch.testing.assert_close(kw["column_queries"], torch.tensor(QUERIES))
-    assert "column_queries" not in _op_kwargs(c, "as23") and "column_queries" not in _op_kwargs(c, "sink_window")
+    assert "column_queries" not in op_kwargs(c, "as23") and "column_queries" not in op_kwargs(c, "sink_window")
     # ints are accepted and stored as floats
     c = SupportBasisConfig(column_queries=[[1, 2], [3, 4]], column_threshold=[1, 2])
     assert c.column_queries == [[1.0, 2.0], [3.0, 4.0]] and c.column_threshold == [1.0, 2.0]
