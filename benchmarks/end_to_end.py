@@ -7,10 +7,10 @@ basis (the defaults, or a settings file such as ``sb-hf calibrate``'s ``support_
 Prefill: one forward pass over the first n tokens of the packaged news text (with the default model;
 random token ids with --model, a local folder) that, as ``generate()``'s, computes the logits of the last
 position only (--all-logits: every position's, as a scoring pass). Decoding: then --new-tokens greedy steps with the cache,
-timed per step: the median of the steps after the first (the column "steps from state" counts the steps support
-basis computed from its decoding state, per layer, the fewest of any layer: all of them when the fast path ran) (support basis's first step also folds the
-prompt's keys into its decoding state; its time is reported apart). Each backend first runs once on a
-512-token prefix (a warm-up: first calls pay one-time costs); then, per length, --repeats rounds of both
+timed per step: the median of the steps after the first (support basis's first step also folds the
+prompt's keys into its decoding state; its time is reported apart). "Steps from state" counts the steps support
+basis computed from its decoding states, for the layer with the fewest: all of them when the fast path ran.
+Each backend first runs once on a 512-token prefix (a warm-up: first calls pay one-time costs); then, per length, --repeats rounds of both
 backends in turn (the load of a shared machine drifts within a run, and alike for both), each figure the
 median over the rounds. --cpu-kernel adds support basis with its C++ decoding step (``sb_hf.ops.use_cpu_kernel``;
 its prefill is the same computation) as a third backend. Prints the machine, a table, and writes JSON and a PNG

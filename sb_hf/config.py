@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .ops.common import RADIUS_LIMIT
-from .ops.polynomial import KERNELS, MAX_DEGREE, check_kernel
+from .ops.polynomial import AS23_KERNEL, DEFAULT_KERNEL, KERNELS, MAX_DEGREE, check_kernel
 from .ops.support_basis import DEFAULT_MAX_FEATURE_BYTES
 
 INTERVALS = ("query", "fixed")
@@ -20,9 +20,9 @@ INTERVALS = ("query", "fixed")
 # non-negative Taylor kernel and no structure; AS23a with the Chebyshev fit of exp it was published with.
 METHOD_DEFAULTS = {
     "sink_window": {"sinks": 4, "local_window": 256},
-    "support_basis": {"kernel": "taylor", "sinks": 0, "local_window": 0},
-    "support_basis_multi": {"kernel": "taylor", "sinks": 0, "local_window": 0},
-    "as23": {"kernel": "chebyshev"},
+    "support_basis": {"kernel": DEFAULT_KERNEL, "sinks": 0, "local_window": 0},
+    "support_basis_multi": {"kernel": DEFAULT_KERNEL, "sinks": 0, "local_window": 0},
+    "as23": {"kernel": AS23_KERNEL},
 }
 
 

@@ -128,8 +128,9 @@ def check_transformers_version(version: str) -> None:
     """Raise ``ImportError`` for a transformers release older than :data:`OLDEST_TRANSFORMERS`."""
     installed = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
     if installed < OLDEST_TRANSFORMERS:
-        raise ImportError(f"sb-hf needs transformers >= {'.'.join(map(str, OLDEST_TRANSFORMERS))} (its attention mask "
-                          f"interface), found {version}; pip install -U 'transformers>=5.4,<5.25'")
+        oldest = ".".join(map(str, OLDEST_TRANSFORMERS))
+        raise ImportError(f"sb-hf needs transformers >= {oldest} (its attention mask interface), found {version}; "
+                          f"pip install -U 'transformers>={oldest}' (the range sb-hf is tested with: its pyproject.toml)")
 
 
 def register() -> None:

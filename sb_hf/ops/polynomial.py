@@ -33,6 +33,8 @@ import torch
 
 MAX_DEGREE = 12  # beyond this the monomial interpolation is numerically meaningless in fp32
 KERNELS = ("chebyshev", "squared", "taylor")
+DEFAULT_KERNEL = "taylor"  # the support-basis ops' and backends' default: non-negative, centred per query
+AS23_KERNEL = "chebyshev"  # AS23a's default: the fit of exp it was published with
 SQUARED_KERNELS = ("squared", "taylor")  # kernels that are the square of a half-degree polynomial
 
 

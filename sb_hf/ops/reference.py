@@ -27,7 +27,8 @@ from .common import (
     suspect_rows,
     visible,
 )
-from .polynomial import SQUARED_KERNELS, FeatureMap, check_kernel, kernel_fit, kernel_on_scores
+from .polynomial import (AS23_KERNEL, DEFAULT_KERNEL, SQUARED_KERNELS, FeatureMap, check_kernel, kernel_fit,
+                         kernel_on_scores)
 
 
 def support_basis_attention(
@@ -47,7 +48,7 @@ def support_basis_attention(
     evaluation: str | None = None,
     sketch_dim: int | None = None,
     sketch_seed: int = 0,
-    kernel: str = "taylor",
+    kernel: str = DEFAULT_KERNEL,
     radius_limit: float = RADIUS_LIMIT,
     sinks: int = 0,
     local_window: int = 0,
@@ -82,7 +83,7 @@ def multi_threshold_attention(
     degrees: int | list[int] = 2,
     sketch_dim: int | None | list[int | None] = None,
     sketch_seed: int = 0,
-    kernel: str = "taylor",
+    kernel: str = DEFAULT_KERNEL,
     causal: bool = True,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
@@ -196,7 +197,7 @@ def _support_basis(q, k, v, *, thresholds, degrees, sketch_dims, sketch_seed, ke
     return out.to(out_dtype)
 
 
-def as23_attention(q, k, v, *, degree: int, causal: bool = True, scale: float | None = None, kernel: str = "chebyshev",
+def as23_attention(q, k, v, *, degree: int, causal: bool = True, scale: float | None = None, kernel: str = AS23_KERNEL,
                    **kwargs) -> torch.Tensor:
     """AS23a (bounded entries): the polynomial everywhere, no exact part."""
     return support_basis_attention(q, k, v, threshold=float("inf"), degree=degree, causal=causal, scale=scale, kernel=kernel,

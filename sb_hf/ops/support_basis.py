@@ -49,7 +49,8 @@ from .common import (
     visible_key_max,
     visible_key_sums,
 )
-from .polynomial import FeatureMap, base_features_per_map, check_kernel, kernel_fit, kernel_on_scores
+from .polynomial import (AS23_KERNEL, DEFAULT_KERNEL, FeatureMap, base_features_per_map, check_kernel, kernel_fit,
+                         kernel_on_scores)
 
 if TYPE_CHECKING:
     from .decoding import DecodingState
@@ -83,7 +84,7 @@ def support_basis_attention(
     evaluation: str = "auto",
     sketch_dim: int | None = None,
     sketch_seed: int = 0,
-    kernel: str = "taylor",
+    kernel: str = DEFAULT_KERNEL,
     radius_limit: float = RADIUS_LIMIT,
     sinks: int = 0,
     local_window: int = 0,
@@ -157,7 +158,7 @@ def multi_threshold_attention(
     degrees: int | list[int] = 2,
     sketch_dim: int | None | list[int | None] = None,
     sketch_seed: int = 0,
-    kernel: str = "taylor",
+    kernel: str = DEFAULT_KERNEL,
     causal: bool = True,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
@@ -567,7 +568,7 @@ def _merge(a, b):
     return num_a * scale_a[..., None] + num_b * scale_b[..., None], den_a * scale_a + den_b * scale_b
 
 
-def as23_attention(q, k, v, *, degree: int, causal: bool = True, scale: float | None = None, kernel: str = "chebyshev",
+def as23_attention(q, k, v, *, degree: int, causal: bool = True, scale: float | None = None, kernel: str = AS23_KERNEL,
                    **kwargs) -> torch.Tensor:
     """AS23a, the bounded-entry baseline: the polynomial on every pair, no exact part."""
     return support_basis_attention(q, k, v, threshold=float("inf"), degree=degree, causal=causal, scale=scale, kernel=kernel,
