@@ -6,7 +6,7 @@ every layer of a model's settings (summed), one query token against n cached key
 
 Support basis runs each layer as the model does when decoding (:func:`sb_hf.integrations.plan.layer_plan`: one
 call for the layer with per-head structure, or one call per group of heads), with its decoding state
-(:mod:`sb_hf.ops.decoding`) filled by a first step at position n - 1 (its time is reported apart: the
+(:mod:`sb_hf.ops.support_basis.decoding`) filled by a first step at position n - 1 (its time is reported apart: the
 prompt's keys folded at once), then --steps steps at positions n, n + 1, ... each adding a key; the median
 step is reported. SDPA runs the same steps, and SDPA over the local bands alone, per KV head the widest
 window of its query heads (the keys the step must read exactly, a floor at long contexts). One more step is profiled for its count of
@@ -53,7 +53,7 @@ def layer_step(settings, layer: int, q_heads: int, kv_heads: int, scale: float, 
     plan = layer_plan("support_basis", groups, per_query_head, q_heads, kv_heads)
     if plan is not None:
         state = DecodingState()
-        return lambda q, k, v: decoding_attention(q, k, v, state, core=plan[0], units=plan[1], scale=scale, stats=stats)
+        return lambda q, k, v: decoding_attention(q, k, v, state, polynomial=plan[0], units=plan[1], scale=scale, stats=stats)
     states = [DecodingState() for _ in groups]
     return lambda q, k, v: grouped_attention(support_basis_attention, q, k, v, groups, per_query_head=per_query_head,
                                              decoding_states=states, scale=scale, stats=stats)
@@ -71,7 +71,7 @@ def widest_bands(settings, layer: int, q_heads: int, kv_heads: int) -> list[int]
     rep = q_heads // kv_heads
     widest = [0] * kv_heads
     for heads, kwargs in groups:
-        window = EVERY_KEY if polynomial_of("support_basis", kwargs)["thresholds"][0] == 0 else kwargs.get("local_window", 0)
+        window = EVERY_KEY if polynomial_of("support_basis", kwargs).threshold == 0 else kwargs.get("local_window", 0)
         for head in heads:
             kv_head = head // rep if per_query_head else head
             widest[kv_head] = max(widest[kv_head], window)

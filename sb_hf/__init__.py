@@ -7,7 +7,8 @@
 
 from . import ops
 from .config import SupportBasisConfig
-from .integrations.hf import apply_support_basis, register, revert_support_basis
+from .integrations.hf import register
+from .patches import apply_support_basis, revert_support_basis
 
 __version__ = "0.1.0"
 

@@ -39,7 +39,9 @@ import torch
 from .analysis.capture import Capture
 from .analysis.sweep import sweep_capture
 from .config import SupportBasisConfig
-from .ops.common import RADIUS_FLOOR, RADIUS_LIMIT, large_rows, visible_key_max
+from .ops import large_rows
+from .ops.masking import visible_key_max
+from .ops.support_basis import RADIUS_FLOOR, RADIUS_LIMIT
 
 DEFAULT_THRESHOLDS = (12.0, 8.0, 6.0, 4.0, 3.0, 2.5)
 EXACT = {"threshold": 0.0}

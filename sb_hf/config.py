@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 
-from .ops.common import RADIUS_LIMIT
 from .ops.polynomial import AS23_KERNEL, DEFAULT_KERNEL, KERNELS, MAX_DEGREE, check_kernel
-from .ops.support_basis import DEFAULT_MAX_FEATURE_BYTES
+from .ops.support_basis import DEFAULT_MAX_FEATURE_BYTES, RADIUS_LIMIT, check_buckets
 
 INTERVALS = ("query", "fixed")
 # What a config left None means, per method: sink_window's StreamingLLM pattern; support basis with the
@@ -120,7 +119,7 @@ class SupportBasisConfig:
 
     def for_layer(self, layer_index: int | None) -> SupportBasisConfig:
         """The settings of one layer: the defaults merged with that layer's overrides."""
-        overrides = self.layers.get(_index(layer_index, "layers"), {}) if layer_index is not None else {}
+        overrides = self.layers.get(parse_index(layer_index, "layers"), {}) if layer_index is not None else {}
         return dataclasses.replace(self, layers={}, **overrides)
 
     def for_kv_head(self, kv_head: int) -> SupportBasisConfig:
@@ -279,7 +278,7 @@ def _check_overrides(config: SupportBasisConfig, overrides: dict, name: str, fie
     for i, entry in overrides.items():
         if not isinstance(entry, dict):
             raise ValueError(f"{name}[{i}] must be a dict of settings {{field: value}}, got {entry!r}")
-    out = {_index(i, name): dict(o) for i, o in overrides.items()}
+    out = {parse_index(i, name): dict(o) for i, o in overrides.items()}
     for index, entry in out.items():
         unknown = set(entry) - fields
         if unknown:
@@ -292,7 +291,8 @@ def _check_overrides(config: SupportBasisConfig, overrides: dict, name: str, fie
     return out
 
 
-def _index(key: Any, name: str) -> int:
+def parse_index(key: Any, name: str) -> int:
+    """A layer or head key of the settings (an int, or its string in JSON) as an index; ValueError naming ``name``."""
     try:
         index = int(key)
     except (TypeError, ValueError):
@@ -326,8 +326,6 @@ def _validate(c: SupportBasisConfig) -> None:
     if isinstance(c.sketch_seed, bool) or not isinstance(c.sketch_seed, int) or c.sketch_seed < 0:
         raise ValueError(f"sketch_seed must be an integer >= 0, got {c.sketch_seed!r}")
     if c.thresholds is not None or c.degrees is not None:
-        from .ops.common import check_buckets
-
         thresholds = c.thresholds if c.thresholds is not None else [c.threshold]
         if c.degrees is not None and c.thresholds is None:
             raise ValueError("degrees (one per bucket) needs thresholds; set thresholds=[T1, T2, ...] too")

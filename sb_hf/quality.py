@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .integrations.hf import apply_support_basis, attention_stats
+from .integrations.hf import attention_stats
+from .patches import apply_support_basis
 from .integrations.plan import IMPLEMENTATIONS
 
 EXACT = "exact"

@@ -62,13 +62,13 @@ def plan(groups, per_query_head):
 
 def compare(groups, per_query_head, q, k, v, mask, first, *, tolerance, out_dtype=None):
     """Steps first..end with one state (its first step folds the prompt) against the op per group, no state."""
-    core, units = plan(groups, per_query_head)
+    polynomial, units = plan(groups, per_query_head)
     state = DecodingState()
     cast = (lambda x: x) if out_dtype is None else (lambda x: x.to(out_dtype))
     for t in range(first, q.shape[2]):
         step = dict(key_padding_mask=None if mask is None else mask[:, : t + 1])
         args = (cast(q[:, :, t : t + 1]), cast(k[:, :, : t + 1]), cast(v[:, :, : t + 1]))
-        got = decoding_attention(*args, state, core=core, units=units, **step)
+        got = decoding_attention(*args, state, polynomial=polynomial, units=units, **step)
         expected = grouped_attention(support_basis_attention, *args, groups, per_query_head=per_query_head, **step)
         assert got.dtype == args[0].dtype
         torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance, msg=lambda m: f"step {t}: {m}")
@@ -124,15 +124,15 @@ def test_the_kernel_runs_only_where_it_applies(calls):
     compare(groups, True, q, k, v, None, 35, tolerance=1e-10)
     assert calls == []
     groups = heads(True, INF)
-    core, units = plan(groups, True)
+    polynomial, units = plan(groups, True)
     state, stats = DecodingState(), {}
-    decoding_attention(q[:, :, 39:], k, v, state, core=core, units=units, stats=stats)
+    decoding_attention(q[:, :, 39:], k, v, state, polynomial=polynomial, units=units, stats=stats)
     assert calls == [] and stats["pairs"] > 0
-    decoding_attention(q[:, :, 39:], k, v, state, core=core, units=units)
+    decoding_attention(q[:, :, 39:], k, v, state, polynomial=polynomial, units=units)
     assert calls == [1]
     cpu_kernel.use_cpu_kernel(False)
     try:
-        decoding_attention(q[:, :, 39:], k, v, state, core=core, units=units)
+        decoding_attention(q[:, :, 39:], k, v, state, polynomial=polynomial, units=units)
         assert calls == [1]
     finally:
         cpu_kernel.use_cpu_kernel(True)
@@ -141,15 +141,15 @@ def test_the_kernel_runs_only_where_it_applies(calls):
 @pytest.mark.parametrize("culprit", ["q", "k", "v"])
 def test_the_kernel_names_a_non_finite_input_and_forgets_the_state(kernel, culprit):
     q, k, v = qkv(40, seed=15)
-    core, units = plan(heads(True, INF), True)
+    polynomial, units = plan(heads(True, INF), True)
     state = DecodingState()
-    decoding_attention(q[:, :, 38:39], k[:, :, :39], v[:, :, :39], state, core=core, units=units)
+    decoding_attention(q[:, :, 38:39], k[:, :, :39], v[:, :, :39], state, polynomial=polynomial, units=units)
     assert state.seen == 39
     bad = {"q": q, "k": k, "v": v}[culprit].clone()
     bad[1, 0, 39, 2] = float("nan")
     q, k, v = (bad if name == culprit else x for name, x in (("q", q), ("k", k), ("v", v)))
     with pytest.raises(ValueError, match=f"^{culprit} contains NaN or inf"):
-        decoding_attention(q[:, :, 39:40], k, v, state, core=core, units=units)
+        decoding_attention(q[:, :, 39:40], k, v, state, polynomial=polynomial, units=units)
     assert state.seen == 0
 
 

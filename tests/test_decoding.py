@@ -223,20 +223,20 @@ def test_one_call_per_layer_matches_the_op_per_group(per_query_head, fused, monk
     """:func:`decoding_attention` with every head's structure at once equals the op run per group of heads
     without a state (outputs and pair counts), step by step over a left-padded batch; the local band in the
     fused CPU kernel and in plain matmuls (CUDA's path), windows of 0 (no band), 4 and 9 keys."""
-    import sb_hf.ops.decoding as decoding
+    import sb_hf.ops.fused_cpu as fused_cpu
     from sb_hf.integrations.plan import polynomial_of, units_of
     from sb_hf.ops.decoding import decoding_attention
     from sb_hf.ops.heads import grouped_attention
 
     calls = []
-    available = decoding._fused_attention_available
-    monkeypatch.setattr(decoding, "_fused_attention_available", lambda q, v: calls.append(1) is None and fused and available(q, v))
+    available = fused_cpu.available
+    monkeypatch.setattr(fused_cpu, "available", lambda q, v: calls.append(1) is None and fused and available(q, v))
     kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     kernel_calls = []
-    monkeypatch.setattr(decoding, "_flash_attention_for_cpu", lambda *a, **kw: kernel_calls.append(1) or kernel(*a, **kw))
+    monkeypatch.setattr(fused_cpu, "kernel", lambda *a, **kw: kernel_calls.append(1) or kernel(*a, **kw))
 
     groups = per_head_groups(per_query_head=per_query_head)
-    core = polynomial_of("support_basis", groups[0][1])
+    polynomial = polynomial_of("support_basis", groups[0][1])
     units = units_of(groups, per_query_head, 6, 2)
     q, k, v = qkv(60, seed=8)
     mask = left_padding(2, 60, pads=(3, 0))
@@ -244,7 +244,7 @@ def test_one_call_per_layer_matches_the_op_per_group(per_query_head, fused, monk
     for t in range(30, 60):
         stats_layer, stats_groups = {}, {}
         step = dict(key_padding_mask=mask[:, : t + 1])
-        got = decoding_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], state, core=core, units=units,
+        got = decoding_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], state, polynomial=polynomial, units=units,
                                  stats=stats_layer, **step)
         expected = grouped_attention(support_basis_attention, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1],
                                      groups, per_query_head=per_query_head, stats=stats_groups, **step)
@@ -258,13 +258,13 @@ def test_one_call_per_layer_matches_the_op_per_group(per_query_head, fused, monk
 def test_a_band_per_kv_head_when_their_windows_differ(fused, monkeypatch):
     """Query heads whose longest windows differ per KV head (21 keys on KV head 0, 3 on KV head 1): the band runs
     one span per KV head, each reading its own window, and the steps still equal the op per query head."""
-    import sb_hf.ops.decoding as decoding
+    import sb_hf.ops.fused_cpu as fused_cpu
     from sb_hf.integrations.plan import polynomial_of, units_of
     from sb_hf.ops.decoding import decoding_attention
     from sb_hf.ops.heads import grouped_attention
 
     if not fused:
-        monkeypatch.setattr(decoding, "_fused_attention_available", lambda q, v: False)
+        monkeypatch.setattr(fused_cpu, "available", lambda q, v: False)
     core = dict(threshold=3.0, degree=0, kernel="taylor", radius=None, sketch_dim=None, sketch_seed=0, radius_limit=150.0, sinks=1)
     groups = [([h], {**core, "local_window": w}) for h, w in enumerate([2, 0, 21, 3, 1, 2])]
     units = units_of(groups, True, 6, 2)
@@ -274,7 +274,7 @@ def test_a_band_per_kv_head_when_their_windows_differ(fused, monkeypatch):
     for t in range(25, 50):
         step = dict(key_padding_mask=mask[:, : t + 1])
         got = decoding_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], state,
-                                 core=polynomial_of("support_basis", groups[0][1]), units=units, **step)
+                                 polynomial=polynomial_of("support_basis", groups[0][1]), units=units, **step)
         expected = grouped_attention(support_basis_attention, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1],
                                      groups, per_query_head=True, **step)
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=lambda m: f"step {t}: {m}")
@@ -286,12 +286,12 @@ def test_one_call_per_layer_is_not_served_outside_decoding():
     from sb_hf.ops.decoding import decoding_attention
 
     groups = per_head_groups()
-    core, units = polynomial_of("support_basis", groups[0][1]), units_of(groups, True, 6, 2)
+    polynomial, units = polynomial_of("support_basis", groups[0][1]), units_of(groups, True, 6, 2)
     q, k, v = qkv(20)
     state = DecodingState()
-    assert decoding_attention(q[:, :, 18:], k, v, state, core=core, units=units) is None  # two queries
-    assert decoding_attention(q[:, :, 19:], k, v, state, core=core, units=units, sliding_window=10) is None
-    assert decoding_attention(q[:, :, 19:], k, v, state, core=core, units=units) is not None
+    assert decoding_attention(q[:, :, 18:], k, v, state, polynomial=polynomial, units=units) is None  # two queries
+    assert decoding_attention(q[:, :, 19:], k, v, state, polynomial=polynomial, units=units, sliding_window=10) is None
+    assert decoding_attention(q[:, :, 19:], k, v, state, polynomial=polynomial, units=units) is not None
 
 
 PER_HEAD_STRUCTURE = dict(threshold=1.5, kernel="taylor", degree=2, layers={

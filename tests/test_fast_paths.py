@@ -18,7 +18,8 @@ from test_hf import generation_matching_full_recompute, padded_batch
 
 import sb_hf
 import sb_hf.integrations.hf as hf
-import sb_hf.ops.support_basis as support_basis
+import sb_hf.ops.fused_cpu as fused_cpu
+import sb_hf.ops.support_basis.chunk as support_basis
 from sb_hf.integrations.cache import call_cache, layer_states, returned_cache
 
 INF = float("inf")
@@ -95,8 +96,8 @@ def test_the_fused_cpu_band_runs_at_inference_and_not_in_training(monkeypatch):
     causal call, the rest as blocks, per layer; a training forward (it needs the band's gradient) uses matmuls."""
     model = tiny_model("llama")
     sb_hf.apply_support_basis(model, **STRUCTURE)
-    causal = _counting(monkeypatch, support_basis, "_fused_causal")
-    blocks = _counting(monkeypatch, support_basis, "_fused_band")
+    causal = _counting(monkeypatch, fused_cpu, "fused_causal")
+    blocks = _counting(monkeypatch, fused_cpu, "fused_band")
     ids = torch.randint(1, VOCAB, (2, 33), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         model(input_ids=ids)
@@ -118,8 +119,8 @@ def test_heads_kept_exact_run_plain_sdpa_attention(kind, monkeypatch):
         model(input_ids=ids)
     sdpa = outputs.pop("o")
     sb_hf.apply_support_basis(model, threshold=1.0, layers={i: {"kv_heads": {0: {"threshold": 0.0}}} for i in range(2)})
-    plain = _counting(monkeypatch, support_basis, "_plain_attention")
-    far = _counting(monkeypatch, support_basis, "_far_part")
+    plain = _counting(monkeypatch, support_basis, "plain_attention")
+    far = _counting(monkeypatch, support_basis, "far_part")
     with torch.no_grad():
         model(input_ids=ids)
     hook.remove()

@@ -6,7 +6,7 @@ import torch
 from test_ops import F64, INF, assert_matches, gradients, make_qkv, padding_mask, with_evaluations
 
 from sb_hf.ops import multi_threshold_attention, reference, support_basis_attention
-from sb_hf.ops.common import key_buckets
+from sb_hf.ops.support_basis.keys import key_buckets
 
 THRESHOLDS = [2.5, 1.8, 1.2]  # standard normal rows of 8 entries: about 20% large, the rest spread over 3 buckets
 

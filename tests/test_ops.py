@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from sb_hf.config import SupportBasisConfig
 from sb_hf.ops import as23_attention, large_rows, reference, support_basis_attention
 from sb_hf.ops import support_basis_attention as ops_support_basis_attention
-from sb_hf.ops.common import all_finite, visible_key_sums
+from sb_hf.ops.checks import all_finite
+from sb_hf.ops.masking import visible_key_sums
 
 F64 = torch.float64
 INF = float("inf")
@@ -63,7 +64,7 @@ def padding_mask(batch, kv_len, kind, pad=5):
 
 
 def dense_visibility(q_len, kv_len, *, causal, sliding_window=None, key_padding_mask=None, batch=1):
-    """(batch, q_len, kv_len) visibility from explicit position arithmetic (independent of sb_hf.ops.common.visible):
+    """(batch, q_len, kv_len) visibility from explicit position arithmetic (independent of sb_hf.ops.masking.visible):
     query i sits at key position kv_len - q_len + i; causal: j <= p; window: j > p - window; padding: real keys only."""
     p = (torch.arange(q_len) + (kv_len - q_len))[:, None]
     j = torch.arange(kv_len)[None, :]

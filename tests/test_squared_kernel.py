@@ -8,7 +8,7 @@ from test_ops import F64, INF, TOLERANCES, assert_matches, gradients, make_qkv, 
 
 from sb_hf.config import SupportBasisConfig
 from sb_hf.ops import as23_attention, multi_threshold_attention, reference, support_basis_attention
-from sb_hf.ops.common import large_rows
+from sb_hf.ops import large_rows
 from sb_hf.ops.polynomial import FeatureMap, kernel_fit, kernel_on_scores
 
 KERNELS = ["squared", "taylor"]

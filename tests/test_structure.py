@@ -141,18 +141,18 @@ def test_fused_and_plain_band_match_reference(case, monkeypatch):
     """CPU inference computes the exact band in PyTorch's fused attention kernel (blocks of more than one query
     row; a single row takes the plain matmuls, which copy less); the plain-matmul path (CUDA's, and training's)
     is forced here too: both against the twin."""
-    import sb_hf.ops.support_basis as module
+    import sb_hf.ops.fused_cpu as module
 
     q, k, v, kw = _inputs(case, "taylor", 0)
     expected = reference.support_basis_attention(q, k, v, **kw)
     calls = []
-    for name in ("_fused_band", "_fused_causal"):  # the band's two uses of the fused kernel (the second: plain attention too)
+    for name in ("fused_band", "fused_causal"):  # the band's two uses of the fused kernel (the second: plain attention too)
         monkeypatch.setattr(module, name, lambda *a, original=getattr(module, name): calls.append(1) or original(*a))
     assert_matches(support_basis_attention(q, k, v, chunk_size=case["chunk_size"], **kw), expected, q.dtype)
     assert bool(calls) == (q.shape[2] > 1)  # the fused kernel ran (not for one query)
     monkeypatch.setattr(module, "FUSED_BIAS_BYTES", 1)  # one separately masked block per kernel call
     assert_matches(support_basis_attention(q, k, v, chunk_size=case["chunk_size"], **kw), expected, q.dtype)
-    monkeypatch.setattr(module, "_fused_attention_available", lambda q, v: False)
+    monkeypatch.setattr(module, "available", lambda q, v: False)
     calls.clear()
     assert_matches(support_basis_attention(q, k, v, chunk_size=case["chunk_size"], **kw), expected, q.dtype)
     assert not calls
@@ -166,11 +166,11 @@ def test_halved_causal_calls_match_reference(local_window, heads, q_len, dtype, 
     """A causal kernel call that would leave a thread idle (an odd head count on 2 threads) runs as its two halves in
     one call plus the rectangle between them: the first window's rows of a prompt's band, and plain attention
     (threshold 0). Windows from 1 to the whole prompt, odd and even lengths, against the twin."""
-    import sb_hf.ops.support_basis as module
+    import sb_hf.ops.fused_cpu as module
 
     q, k, v = make_qkv(batch=1, q_heads=heads[0], kv_heads=heads[1], q_len=q_len, dtype=dtype, seed=21)
     halves = []
-    monkeypatch.setattr(module, "_halved_causal", lambda *a, original=module._halved_causal: halves.append(1) or original(*a))
+    monkeypatch.setattr(module, "halved_causal", lambda *a, original=module.halved_causal: halves.append(1) or original(*a))
     monkeypatch.setattr(module, "BALANCED_CAUSAL_MIN_ROWS", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # (the decision; the file runs on one thread)
     threshold = 0.0 if local_window == 0 else INF

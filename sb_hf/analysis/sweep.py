@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..ops import reference
-from ..ops.common import large_rows
+from .. import ops
+from ..ops import large_rows, reference
 from ..ops.polynomial import FeatureMap, check_kernel
 from ..ops.support_basis import DEFAULT_CHUNK_SIZE
 from .capture import Capture
@@ -184,8 +184,6 @@ def sweep_capture(
 ) -> list[SweepResult]:
     """Run every (method, settings) point on every layer of ``capture``."""
     from tqdm.auto import tqdm
-
-    from .. import ops
 
     scale = float(capture.meta["scale"])
     window = None if capture.meta.get("sliding_window", "none") == "none" else int(capture.meta["sliding_window"])

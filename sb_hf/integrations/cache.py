@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from ..ops.decoding import DecodingState
+from ..ops import DecodingState
 
 CACHE_NAMES = ("cache", "past_key_values")  # the current name first, then the deprecated one
 STATES_ATTRIBUTE = "_sb_hf_decoding_states"  # where a cache layer keeps its decoding states

@@ -1,5 +1,6 @@
 """Transformers glue: the attention function of each sb-hf implementation, its registration with transformers'
-attention and mask interfaces, and ``apply_support_basis`` / ``revert_support_basis``.
+attention and mask interfaces, and switching one model to them (``sb_hf.apply_support_basis``, in
+:mod:`sb_hf.patches`, builds on it).
 
 The attention function validates what transformers hands it, cuts the compact padding mask (:mod:`.masks`) to the
 keys, and runs the layer's op calls (:mod:`.plan`): one call per decoding step for the whole layer when a decoding
@@ -19,7 +20,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..config import SupportBasisConfig, load_settings
-from ..ops.decoding import decoding_attention
+from ..ops import decoding_attention
 from ..ops.heads import grouped_attention
 from .cache import decoding_states
 from .masks import support_basis_mask
@@ -90,7 +91,7 @@ def _make_attention_forward(name: str):
             units = module_plan(module, name, groups, per_query_head, query.shape[1], key.shape[1])
             states = decoding_states(module, name, 1 if units is not None else len(groups))
             if units is not None and states is not None:  # one call for every head of the layer
-                out = decoding_attention(query, key, value, states[0], core=units[0], units=units[1], scale=scaling,
+                out = decoding_attention(query, key, value, states[0], polynomial=units[0], units=units[1], scale=scaling,
                                          causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
                                          stats=stats, **extra)
                 if out is not None:
@@ -142,29 +143,10 @@ def register() -> None:
         AttentionMaskInterface.register(name, support_basis_mask)
 
 
-def apply_support_basis(
-    model: torch.nn.Module | None = None,
-    config: SupportBasisConfig | dict | None = None,
-    *,
-    method: str = "support_basis",
-    force: bool = False,
-    **overrides: Any,
-):
-    """Switch ``model`` to support-basis attention, or, without a model, every supported model
-    loaded from now on (the one-line patch for existing scripts).
-
-    The settings are stored as a plain dict in ``model.config.support_basis`` (so
-    ``save_pretrained``/``from_pretrained`` round-trip them); ``layers={i: {...}}`` overrides
-    single layers; ``config`` may also be the path of a JSON settings file (``support_basis.json`` from
-    ``sb-hf calibrate``, or a model's ``config.json``). ``method="support_basis_multi"`` the multi-threshold variant (settings
-    ``thresholds``, ``degrees``), ``method="as23"`` the bounded-entry baseline, ``method="sink_window"``
-    the attention sinks + local window baseline (settings ``sinks``, ``local_window``).
-
-    Without a model: ``from_pretrained``/``from_config`` switch the Llama and Mistral models they
-    return; a load with an explicit ``attn_implementation`` keeps it unless ``force=True``; with no
-    settings given, a model keeps the settings it was saved with. Undo with :func:`revert_support_basis`.
-    Returns the model (None without one).
-    """
+def validated_settings(config: SupportBasisConfig | dict | str | os.PathLike | None, method: str,
+                       overrides: dict[str, Any]) -> dict[str, Any]:
+    """The settings ``config`` (a :class:`SupportBasisConfig`, a dict, a JSON file or None) with ``overrides``,
+    validated for ``method``, as the plain dict a model's config stores."""
     if method not in IMPLEMENTATIONS:
         raise ValueError(f"method must be one of {sorted(IMPLEMENTATIONS)}, got {method!r}")
     if isinstance(config, SupportBasisConfig):
@@ -180,31 +162,25 @@ def apply_support_basis(
     settings.update(overrides)
     checked = SupportBasisConfig.from_dict(settings)
     checked.check_method(method)
-    validated = checked.to_dict()
-    if model is None:
-        from ..patches import patch_loading
+    return checked.to_dict()
 
-        patch_loading(method, validated if (config is not None or overrides) else None, force)
-        return None
+
+def switch_model(model: torch.nn.Module, settings: dict[str, Any], method: str) -> torch.nn.Module:
+    """Give ``model`` the attention implementation ``method`` with ``settings`` (:func:`validated_settings`), stored
+    in ``model.config.support_basis``; :func:`restore_model` undoes it."""
     if not hasattr(model, "set_attn_implementation"):
         raise ValueError(f"{type(model).__name__} is not a transformers PreTrainedModel; pass the model that from_pretrained returned")
     previous = getattr(model.config, "_attn_implementation", None)
-    if previous not in IMPLEMENTATIONS:  # what revert_support_basis goes back to
+    if previous not in IMPLEMENTATIONS:  # what restore_model goes back to
         model._sb_hf_previous_attn_implementation = previous
-    model.config.support_basis = validated
+    model.config.support_basis = settings
     model.set_attn_implementation(method)
     return model
 
 
-def revert_support_basis(model: torch.nn.Module | None = None):
-    """Undo :func:`apply_support_basis`: give ``model`` back the attention implementation it had
-    (``sdpa`` if it was loaded with an sb-hf one) and drop its settings; without a model, stop
-    switching the models loaded from now on (models already switched stay switched). Returns the
-    model, or without one whether a patch was in effect."""
-    if model is None:
-        from ..patches import unpatch_loading
-
-        return unpatch_loading()
+def restore_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Give ``model`` back the attention implementation it had before :func:`switch_model` (``sdpa`` if it was
+    loaded with an sb-hf one) and drop its settings."""
     previous = getattr(model, "_sb_hf_previous_attn_implementation", None) or "sdpa"
     model.set_attn_implementation(previous)
     if hasattr(model.config, "support_basis"):

@@ -9,10 +9,9 @@ from typing import Any
 
 import torch
 
-from ..config import SupportBasisConfig, _index
+from ..config import SupportBasisConfig, parse_index
 from ..ops import as23_attention, multi_threshold_attention, sink_window_attention, support_basis_attention
-from ..ops.common import check_buckets
-from ..ops.decoding import EVERY_KEY, Units
+from ..ops.support_basis import EVERY_KEY, Polynomial, Units
 from ..ops.heads import head_groups
 
 IMPLEMENTATIONS = {
@@ -34,7 +33,7 @@ OP_SETTINGS = {
 DECODING_CACHE = ("support_basis", "support_basis_multi", "as23")  # the implementations that keep a decoding state
 
 
-def module_plan(module, name, groups, per_query_head, q_heads, kv_heads) -> tuple[dict, Units] | None:
+def module_plan(module, name, groups, per_query_head, q_heads, kv_heads) -> tuple[Polynomial, Units] | None:
     """:func:`layer_plan` of the module's groups, cached on the module with ``groups``."""
     cached = module.__dict__.get("_sb_hf_units")
     if cached is not None and cached[0] is groups:
@@ -44,35 +43,33 @@ def module_plan(module, name, groups, per_query_head, q_heads, kv_heads) -> tupl
     return plan
 
 
-def layer_plan(name: str, groups, per_query_head: bool, q_heads: int, kv_heads: int) -> tuple[dict, Units] | None:
-    """The polynomial a layer's groups of heads share and the structure of each head (``(core, units)``, the
-    arguments of :func:`sb_hf.ops.decoding.decoding_attention`), when the groups differ only in structure (local
+def layer_plan(name: str, groups, per_query_head: bool, q_heads: int, kv_heads: int) -> tuple[Polynomial, Units] | None:
+    """The polynomial a layer's groups of heads share and the structure of each head (``(polynomial, units)``, the
+    arguments of :func:`sb_hf.ops.decoding_attention`), when the groups differ only in structure (local
     window, sinks, key columns, radius limit) or are computed exactly (threshold 0): a decoding step then runs
     every head in one call. None otherwise (one call per group)."""
     # Heads computed exactly (threshold 0) join as heads whose local band covers every key.
-    exact = [polynomial_of(name, kwargs)["thresholds"][0] == 0 for _, kwargs in groups]
+    exact = [polynomial_of(name, kwargs).threshold == 0 for _, kwargs in groups]
     if all(exact):
         exact = [False] * len(groups)
     groups = [(heads, {**kwargs, "local_window": EVERY_KEY, "sinks": 0, "column_queries": None}) if is_exact else (heads, kwargs)
               for (heads, kwargs), is_exact in zip(groups, exact)]
-    cores = [polynomial_of(name, kwargs) for (_, kwargs), is_exact in zip(groups, exact) if not is_exact]
+    polynomials = [polynomial_of(name, kwargs) for (_, kwargs), is_exact in zip(groups, exact) if not is_exact]
     rep = q_heads // kv_heads
     columns_fit = all(kwargs.get("column_queries") is None or kwargs["column_queries"].shape[0] == len(heads) * (1 if per_query_head else rep)
                       for heads, kwargs in groups)  # else the op itself says what is wrong with them
-    if not columns_fit or any(core != cores[0] for core in cores):
+    if not columns_fit or any(polynomial != polynomials[0] for polynomial in polynomials):
         return None
-    return cores[0], units_of(groups, per_query_head, q_heads, kv_heads)
+    return polynomials[0], units_of(groups, per_query_head, q_heads, kv_heads)
 
 
-def polynomial_of(name: str, kwargs: dict) -> dict:
-    """The settings of an op call that define its polynomial (what one decoding state holds sums for)."""
+def polynomial_of(name: str, kwargs: dict) -> Polynomial:
+    """The polynomial of an op call's settings (what one decoding state holds sums for)."""
+    rest = dict(sketch_seed=kwargs["sketch_seed"], kernel=kwargs["kernel"], radius=kwargs["radius"])
     if name == "support_basis_multi":
-        thresholds, degrees, sketch_dims = check_buckets(kwargs["thresholds"], kwargs["degrees"], kwargs["sketch_dim"])
-    else:
-        thresholds = [kwargs["threshold"] if name == "support_basis" else float("inf")]
-        degrees, sketch_dims = [kwargs["degree"]], [kwargs["sketch_dim"]]
-    return dict(thresholds=list(thresholds), degrees=list(degrees), sketch_dims=list(sketch_dims),
-                sketch_seed=kwargs["sketch_seed"], kernel=kwargs["kernel"], radius=kwargs["radius"])
+        return Polynomial.buckets(kwargs["thresholds"], kwargs["degrees"], kwargs["sketch_dim"], **rest)
+    threshold = kwargs["threshold"] if name == "support_basis" else float("inf")
+    return Polynomial.single(threshold, kwargs["degree"], kwargs["sketch_dim"], **rest)
 
 
 def units_of(groups, per_query_head: bool, q_heads: int, kv_heads: int) -> Units:
@@ -158,7 +155,7 @@ def _layer_view(stored, layer_index):
         return stored
     layers = stored.get("layers") or {}
     defaults = {key: value for key, value in stored.items() if key != "layers"}
-    return defaults, [value for key, value in layers.items() if _index(key, "layers") == layer_index]
+    return defaults, [value for key, value in layers.items() if parse_index(key, "layers") == layer_index]
 
 
 def settings_for(module: torch.nn.Module) -> SupportBasisConfig:

@@ -242,3 +242,13 @@ def base_features_per_map(feature_maps: list[FeatureMap], x: torch.Tensor) -> li
         if f not in computed:
             computed[f] = f.base(x)
     return [computed[f] for f in feature_maps]
+
+
+def polynomial_shift(exact_max: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Per-row shift shared by the exact and the polynomial part.
+
+    The exact scores are shifted by their maximum as in softmax; polynomial values reach at most
+    about ``e^radius`` but are mostly near ``e^0``, so ``radius / 2`` keeps both ends inside fp32
+    for radii up to about 170 (a fit on a wider interval is meaningless anyway).
+    """
+    return torch.maximum(exact_max, radius / 2)

@@ -1,11 +1,11 @@
 """The script-patching layer: switch the models a script loads to support-basis attention,
 with one line (``sb_hf.apply_support_basis()``) or none (``sb-hf run -- script.py``).
 
-``apply_support_basis()`` without a model wraps ``PreTrainedModel.from_pretrained`` and
-``_from_config`` (what ``AutoModel*.from_pretrained``/``from_config``, ``Trainer`` users, TRL and
-accelerate scripts all go through): every supported model they return is switched with
-:func:`sb_hf.integrations.hf.apply_support_basis`. A model loaded with an explicit
-``attn_implementation`` keeps it unless the patch is forced. ``revert_support_basis()`` undoes it.
+:func:`apply_support_basis` switches one model (:func:`sb_hf.integrations.hf.switch_model`), or, without a model,
+wraps ``PreTrainedModel.from_pretrained`` and ``_from_config`` (what ``AutoModel*.from_pretrained``/``from_config``,
+``Trainer`` users, TRL and accelerate scripts all go through): every supported model they return is switched. A
+model loaded with an explicit ``attn_implementation`` keeps it unless the patch is forced.
+:func:`revert_support_basis` undoes either.
 See README.md in this folder.
 """
 
@@ -17,7 +17,11 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel
+
+from ..config import SupportBasisConfig
+from ..integrations.hf import restore_model, switch_model, validated_settings
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,46 @@ class _Patch:
 
 _active: _Patch | None = None
 _depth = threading.local()  # from_pretrained may call _from_config: only the outermost call switches
+
+
+def apply_support_basis(
+    model: torch.nn.Module | None = None,
+    config: SupportBasisConfig | dict | None = None,
+    *,
+    method: str = "support_basis",
+    force: bool = False,
+    **overrides: Any,
+):
+    """Switch ``model`` to support-basis attention, or, without a model, every supported model
+    loaded from now on (the one-line patch for existing scripts).
+
+    The settings are stored as a plain dict in ``model.config.support_basis`` (so
+    ``save_pretrained``/``from_pretrained`` round-trip them); ``layers={i: {...}}`` overrides
+    single layers; ``config`` may also be the path of a JSON settings file (``support_basis.json`` from
+    ``sb-hf calibrate``, or a model's ``config.json``). ``method="support_basis_multi"`` the multi-threshold variant (settings
+    ``thresholds``, ``degrees``), ``method="as23"`` the bounded-entry baseline, ``method="sink_window"``
+    the attention sinks + local window baseline (settings ``sinks``, ``local_window``).
+
+    Without a model: ``from_pretrained``/``from_config`` switch the Llama and Mistral models they
+    return; a load with an explicit ``attn_implementation`` keeps it unless ``force=True``; with no
+    settings given, a model keeps the settings it was saved with. Undo with :func:`revert_support_basis`.
+    Returns the model (None without one).
+    """
+    settings = validated_settings(config, method, overrides)
+    if model is None:
+        patch_loading(method, settings if (config is not None or overrides) else None, force)
+        return None
+    return switch_model(model, settings, method)
+
+
+def revert_support_basis(model: torch.nn.Module | None = None):
+    """Undo :func:`apply_support_basis`: give ``model`` back the attention implementation it had
+    (``sdpa`` if it was loaded with an sb-hf one) and drop its settings; without a model, stop
+    switching the models loaded from now on (models already switched stay switched). Returns the
+    model, or without one whether a patch was in effect."""
+    if model is None:
+        return unpatch_loading()
+    return restore_model(model)
 
 
 def is_patched() -> bool:
@@ -94,8 +138,6 @@ def _requested_implementation(args, kwargs) -> str | None:
 
 
 def _switch(model: PreTrainedModel, patch: _Patch, explicit: str | None) -> None:
-    from ..integrations.hf import apply_support_basis
-
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         logger.warning("sb_hf: %s (model_type %r) left with its own attention; supported: %s",

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..config import add_settings_arguments, settings_from_arguments, settings_given
+from . import apply_support_basis, revert_support_basis
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,8 +60,6 @@ class _UsageError(Exception):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..integrations.hf import apply_support_basis, revert_support_basis
-
     target = list(args.target)
     if args.module is None:
         if not target:

@@ -3,26 +3,20 @@
 Query ``p`` attends with an exact softmax to the keys ``j`` it may see under the model's mask (causal,
 the model's sliding window, padding) that are either *sinks*, the first ``sinks`` real keys of the
 sequence, or *local*, ``p - local_window < j <= p``. Ranks count real keys only, so left padding
-does not move the sinks. The local keys run in support basis's exact band (query blocks of
+does not move the sinks. The local keys run in the exact band of :mod:`sb_hf.ops.exact` (query blocks of
 ``(c, local_window + c)``, the fused CPU kernel at inference), the sinks older than a row's band in one
 ``(n, sinks)`` block, merged: ``O(n (sinks + local_window))`` time and memory, never an ``n x n`` matrix.
-``sb_hf.ops.reference.sink_window_attention`` is the dense twin that defines it.
+``naive.py`` beside this file (``sb_hf.ops.reference.sink_window_attention``) is the dense twin that defines it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .common import (
-    add_stats,
-    check_inputs,
-    check_sink_window,
-    compute_dtype,
-    key_spans,
-    span_counts,
-    visible,
-)
-from .support_basis import _exact_part, _local_band, _merge
+from ..checks import check_chunk_size, check_inputs, check_sink_window, compute_dtype
+from ..exact import local_band
+from ..masking import add_stats, key_spans, span_counts, visible
+from ..partial import exact_part, merge, normalized
 
 
 def sink_window_attention(
@@ -50,7 +44,7 @@ def sink_window_attention(
         scale: score scale, default ``1/sqrt(d)``.
         key_padding_mask: ``(B, Lk)`` bool, True for real keys; padded keys are never attended nor ranked.
         sliding_window: the model's window: query ``p`` never sees keys ``j <= p - sliding_window``.
-        chunk_size: query rows per block of the local band (None: support basis's measured default).
+        chunk_size: query rows per block of the local band (None: the band's measured default).
         stats: optional dict; receives tensors ``exact_pairs`` (pairs computed), ``pairs`` (pairs
             visible under the model's mask), ``exact_rows`` (rows equal to exact attention), ``rows``.
         dropped_real_keys: optional ``(B,)`` integer tensor, the real keys of each sequence that precede
@@ -59,13 +53,9 @@ def sink_window_attention(
 
     Rows with no key to attend give zeros. Computation runs in fp32 (fp64 for fp64 inputs).
     """
-    s = check_inputs(
-        q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
-        degree=0, threshold=0.0, scale=scale,
-    )
+    s = check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window, scale=scale)
     check_sink_window(sinks, local_window, causal, dropped_real_keys, s.batch)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None (the measured default), got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     out_dtype = q.dtype
     compute = compute_dtype(q.dtype)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
@@ -89,8 +79,8 @@ def sink_window_attention(
 
     qg = q.view(s.batch, s.kv_heads, s.groups, s.q_len, s.head_dim)  # query head h = kv_head * groups + g
     recompute = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
-    # The local keys in support basis's exact band; the sinks older than the band (at most `sinks` per row) apart.
-    band = _local_band(qg, k, v, key_valid, scale, local_window, sliding_window, offset, chunk_size, recompute,
+    # The local keys in the exact band; the sinks older than the band (at most `sinks` per row) apart.
+    band = local_band(qg, k, v, key_valid, scale, local_window, sliding_window, offset, chunk_size, recompute,
                        padded=key_padding_mask is not None)
     num, den, _ = band
     if slots:
@@ -98,18 +88,18 @@ def sink_window_attention(
         older = sink_pos[:, None, :] <= q_pos[:, None] - local_window  # (B, Lq, S): outside the band
         sink_mask = visible(q_pos, sink_pos[:, None, :], causal=True, sliding_window=sliding_window)[:, 0]
         sink_mask = (sink_mask & older & sink_valid[:, None, :])[:, None, None]  # (B, 1, 1, Lq, S)
-        num, den = _merge(band, _exact_part(qg, sink_k, sink_v, sink_mask, scale))
-    out = num / torch.where(den > 0, den, torch.ones_like(den))[..., None]  # a row with no key: zeros
+        num, den, _ = merge(band, exact_part(qg, sink_k, sink_v, sink_mask, scale))
+    out = normalized(num, den)  # a row with no key: zeros
 
     if stats is not None:
-        _count_pairs(stats, s, key_valid, is_sink, local_window, sliding_window)
+        count_pairs(stats, s, key_valid, is_sink, local_window, sliding_window)
     return out.reshape(s.batch, s.q_heads, s.q_len, s.value_dim).to(out_dtype)
 
 
-def _count_pairs(stats, s, key_valid, is_sink, local_window, sliding_window):
+def count_pairs(stats, s, key_valid, is_sink, local_window, sliding_window):
     """Pairs visible under the model's mask, and those computed (the local real keys plus the
     visible sinks before the local range), from prefix counts (linear time)."""
-    start, end = key_spans(s.q_len, s.kv_len, causal=True, window=sliding_window, device=key_valid.device)
+    start, end = key_spans(s.q_len, s.kv_len, causal=True, sliding_window=sliding_window, device=key_valid.device)
     local_start = torch.maximum(start, end - local_window)
     pairs = span_counts(key_valid, start, end)  # (B, Lq)
     computed = span_counts(key_valid, local_start, end) + span_counts(is_sink, start, local_start)
