@@ -126,3 +126,17 @@ def test_widest_bands_are_the_longest_window_of_each_kv_head_or_every_key():
     assert widest_bands(settings, 0, 6, 2) == [300, 8]  # query heads 0-2 on KV head 0, 3-5 on KV head 1
     assert widest_bands(settings, 1, 6, 2) == [16, EVERY_KEY]  # a KV head computed exactly reads every key
     assert widest_bands(settings, 2, 6, 2) == [16, 16]
+
+
+def test_block_support_quality_runs_the_twin_in_the_real_model(tmp_path, require_assets):
+    """The twin, sink + window and support basis as the packaged model's attention on 64 tokens: a table and JSON,
+    and a twin keeping every block exact (gamma 1) scores what exact attention scores."""
+    points = json.dumps([["block_support", {"gamma": 1.0, "block_size": 8, "local_window": 8}],
+                         ["block_support", {"gamma": 0.0, "block_size": 8, "local_window": 8, "strict": True}],
+                         ["sink_window", {"sinks": 4, "local_window": 16}]])
+    out = _run("block_support_quality.py", "--tokens", "64", "--points", points, "--output", str(tmp_path))
+    assert "| block_support |" in out and "| sink_window |" in out
+    rows = json.loads((tmp_path / "block_quality.json").read_text())["rows"]
+    assert [r["kind"] for r in rows] == ["exact", "block_support", "block_support", "sink_window"]
+    assert rows[1]["exact_share"] == 1.0 and rows[1]["kl"] < 1e-6 and rows[1]["top1"] == 1.0
+    assert rows[2]["exact_share"] < 1.0 and rows[2]["selected_share"] == 0.0 and rows[2]["kl"] > rows[1]["kl"]

@@ -1,0 +1,12 @@
+"""Block-support attention: support basis with its exact support chosen per input, no calibration.
+
+The keys fall in blocks; each query row keeps exact the sinks, a band of recent blocks, and the earlier blocks that
+carry the most of its estimated attention mass (up to a share ``gamma``), and every other earlier block enters the
+same softmax as one pseudo-key, its centroid. ``naive.py`` defines it densely (the fast path, the decoding step and
+the backend's default are the rest of issue 24; docs/experiments/block_support.md holds the measurements so far).
+"""
+
+from .naive import block_support_attention
+from .settings import ESTIMATES, FAR_FIELDS, BlockSettings, select_blocks
+
+__all__ = ["ESTIMATES", "FAR_FIELDS", "BlockSettings", "block_support_attention", "select_blocks"]
