@@ -64,6 +64,10 @@ def by_loops(q, k, v, *, gamma, block_size, sinks, local_window, strict, estimat
                         mass[n] = len(members[n]) * math.exp(scale * float(q_sel @ keys.mean(0)))
                     elif estimate == "oracle":
                         mass[n] = sum(math.exp(score(q_sel, j)) for j in members[n])
+                    elif estimate == "sampled":  # every 8th position, the residue moving with the row
+                        picked = [j for j in members[n] if (sel + j) % 8 == 0]
+                        mass[n] = (8 * sum(math.exp(score(q_sel, j)) for j in picked) if picked
+                                   else len(members[n]) * math.exp(scale * float(q_sel @ keys.mean(0))))
                     else:
                         top = sum(max(float(q_sel[c] * keys[:, c].max()), float(q_sel[c] * keys[:, c].min())) for c in range(d))
                         mass[n] = len(members[n]) * math.exp(scale * top)

@@ -11,8 +11,11 @@ import torch
 ESTIMATES = {
     "centroid": "n_b exp(scale q . c_b): the block's mean key, an underestimate (Jensen), cheap",
     "bound": "n_b exp(scale * sum_c max(q_c min_c, q_c max_c)): Quest's bound on the block's largest score, an overestimate",
+    "sampled": "exp(scale q . k_j) summed over the members j with (p + j) % 8 == 0, p the selection query's position "
+               "(XAttention's antidiagonals), times 8: unbiased, noisy for a block one key dominates; 1/8 of the scores",
     "oracle": "the true mass sum_j exp(scale q . k_j) of the block (quadratic: for measuring the other estimates)",
 }
+SAMPLE_STRIDE = 8  # the "sampled" estimate scores one member in this many
 FAR_FIELDS = {
     "centroid": "each unselected candidate as one pseudo-key: its mean key, mean value and log-count bias",
     "none": "unselected candidates dropped (the softmax renormalizes over the exact keys)",
