@@ -91,7 +91,8 @@ def block_support_attention(
     sel_scores = scale * q_sel @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
     sel_sees = visible(sel_pos, k_pos, causal=True, sliding_window=sliding_window) & key_valid[:, None, None, :]
     exact_log_mass = torch.where(sel_sees & structural, sel_scores, float("-inf")).logsumexp(dim=-1)
-    block_log_mass = estimated_log_mass(settings.estimate, q_sel, sel_pos, k, sel_scores, member, centroid, scale, size)
+    block_log_mass = estimated_log_mass(settings.estimate, q_sel, sel_pos, k, sel_scores, member, log_count, centroid,
+                                        scale, size)
     selected = select_blocks(exact_log_mass, torch.where(candidate, block_log_mass, float("-inf")), settings.gamma)
 
     # One softmax over the exact keys and the centroids of the candidates not selected.
@@ -116,22 +117,22 @@ def block_support_attention(
     return ((key_weights @ v + block_weights @ mean_value) / den).to(out_dtype)
 
 
-def estimated_log_mass(estimate, q_sel, sel_pos, k, sel_scores, member, centroid, scale, size) -> torch.Tensor:
+def estimated_log_mass(estimate, q_sel, sel_pos, k, sel_scores, member, log_count, centroid, scale,
+                       size) -> torch.Tensor:
     """Each block's estimated log mass for each selection query (at key positions ``sel_pos``), ``(B, H, Lq, nb)``
-    (see ``ESTIMATES``); ``member (B, Lk, nb)`` weights 1 for the keys a block's centroid stands for, ``size`` keys
-    per block."""
-    log_count = member.sum(dim=1).clamp_min(1).log()[:, None, None, :]
-    spans = [slice(n * size, (n + 1) * size) for n in range(member.shape[2])]
-    centroid_mass = scale * q_sel @ centroid.transpose(-1, -2) + log_count
+    (see ``ESTIMATES``); ``member (B, Lk, nb)`` weights 1 for the keys a block's centroid stands for (``log_count``
+    of them), ``size`` keys per block."""
+    centroid_mass = lambda: scale * q_sel @ centroid.transpose(-1, -2) + log_count
     if estimate == "centroid":
-        return centroid_mass
+        return centroid_mass()
+    spans = [slice(n * size, (n + 1) * size) for n in range(member.shape[2])]
+    belongs = [member[:, span, n] > 0 for n, span in enumerate(spans)]  # (B, keys of block n)
     if estimate == "sampled":  # every SAMPLE_STRIDE-th key, the residue set by the selection query's position
         picked = (sel_pos[:, None] + torch.arange(sel_scores.shape[3], device=k.device)) % SAMPLE_STRIDE == 0
         sampled = torch.stack([
-            torch.where((member[:, span, n] > 0)[:, None, None] & picked[:, span], sel_scores[..., span], float("-inf"))
-            .logsumexp(dim=-1) for n, span in enumerate(spans)], dim=-1) + math.log(SAMPLE_STRIDE)
-        return torch.where(sampled > float("-inf"), sampled, centroid_mass)  # (no member sampled: the centroid)
-    belongs = [member[:, span, n] > 0 for n, span in enumerate(spans)]  # (B, keys of block n)
+            torch.where(own[:, None, None] & picked[:, span], sel_scores[..., span], float("-inf")).logsumexp(dim=-1)
+            for span, own in zip(spans, belongs)], dim=-1) + math.log(SAMPLE_STRIDE)
+        return torch.where(sampled > float("-inf"), sampled, centroid_mass())  # (no member sampled: the centroid)
     if estimate == "oracle":
         return torch.stack([torch.where(own[:, None, None], sel_scores[..., span], float("-inf")).logsumexp(dim=-1)
                             for span, own in zip(spans, belongs)], dim=-1)
