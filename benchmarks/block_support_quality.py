@@ -1,16 +1,18 @@
-"""Quality of block-support attention's dense twin inside a real model, against exact attention and sinks + window.
+"""Quality of block-support attention inside a real model, against exact attention and sinks + window.
 
-Issue 24's measuring tool until the method has its fast path and backend: the twin (``sb_hf.ops.block_support``,
-quadratic) runs as the model's attention through transformers' attention interface; every point reports
-perplexity, KL(exact || method), top-1 agreement, the share of visible pairs computed exactly, the cost share
-((exact pairs + centroid pairs) / visible pairs; the selection's cost is not included) and the share of candidate
-blocks selected. One unpadded sequence per block of text (no mask is read).
+Issue 24's measuring tool until the method has its backend: the dense twin (``block_support``, quadratic, every mode)
+or the fast op (``block_support_fast``: selections "row" and "union", estimates bound, centroid, oracle) runs as the
+model's attention through transformers' attention interface; every point reports perplexity, KL(exact || method),
+top-1 agreement, the share of visible pairs computed exactly, the cost share ((exact pairs + centroid pairs) /
+visible pairs), the share of candidate blocks selected, and for the fast op the kernel cost share (the pairs its
+tiles score, masked ones included, plus the estimate's and the centroids', over visible pairs). One unpadded
+sequence per block of text (no mask is read).
 
     python benchmarks/block_support_quality.py --tokens 2048 --sequences 1 --points '[
-        ["block_support", {"gamma": 0.9, "local_window": 128, "strict": true, "estimate": "oracle"}],
+        ["block_support", {"gamma": 0.9, "local_window": 128, "selection": "row", "estimate": "oracle"}],
         ["sink_window", {"sinks": 4, "local_window": 256}]]' --output runs/block_quality
 
-Kinds: ``block_support`` (the twin's settings), ``sink_window`` and ``support_basis`` (the fast ops' settings).
+Kinds: ``block_support`` and ``block_support_fast`` (the op's settings), ``sink_window`` and ``support_basis`` (the fast ops' settings).
 Text: the packaged news text's second half (``--text news``) or Wikipedia prose (``--text wiki``). Prints a table and
 writes ``block_quality.json``.
 """
@@ -29,11 +31,11 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from sb_hf.assets import load_model, news_text_path, wiki_text
 from sb_hf.integrations.masks import support_basis_mask
-from sb_hf.ops import sink_window_attention, support_basis_attention
+from sb_hf.ops import reference, sink_window_attention, support_basis_attention
 from sb_hf.ops.block_support import block_support_attention
 from sb_hf.quality import next_token_metrics, token_blocks
 
-OPS = {"block_support": block_support_attention, "sink_window": sink_window_attention,
+OPS = {"block_support": reference.block_support_attention, "block_support_fast": block_support_attention, "sink_window": sink_window_attention,
        "support_basis": support_basis_attention}
 NAME = "sb_hf_block_support_twin"
 _point: dict = {}
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
     exact_logits = [model(input_ids=ids).logits.float() for ids in blocks]
     exact = pooled(None, blocks, exact_logits)
     rows = [dict(kind="exact", settings={}, perplexity=math.exp(exact["nll"] / exact["count"]), kl=0.0, top1=1.0,
-                 exact_share=1.0, cost_share=1.0, selected_share=None, seconds=None)]
+                 exact_share=1.0, cost_share=1.0, selected_share=None, kernel_share=1.0, seconds=None)]
     model.set_attn_implementation(NAME)
     for kind, settings in points:
         _point.update(kind=kind, settings=settings, stats={})
@@ -93,17 +95,20 @@ def main(argv=None) -> int:
             top1=totals["agree"] / count, exact_share=stats["exact_pairs"] / stats["pairs"],
             cost_share=(stats["exact_pairs"] + stats.get("centroid_pairs", 0.0)) / stats["pairs"],
             selected_share=stats["selected_blocks"] / max(stats["candidate_blocks"], 1.0) if "selected_blocks" in stats else None,
+            kernel_share=(stats["computed_pairs"] + stats["estimate_pairs"] + stats.get("centroid_pairs", 0.0)) / stats["pairs"]
+            if "computed_pairs" in stats else None,
             seconds=time.perf_counter() - start))
         print(json.dumps(rows[-1]), flush=True)
     model.set_attn_implementation("sdpa")
     base = rows[0]["perplexity"]
     print(f"text: {args.text}; {args.sequences} x {args.tokens} tokens")
-    print("| kind | settings | perplexity | change | mean KL | top-1 | exact pairs | cost | blocks selected |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| kind | settings | perplexity | change | mean KL | top-1 | exact pairs | cost | blocks selected | kernel cost |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        selected = "" if r["selected_share"] is None else f"{r['selected_share']:.1%}"
+        share = lambda x: "" if x is None else f"{x:.1%}"
         print(f"| {r['kind']} | {json.dumps(r['settings'])} | {r['perplexity']:.3f} | {r['perplexity'] / base - 1:+.2%} | "
-              f"{r['kl']:.4f} | {r['top1']:.1%} | {r['exact_share']:.1%} | {r['cost_share']:.1%} | {selected} |")
+              f"{r['kl']:.4f} | {r['top1']:.1%} | {r['exact_share']:.1%} | {r['cost_share']:.1%} | "
+              f"{share(r['selected_share'])} | {share(r['kernel_share'])} |")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "block_quality.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))

@@ -14,7 +14,8 @@ keeps freed blocks of growing sizes, and peak RSS measures the allocator's reten
 With ``--settings FILE`` support basis runs a calibrated layer's settings (``--layer``; per KV head or
 per query head, one op call per group of heads as in the model) instead of ``--degree``/planted rows,
 and with ``--capture FILE`` every method runs on that layer's captured activations (n up to the
-capture's length) instead of random ones:
+capture's length) instead of random ones. ``block_support`` runs the block-support op with the settings of
+``--block`` (JSON; its pair counts include the tiles' and the estimate's work, reported as the kernel's share):
 
     python benchmarks/op_scaling.py --settings runs/calibrate_q_8k/budget_0.05/support_basis.json \
         --capture runs/capture8k_all.safetensors --layer 12 --lengths 2048,4096,8192 --methods sdpa,support_basis
@@ -100,10 +101,11 @@ REPEATS, REPEAT_SECONDS = 5, 2.0  # a timed point repeats (up to 5 calls, while 
 
 def measure(method: str, n: int, large_rows: int, degree: int, threads: int, backward: bool, *, settings: str | None = None,
             capture: str | None = None, layer: int = 0, window: int = 1024, chunk_size: int | None = None,
-            warmup: bool = True) -> dict:
+            warmup: bool = True, block: str = "{}") -> dict:
     import torch
 
     from sb_hf.ops import sink_window_attention
+    from sb_hf.ops.block_support import block_support_attention
 
     torch.set_num_threads(threads)
     q, k, v, scale = inputs(n, large_rows, capture, layer)
@@ -116,6 +118,7 @@ def measure(method: str, n: int, large_rows: int, degree: int, threads: int, bac
                                                 chunk_size=chunk_size),
             "sink_window": lambda: sink_window_attention(q, k, v, sinks=4, local_window=window, scale=scale, stats=stats,
                                                          **({} if chunk_size is None else {"chunk_size": chunk_size})),
+            "block_support": lambda: block_support_attention(q, k, v, scale=scale, stats=stats, **json.loads(block)),
         }
         return ops[method]
 
@@ -154,14 +157,17 @@ def measure(method: str, n: int, large_rows: int, degree: int, threads: int, bac
     seconds = statistics.median(times)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
     share = float(stats["exact_pairs"] / stats["pairs"]) if stats else 1.0
+    kernel = (float((stats["computed_pairs"] + stats["estimate_pairs"] + stats["centroid_pairs"]) / stats["pairs"])
+              if "computed_pairs" in stats else share)
     return {"method": method, "n": n, "large_rows": large_rows, "backward": backward, "seconds": seconds,
-            "peak_extra_mib": peak / 1024, "exact_pair_share": share}
+            "peak_extra_mib": peak / 1024, "exact_pair_share": share, "kernel_share": kernel}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="512,1024,2048,4096")
-    parser.add_argument("--methods", default="sdpa,support_basis", help="comma list of sdpa, eager, support_basis")
+    parser.add_argument("--methods", default="sdpa,support_basis",
+                        help="comma list of sdpa, eager, support_basis, sink_window, block_support")
     parser.add_argument("--large-rows", type=int, default=64, help="planted large rows (fixed count)")
     parser.add_argument("--large-share", type=float, default=None, help="planted large rows as a share of n (overrides --large-rows)")
     parser.add_argument("--backward", action="store_true", help="time forward+backward (training) instead of forward")
@@ -172,6 +178,7 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=12, help="the layer of --settings/--capture (default 12)")
     parser.add_argument("--window", type=int, default=1024, help="local window of sink_window (4 sinks; default 1024)")
     parser.add_argument("--chunk-size", type=int, default=None, help="chunk_size of support_basis/sink_window (default: theirs)")
+    parser.add_argument("--block", default="{}", help="JSON settings of block_support (default: the op's defaults)")
     parser.add_argument("--output", default="runs/op_scaling")
     parser.add_argument("--point", help=argparse.SUPPRESS)
     parser.add_argument("--cold", action="store_true", help=argparse.SUPPRESS)  # the memory run: no warm-up
@@ -180,11 +187,11 @@ def main() -> None:
         method, n = args.point.split(":")
         print(json.dumps(measure(method, int(n), args.large_rows, args.degree, args.threads, args.backward,
                                  settings=args.settings, capture=args.capture, layer=args.layer, window=args.window,
-                                 chunk_size=args.chunk_size, warmup=not args.cold)))
+                                 chunk_size=args.chunk_size, warmup=not args.cold, block=args.block)))
         return
 
     methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - {"sdpa", "eager", "support_basis", "sink_window"}
+    unknown = set(methods) - {"sdpa", "eager", "support_basis", "sink_window", "block_support"}
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}")
     rows = []
@@ -193,7 +200,7 @@ def main() -> None:
         for method in methods:
             cmd = [sys.executable, __file__, "--point", f"{method}:{n}", "--large-rows", str(large),
                    "--degree", str(args.degree), "--threads", str(args.threads), "--layer", str(args.layer),
-                   "--window", str(args.window)] + (["--backward"] if args.backward else [])
+                   "--window", str(args.window), "--block", args.block] + (["--backward"] if args.backward else [])
             for flag, value in (("--settings", args.settings), ("--capture", args.capture), ("--chunk-size", args.chunk_size)):
                 cmd += [] if value is None else [flag, str(value)]
             timed = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
@@ -205,13 +212,14 @@ def main() -> None:
     sb = f"layer {args.layer} of {args.settings}" if args.settings else f"threshold 3, degree {args.degree}"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads; causal "
           f"{'forward+backward' if args.backward else 'forward'}; 9 q heads / 3 kv heads, head dim 64; inputs: {data}; "
-          f"support basis: {sb}; sink_window: 4 sinks, window {args.window}; chunk size {args.chunk_size or 'default'}")
+          f"support basis: {sb}; sink_window: 4 sinks, window {args.window}; block_support: {args.block}; "
+          f"chunk size {args.chunk_size or 'default'}")
     sdpa = {r["n"]: r["seconds"] for r in rows if r["method"] == "sdpa"}
-    print(f"{'n':>6} {'method':>14} {'seconds':>9} {'vs sdpa':>8} {'pairs exact':>12} {'peak extra MiB':>15}")
+    print(f"{'n':>6} {'method':>14} {'seconds':>9} {'vs sdpa':>8} {'pairs exact':>12} {'kernel work':>12} {'peak extra MiB':>15}")
     for r in rows:
         ratio = f"{r['seconds'] / sdpa[r['n']]:.2f}x" if r["n"] in sdpa else "-"
         print(f"{r['n']:>6} {r['method']:>14} {r['seconds']:>9.3f} {ratio:>8} {100 * r['exact_pair_share']:>11.1f}% "
-              f"{r['peak_extra_mib']:>15.1f}")
+              f"{100 * r['kernel_share']:>11.1f}% {r['peak_extra_mib']:>15.1f}")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "op_scaling.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))

@@ -36,12 +36,14 @@ def calibrated_capture(tmp_path, *, tokens: int, seed: int) -> tuple[Path, Path]
 
 
 def test_op_scaling_random_inputs(tmp_path):
-    out = _run("op_scaling.py", "--lengths", "200", "--methods", "sdpa,support_basis,sink_window", "--large-rows", "4",
-               "--window", "32", "--threads", "1", "--output", str(tmp_path))
+    out = _run("op_scaling.py", "--lengths", "200", "--methods", "sdpa,support_basis,sink_window,block_support",
+               "--large-rows", "4", "--window", "32", "--threads", "1", "--output", str(tmp_path),
+               "--block", '{"gamma": 0.5, "block_size": 16, "local_window": 16}')
     rows = json.loads((tmp_path / "op_scaling.json").read_text())["rows"]
-    assert [(r["n"], r["method"]) for r in rows] == [(200, m) for m in ("sdpa", "support_basis", "sink_window")]
+    assert [(r["n"], r["method"]) for r in rows] == [(200, m) for m in ("sdpa", "support_basis", "sink_window", "block_support")]
     share = {(r["n"], r["method"]): r["exact_pair_share"] for r in rows}
     assert share[200, "sdpa"] == 1.0 and 0 < share[200, "sink_window"] < 1 and 0 < share[200, "support_basis"] < 1
+    assert 0 < share[200, "block_support"] < 1 and rows[3]["kernel_share"] > share[200, "block_support"]
     assert "vs sdpa" in out and all(r["seconds"] > 0 for r in rows)
     assert (tmp_path / "op_scaling.png").exists()
 
@@ -132,7 +134,7 @@ def test_block_support_quality_runs_the_twin_in_the_real_model(tmp_path, require
     """The twin, sink + window and support basis as the packaged model's attention on 64 tokens: a table and JSON,
     and a twin keeping every block exact (gamma 1) scores what exact attention scores."""
     points = json.dumps([["block_support", {"gamma": 1.0, "block_size": 8, "local_window": 8}],
-                         ["block_support", {"gamma": 0.0, "block_size": 8, "local_window": 8, "strict": True}],
+                         ["block_support", {"gamma": 0.0, "block_size": 8, "local_window": 8, "selection": "row"}],
                          ["sink_window", {"sinks": 4, "local_window": 16}]])
     out = _run("block_support_quality.py", "--tokens", "64", "--points", points, "--output", str(tmp_path))
     assert "| block_support |" in out and "| sink_window |" in out
@@ -140,3 +142,20 @@ def test_block_support_quality_runs_the_twin_in_the_real_model(tmp_path, require
     assert [r["kind"] for r in rows] == ["exact", "block_support", "block_support", "sink_window"]
     assert rows[1]["exact_share"] == 1.0 and rows[1]["kl"] < 1e-6 and rows[1]["top1"] == 1.0
     assert rows[2]["exact_share"] < 1.0 and rows[2]["selected_share"] == 0.0 and rows[2]["kl"] > rows[1]["kl"]
+
+
+def test_block_selection_study_on_a_capture(tmp_path):
+    """The selection study on a tiny model's capture (300 tokens, blocks of 64): every rule at each gamma, its missed
+    mass in [0, 1] and its cost; the per-row oracle misses at most 1 - gamma, and sharing a row's selection over its
+    block (the union) misses no more than the row's own."""
+    model = tiny_model("llama", max_position_embeddings=512)
+    ids = torch.randint(1, VOCAB, (1, 300), generator=torch.Generator().manual_seed(3))
+    path = save_capture(capture_activations(model, ids), tmp_path / "capture.safetensors")
+    out = _run("block_selection_study.py", "--capture", str(path), "--gammas", "0.5,0.9", "--local-window", "64",
+               "--output", str(tmp_path / "out"))
+    assert "| oracle-row g0.9 |" in out and "| antidiagonal g0.5 |" in out
+    rows = {r["rule"]: r for r in json.loads((tmp_path / "out" / "selection_study.json").read_text())["rows"]}
+    assert len(rows) == 2 * 9 and all(0 <= r["missed"] <= 1 and 0 < r["cost"] for r in rows.values())
+    for g in ("0.5", "0.9"):
+        assert rows[f"oracle-row g{g}"]["missed"] <= 1 - float(g) + 1e-6
+        assert rows[f"oracle-union g{g}"]["missed"] <= rows[f"oracle-row g{g}"]["missed"] + 1e-6

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from sb_hf.ops import reference
-from sb_hf.ops.block_support import ESTIMATES, FAR_FIELDS, block_support_attention, select_blocks
+from sb_hf.ops.block_support import ESTIMATES, FAR_FIELDS, SELECTIONS, select_blocks
+from sb_hf.ops.reference import block_support_attention
 
 F64 = torch.float64
 SETTINGS = dict(gamma=0.7, block_size=7, sinks=3, local_window=10)
@@ -29,7 +30,7 @@ def left_padded(batch, kv_len, pad=23):
     return mask
 
 
-def by_loops(q, k, v, *, gamma, block_size, sinks, local_window, strict, estimate, far, key_padding_mask=None,
+def by_loops(q, k, v, *, gamma, block_size, sinks, local_window, selection, estimate, far, key_padding_mask=None,
              sliding_window=None):
     """The definition, one row and one block at a time in Python floats."""
     batch, heads, q_len, d = q.shape
@@ -43,18 +44,21 @@ def by_loops(q, k, v, *, gamma, block_size, sinks, local_window, strict, estimat
         sink = set(real[:sinks])
         members = {n: [j for j in range(n * block_size, min((n + 1) * block_size, kv_len)) if valid[b, j] and j not in sink]
                    for n in range(blocks)}
+        sees = lambda pos, j: valid[b, j] and j <= pos and (sliding_window is None or j > pos - sliding_window)
         for h in range(heads):
             kh, vh = k[b, h // (heads // kv_heads)], v[b, h // (heads // kv_heads)]
-            for i in range(q_len):
-                p = offset + i
+            score = lambda x, j: scale * float(x @ kh[j])
+
+            def candidates_of(p):
                 block = p // block_size
                 last = (block + 1) * block_size - 1
-                sees = lambda pos, j: valid[b, j] and j <= pos and (sliding_window is None or j > pos - sliding_window)
-                candidates = [n for n in range(blocks) if n < block - band and members[n]
-                              and (sliding_window is None or n * block_size > last - sliding_window)]
-                sel = p if strict else min(last, kv_len - 1)
+                return [n for n in range(blocks) if n < block - band and members[n]
+                        and (sliding_window is None or n * block_size > last - sliding_window)]
+
+            def estimate_of(p):
+                candidates, last = candidates_of(p), (p // block_size + 1) * block_size - 1
+                sel = min(last, kv_len - 1) if selection == "last" else p
                 q_sel = q[b, h, sel - offset]
-                score = lambda x, j: scale * float(x @ kh[j])
                 structural = [j for j in range(kv_len) if j in sink or j // block_size not in candidates]
                 exact_mass = sum(math.exp(score(q_sel, j)) for j in structural if sees(sel, j))
                 mass = {}
@@ -71,11 +75,28 @@ def by_loops(q, k, v, *, gamma, block_size, sinks, local_window, strict, estimat
                     else:
                         top = sum(max(float(q_sel[c] * keys[:, c].max()), float(q_sel[c] * keys[:, c].min())) for c in range(d))
                         mass[n] = len(members[n]) * math.exp(scale * top)
-                total, taken, chosen = exact_mass + sum(mass.values()), exact_mass, []
-                for n in sorted(candidates, key=lambda n: (-mass[n], n)):
+                return exact_mass, mass
+
+            def rule(exact_mass, mass):
+                total, taken, chosen = exact_mass + sum(mass.values()), exact_mass, set()
+                for n in sorted(mass, key=lambda n: (-mass[n], n)):
                     if gamma >= 1 or (gamma > 0 and taken < gamma * total):
-                        chosen.append(n)
+                        chosen.add(n)
                         taken += mass[n]
+                return chosen
+
+            estimates = [estimate_of(offset + i) for i in range(q_len)]
+            own = [rule(*estimates[i]) for i in range(q_len)]
+            for i in range(q_len):
+                p = offset + i
+                candidates, chosen = candidates_of(p), own[i]
+                block_rows = [r for r in range(q_len) if (offset + r) // block_size == p // block_size]
+                if selection == "union":  # the blocks any row of the block in the call chose
+                    chosen = set().union(*(own[r] for r in block_rows))
+                if selection == "pooled":  # the block's rows' shares of their estimated totals, summed
+                    shares = [(e, m, e + sum(m.values())) for e, m in (estimates[r] for r in block_rows)]
+                    chosen = rule(sum(e / t for e, _, t in shares if t), {n: sum(m[n] / t for _, m, t in shares if t)
+                                                                            for n in candidates})
                 terms = [(score(q[b, h, i], j), vh[j]) for j in range(kv_len)
                          if sees(p, j) and (j in sink or j // block_size not in candidates or j // block_size in chosen)]
                 if far == "centroid":
@@ -88,17 +109,17 @@ def by_loops(q, k, v, *, gamma, block_size, sinks, local_window, strict, estimat
     return out
 
 
-@pytest.mark.parametrize("strict", [False, True], ids=["block", "strict"])
+@pytest.mark.parametrize("selection", list(SELECTIONS))
 @pytest.mark.parametrize("estimate", list(ESTIMATES))
 @pytest.mark.parametrize("far", list(FAR_FIELDS))
 @pytest.mark.parametrize("sliding_window,padded", [(None, False), (None, True), (40, True)], ids=["plain", "padded", "window"])
 @pytest.mark.parametrize("block_size", [7, 16])
-def test_twin_follows_the_definition(strict, estimate, far, sliding_window, padded, block_size):
+def test_twin_follows_the_definition(selection, estimate, far, sliding_window, padded, block_size):
     """37 queries over 90 keys (the last 37 positions), GQA 4/2, blocks of 7 or 16 (a shorter last block), a band of
     10 keys (2 or 1 blocks), 3 sinks."""
     q, k, v = qkv()
     mask = left_padded(2, 90) if padded else None
-    kw = dict(SETTINGS, block_size=block_size, strict=strict, estimate=estimate, far=far, key_padding_mask=mask,
+    kw = dict(SETTINGS, block_size=block_size, selection=selection, estimate=estimate, far=far, key_padding_mask=mask,
               sliding_window=sliding_window)
     torch.testing.assert_close(block_support_attention(q, k, v, **kw), by_loops(q, k, v, **kw), rtol=1e-10, atol=1e-10)
 
@@ -129,15 +150,15 @@ def test_ties_go_to_the_lower_block():
     assert got.tolist() == [[False, True, True, False, False]]
 
 
-@pytest.mark.parametrize("strict", [False, True], ids=["block", "strict"])
-def test_gamma_one_is_exact_attention_and_gamma_zero_keeps_only_the_structure(strict):
+@pytest.mark.parametrize("selection", list(SELECTIONS))
+def test_gamma_one_is_exact_attention_and_gamma_zero_keeps_only_the_structure(selection):
     q, k, v = qkv(q_len=90)
     for kw in (dict(), dict(key_padding_mask=left_padded(2, 90)), dict(sliding_window=33)):
         exact = reference.exact_attention(q, k, v, **kw)
-        full = block_support_attention(q, k, v, **{**SETTINGS, "gamma": 1.0, "strict": strict}, **kw)
+        full = block_support_attention(q, k, v, **{**SETTINGS, "gamma": 1.0, "selection": selection}, **kw)
         torch.testing.assert_close(full, exact, rtol=1e-10, atol=1e-10)
     stats = {}
-    block_support_attention(q, k, v, **{**SETTINGS, "gamma": 0.0, "strict": strict}, stats=stats)
+    block_support_attention(q, k, v, **{**SETTINGS, "gamma": 0.0, "selection": selection}, stats=stats)
     assert int(stats["selected_blocks"]) == 0 and int(stats["candidate_blocks"]) > 0
     assert int(stats["centroid_pairs"]) == int(stats["candidate_blocks"]) and int(stats["exact_pairs"]) < int(stats["pairs"])
 
@@ -149,9 +170,9 @@ def perturbed(x, positions, seed):
     return y
 
 
-def test_strict_rows_depend_on_their_own_query_and_earlier_keys_only():
+def test_row_selection_depends_on_its_own_query_and_earlier_keys_only():
     q, k, v = qkv(q_len=90)
-    kw = dict(SETTINGS, gamma=0.6, strict=True)
+    kw = dict(SETTINGS, gamma=0.6, selection="row")
     out = block_support_attention(q, k, v, **kw)
     for p in (20, 41, 62, 88):
         later = list(range(p + 1, 90))
@@ -160,17 +181,20 @@ def test_strict_rows_depend_on_their_own_query_and_earlier_keys_only():
         assert not torch.equal(changed[:, :, p + 1 :], out[:, :, p + 1 :])
 
 
-def test_block_rows_depend_on_nothing_after_their_block_but_may_on_their_block():
+@pytest.mark.parametrize("selection", ["union", "pooled", "last"])
+def test_shared_selections_depend_on_nothing_after_their_block_but_may_on_their_block(selection):
     q, k, v = qkv(q_len=90)
-    kw = dict(SETTINGS, gamma=0.6, strict=False)
-    out = block_support_attention(q, k, v, **kw)
+    kw = dict(SETTINGS, gamma=0.9, selection=selection)
+    stats = {}
+    out = block_support_attention(q, k, v, stats=stats, **kw)
+    assert 0 < int(stats["selected_blocks"]) < int(stats["candidate_blocks"])
     size = SETTINGS["block_size"]
     for block in (3, 6, 9):
         end = (block + 1) * size  # the first position after the block
         later = list(range(end, 90))
         changed = block_support_attention(perturbed(q, later, 3), perturbed(k, later, 4), perturbed(v, later, 5), **kw)
         torch.testing.assert_close(changed[:, :, :end], out[:, :, :end], rtol=0, atol=0)
-    # A later query of the block moves the selection of the block's earlier rows (the leak the mode allows).
+    # A later query of the block moves the support of the block's earlier rows (the leak the mode allows).
     last = lambda p: min((p // size + 1) * size - 1, 89)
     moved = [p for p in range(7, 90) if last(p) != p and not torch.equal(
         block_support_attention(perturbed(q, [last(p)], p), k, v, **kw)[:, :, p], out[:, :, p])]
@@ -187,7 +211,7 @@ def test_weights_are_the_output():
 
 @pytest.mark.parametrize("bad,message", [
     (dict(gamma=1.5), "gamma must be"), (dict(gamma=True), "gamma must be"), (dict(block_size=0), "block_size must be"),
-    (dict(sinks=-1), "sinks must be"), (dict(local_window=2.5), "local_window must be"), (dict(strict=1), "strict must be"),
+    (dict(sinks=-1), "sinks must be"), (dict(local_window=2.5), "local_window must be"), (dict(selection="strict"), "selection must be one of"),
     (dict(estimate="max"), "estimate must be one of"), (dict(far="mean"), "far must be one of"),
     (dict(causal=False), "causal only"),
 ])

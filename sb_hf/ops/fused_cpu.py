@@ -3,7 +3,7 @@
 ``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`` returns the log-sum-exp beside the output, which is
 what a :class:`sb_hf.ops.partial.Partial` needs; it runs many (sequence, head, query block) items per call on
 every thread. :func:`fused_band` computes a local band as many blocks per call, :func:`fused_causal` a causal
-call (halved when the heads would leave a thread idle). The device-neutral forms (plain matmuls) are in
+call (halved when the heads would leave a thread idle), :func:`fused_masked` gathered key tiles under a mask. The device-neutral forms (plain matmuls) are in
 :mod:`sb_hf.ops.exact`, which picks this path when :func:`available` says so. Windows are named as in
 :mod:`sb_hf.ops.masking`.
 """
@@ -143,3 +143,15 @@ def fused_band(qg, k, v, key_valid, scale, band_width, band_keys, offset, chunk,
 
     seen = rows(seens)  # the kernel gives 0 output and 0 log-sum-exp to a row with no visible key
     return Partial(rows(outs, v.shape[-1]), seen.to(qg.dtype), torch.where(seen, rows(lses), float("-inf")))
+
+
+def fused_masked(q, k, v, mask, scale) -> Partial:
+    """Exact attention of ``q (..., L, d)`` to ``k``, ``v`` ``(..., S, d)`` where ``mask (..., L or 1, S)`` (the leading
+    dims, broadcast to q's, flattened into the kernel's batch, one head), as a partial attention: a row's shift is its log-sum-exp
+    (``-inf`` when it sees no key)."""
+    lead, rows = q.shape[:-2], q.shape[-2]
+    flat = lambda x: x.expand(*lead, *x.shape[-2:]).reshape(-1, 1, *x.shape[-2:])  # (k, v, mask may broadcast)
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    out, lse = kernel(flat(q), flat(k), flat(v), attn_mask=flat(bias), scale=scale)
+    seen = mask.expand(*lead, *mask.shape[-2:]).any(dim=-1).expand(*lead, rows)
+    return Partial(out.view(*lead, rows, -1), seen.to(q.dtype), torch.where(seen, lse.view(*lead, rows).to(q.dtype), float("-inf")))

@@ -11,9 +11,11 @@ Key block ``b`` holds the key positions ``[b B, (b + 1) B)`` (``B = block_size``
   A candidate stands for its keys by its *centroid*: the mean of its real non-sink keys ``c_b``, their mean value
   ``u_b`` and their count ``n_b``, the pseudo-key of weight ``n_b exp(scale q . c_b)`` (the degree-0 taylor term of
   the block around its mean); with ``far="none"`` the unselected candidates are dropped instead.
-- **selection** by a *selection query* ``q_sel``: ``q_p`` itself (``strict=True``: a row's support depends on its
-  own query and earlier keys only), or the last query of block ``P`` present in the call (``strict=False``: the rows
-  of a block share one support, which may depend on the later queries of the block, never on later blocks). Each
+- **selection** by a *selection query* ``q_sel``: ``q_p`` itself (``selection="row"``: a row's support depends on
+  its own query and earlier keys only; ``"union"``: then the rows of block ``P`` present in the call share the union
+  of their selections; ``"pooled"``: they share one selection by the sum of their masses, each row's as shares of
+  its estimated total), or the last query of block ``P`` present in the call (``"last"``). With ``"union"``,
+  ``"pooled"`` and ``"last"`` a row may depend on the other queries of its block, never on later blocks. Each
   candidate's mass is estimated (``estimate``: :data:`.settings.ESTIMATES`), the exact keys' mass is exact; the candidates are
   taken in order of estimated mass (ties: the lower block first) until the exact mass plus theirs reaches ``gamma``
   of the estimated total. Selected candidates are exact; the others keep their centroid.
@@ -42,7 +44,7 @@ def block_support_attention(
     block_size: int = BlockSettings.block_size,
     sinks: int = BlockSettings.sinks,
     local_window: int = BlockSettings.local_window,
-    strict: bool = BlockSettings.strict,
+    selection: str = BlockSettings.selection,
     estimate: str = BlockSettings.estimate,
     far: str = BlockSettings.far,
     causal: bool = True,
@@ -57,7 +59,7 @@ def block_support_attention(
     ``exact_pairs``, ``pairs``, ``exact_rows``, ``rows``, ``centroid_pairs`` (row, pseudo-key pairs),
     ``selected_blocks`` and ``candidate_blocks`` (over rows); with ``return_weights``, the weight of every key
     ``(B, Hq, Lq, Lk)`` (a centroid's weight shared equally by the keys it stands for) instead of the output."""
-    settings = BlockSettings(gamma, block_size, sinks, local_window, strict, estimate, far)
+    settings = BlockSettings(gamma, block_size, sinks, local_window, selection, estimate, far)
     shapes = check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
                           scale=scale)
     settings.check(causal)
@@ -86,14 +88,24 @@ def block_support_attention(
     structural = sink[:, None, None, :] | ~candidate[..., k_block]  # (B, 1, Lq, Lk): exact whatever is selected
 
     # The selection query of each row, its estimated masses, and the selected candidates.
-    sel_pos = q_pos if settings.strict else torch.clamp(last_row, max=kv_len - 1)
+    sel_pos = torch.clamp(last_row, max=kv_len - 1) if settings.selection == "last" else q_pos
     q_sel = q[:, :, sel_pos - offset]  # (B, H, Lq, d)
     sel_scores = scale * q_sel @ k.transpose(-1, -2)  # (B, H, Lq, Lk)
     sel_sees = visible(sel_pos, k_pos, causal=True, sliding_window=sliding_window) & key_valid[:, None, None, :]
     exact_log_mass = torch.where(sel_sees & structural, sel_scores, float("-inf")).logsumexp(dim=-1)
     block_log_mass = estimated_log_mass(settings.estimate, q_sel, sel_pos, k, sel_scores, member, log_count, centroid,
                                         scale, size)
-    selected = select_blocks(exact_log_mass, torch.where(candidate, block_log_mass, float("-inf")), settings.gamma)
+    block_log_mass = torch.where(candidate, block_log_mass, float("-inf"))
+    same_block = (q_block[:, None] == q_block[None, :]).to(q.dtype)  # (Lq, Lq)
+    if settings.selection == "pooled":  # each row's shares of its estimated total, summed over its block's rows
+        total = torch.logaddexp(exact_log_mass, block_log_mass.logsumexp(dim=-1))
+        total = torch.where(total > float("-inf"), total, torch.zeros_like(total))[..., None]  # (a row without keys: 0)
+        pooled = lambda log_mass: (same_block @ (log_mass - total).exp()).log()
+        selected = select_blocks(pooled(exact_log_mass[..., None])[..., 0], pooled(block_log_mass), settings.gamma)
+    else:
+        selected = select_blocks(exact_log_mass, block_log_mass, settings.gamma)
+    if settings.selection == "union":  # each row takes the blocks any row of its block selected
+        selected = (same_block @ selected.to(q.dtype)) > 0
 
     # One softmax over the exact keys and the centroids of the candidates not selected.
     exact = mask & (structural | selected[..., k_block])  # (B, H, Lq, Lk)

@@ -16,6 +16,15 @@ ESTIMATES = {
     "oracle": "the true mass sum_j exp(scale q . k_j) of the block (quadratic: for measuring the other estimates)",
 }
 SAMPLE_STRIDE = 8  # the "sampled" estimate scores one member in this many
+SELECTIONS = {
+    "row": "each row selects with its own query (strictly causal: a row depends on its own query and earlier keys only)",
+    "union": "each row selects with its own query, and the rows of a query block share the union of their selections "
+             "(a row may depend on the other queries of its block present in the call, never on later blocks)",
+    "pooled": "each row estimates with its own query, its masses as shares of its estimated total; the rows of a query "
+              "block share one selection by the sum of their shares (XAttention-like; the same causality as 'union')",
+    "last": "the rows of a query block share the selection of its last query present in the call (MInference- and "
+            "FlexPrefill-like; the same causality as 'union')",
+}
 FAR_FIELDS = {
     "centroid": "each unselected candidate as one pseudo-key: its mean key, mean value and log-count bias",
     "none": "unselected candidates dropped (the softmax renormalizes over the exact keys)",
@@ -27,15 +36,14 @@ class BlockSettings:
     """``gamma``: the share of a row's estimated attention mass its exact support must hold (0: the structure only,
     1: every key exact); ``block_size``: keys per block (the unit of selection and of a centroid); ``sinks``: the
     first real keys, always exact; ``local_window``: keys behind each query always exact, rounded up to whole blocks
-    (``band_blocks``); ``strict``: each row selects with its own query (else a block's rows share the selection of
-    its last query); ``estimate``: how a candidate's mass is estimated for the selection (:data:`ESTIMATES`);
+    (``band_blocks``); ``selection``: whose estimate chooses a row's blocks (:data:`SELECTIONS`); ``estimate``: how a candidate's mass is estimated for the selection (:data:`ESTIMATES`);
     ``far``: what stands for the candidates not selected (:data:`FAR_FIELDS`)."""
 
     gamma: float = 0.9
     block_size: int = 64
     sinks: int = 4
     local_window: int = 256
-    strict: bool = False
+    selection: str = "row"
     estimate: str = "centroid"
     far: str = "centroid"
 
@@ -55,8 +63,8 @@ class BlockSettings:
             value, low = getattr(self, name), 1 if name == "block_size" else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.strict, bool):
-            raise ValueError(f"strict must be True or False, got {self.strict!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {tuple(SELECTIONS)}, got {self.selection!r}")
         if self.estimate not in ESTIMATES:
             raise ValueError(f"estimate must be one of {tuple(ESTIMATES)}, got {self.estimate!r}")
         if self.far not in FAR_FIELDS:
