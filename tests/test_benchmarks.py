@@ -159,3 +159,20 @@ def test_block_selection_study_on_a_capture(tmp_path):
     for g in ("0.5", "0.9"):
         assert rows[f"oracle-row g{g}"]["missed"] <= 1 - float(g) + 1e-6
         assert rows[f"oracle-union g{g}"]["missed"] <= rows[f"oracle-row g{g}"]["missed"] + 1e-6
+
+
+def test_long_capture_stretches_the_rotary_embedding(tmp_path, require_assets):
+    """One layer of the packaged model captured with linear RoPE interpolation: position 0 is unchanged (its rotation
+    is the identity at any factor), later positions rotate by half the angle at factor 2, so their q differ."""
+    from sb_hf.analysis.capture import load_capture
+
+    captured = {}
+    for factor in ("1", "2"):
+        out = _run("long_capture.py", "--tokens", "128", "--layer", "0", "--rope-factor", factor,
+                   "--output", str(tmp_path / f"cap{factor}.safetensors"))
+        assert f"linear RoPE factor {factor}" in out
+        captured[factor] = load_capture(tmp_path / f"cap{factor}.safetensors")
+    q1, q2 = (captured[f].layers[0]["q"].float() for f in ("1", "2"))
+    assert q1.shape == (1, 9, 128, 64) and captured["2"].meta["rope_factor"] == "2"
+    torch.testing.assert_close(q1[:, :, 0], q2[:, :, 0], rtol=1e-3, atol=1e-3)
+    assert (q1[:, :, 100] - q2[:, :, 100]).abs().max() > 0.1

@@ -31,7 +31,7 @@ def left_padded(batch, kv_len, pad=23):
 
 
 def by_loops(q, k, v, *, gamma, block_size, sinks, local_window, selection, estimate, far, key_padding_mask=None,
-             sliding_window=None):
+             sliding_window=None, sample_stride=8):
     """The definition, one row and one block at a time in Python floats."""
     batch, heads, q_len, d = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -69,8 +69,8 @@ def by_loops(q, k, v, *, gamma, block_size, sinks, local_window, selection, esti
                     elif estimate == "oracle":
                         mass[n] = sum(math.exp(score(q_sel, j)) for j in members[n])
                     elif estimate == "sampled":  # every 8th position, the residue moving with the row
-                        picked = [j for j in members[n] if (sel + j) % 8 == 0]
-                        mass[n] = (8 * sum(math.exp(score(q_sel, j)) for j in picked) if picked
+                        picked = [j for j in members[n] if (sel + j) % sample_stride == 0]
+                        mass[n] = (sample_stride * sum(math.exp(score(q_sel, j)) for j in picked) if picked
                                    else len(members[n]) * math.exp(scale * float(q_sel @ keys.mean(0))))
                     else:
                         top = sum(max(float(q_sel[c] * keys[:, c].max()), float(q_sel[c] * keys[:, c].min())) for c in range(d))
@@ -111,16 +111,25 @@ def by_loops(q, k, v, *, gamma, block_size, sinks, local_window, selection, esti
 
 @pytest.mark.parametrize("selection", list(SELECTIONS))
 @pytest.mark.parametrize("estimate", list(ESTIMATES))
-@pytest.mark.parametrize("far", list(FAR_FIELDS))
 @pytest.mark.parametrize("sliding_window,padded", [(None, False), (None, True), (40, True)], ids=["plain", "padded", "window"])
-@pytest.mark.parametrize("block_size", [7, 16])
+@pytest.mark.parametrize("block_size,far", [(7, "centroid"), (16, "none")])  # (every far field: FAR_FIELDS)
 def test_twin_follows_the_definition(selection, estimate, far, sliding_window, padded, block_size):
     """37 queries over 90 keys (the last 37 positions), GQA 4/2, blocks of 7 or 16 (a shorter last block), a band of
-    10 keys (2 or 1 blocks), 3 sinks."""
+    10 keys (2 or 1 blocks), 3 sinks, each far field."""
+    assert set(FAR_FIELDS) == {"centroid", "none"}
     q, k, v = qkv()
     mask = left_padded(2, 90) if padded else None
     kw = dict(SETTINGS, block_size=block_size, selection=selection, estimate=estimate, far=far, key_padding_mask=mask,
               sliding_window=sliding_window)
+    torch.testing.assert_close(block_support_attention(q, k, v, **kw), by_loops(q, k, v, **kw), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("selection", ["row", "pooled"])
+@pytest.mark.parametrize("sample_stride", [1, 3, 16])
+def test_twin_follows_the_definition_at_other_sample_strides(selection, sample_stride):
+    q, k, v = qkv()
+    kw = dict(SETTINGS, block_size=16, selection=selection, estimate="sampled", far="centroid", sample_stride=sample_stride,
+              key_padding_mask=left_padded(2, 90))
     torch.testing.assert_close(block_support_attention(q, k, v, **kw), by_loops(q, k, v, **kw), rtol=1e-10, atol=1e-10)
 
 
@@ -212,6 +221,7 @@ def test_weights_are_the_output():
 @pytest.mark.parametrize("bad,message", [
     (dict(gamma=1.5), "gamma must be"), (dict(gamma=True), "gamma must be"), (dict(block_size=0), "block_size must be"),
     (dict(sinks=-1), "sinks must be"), (dict(local_window=2.5), "local_window must be"), (dict(selection="strict"), "selection must be one of"),
+    (dict(sample_stride=0), "sample_stride must be"),
     (dict(estimate="max"), "estimate must be one of"), (dict(far="mean"), "far must be one of"),
     (dict(causal=False), "causal only"),
 ])

@@ -55,6 +55,16 @@ def test_op_equals_the_twin(selection, estimate, far, sliding_window, padded, bl
     assert {key: int(value) for key, value in twin_stats.items()} == {key: int(fast_stats[key]) for key in twin_stats}
 
 
+@pytest.mark.parametrize("sample_stride,block_size", [(3, 7), (3, 16), (16, 16), (4, 16), (1, 7)])
+@pytest.mark.parametrize("selection", ["row", "pooled"])
+def test_other_sample_strides(sample_stride, block_size, selection):
+    """Strides that divide the block (each block's samples summed by a reshape) and that do not (a scatter)."""
+    q, k, v = qkv(q_len=90)
+    fast, twin, _, _ = both(q, k, v, **{**SETTINGS, "block_size": block_size}, selection=selection, estimate="sampled",
+                            sample_stride=sample_stride, key_padding_mask=left_padded(2, 90), chunk_blocks=2)
+    torch.testing.assert_close(fast, twin, rtol=1e-10, atol=1e-10)
+
+
 def test_default_blocks_dropped_keys_and_no_gqa():
     """The default settings (blocks of 64, band 256) over 700 keys with 300 queries, one head per KV head, and real
     keys a cache dropped before the call (no sink left to keep)."""

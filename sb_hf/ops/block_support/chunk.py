@@ -44,6 +44,7 @@ def block_support_attention(
     selection: str = BlockSettings.selection,
     estimate: str = BlockSettings.estimate,
     far: str = BlockSettings.far,
+    sample_stride: int = BlockSettings.sample_stride,
     causal: bool = True,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
@@ -55,7 +56,7 @@ def block_support_attention(
     """Block-support attention (:mod:`.naive` defines it; this computes the same). ``stats`` receives the twin's counts
     and the work of a block-sparse kernel: ``computed_pairs`` (rows against their query block's tiles, masked pairs
     included) and ``estimate_pairs`` (the selection's, in pairs)."""
-    settings = BlockSettings(gamma, block_size, sinks, local_window, selection, estimate, far)
+    settings = BlockSettings(gamma, block_size, sinks, local_window, selection, estimate, far, sample_stride)
     shapes = check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
                           scale=scale)
     settings.check(causal)
@@ -164,7 +165,8 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, sli
     candidate = candidate[None, None, :, None, :] & (summary["count"] > 0)[:, None, None, None, :]  # (B, 1, nc, 1, nb)
     candidate = candidate & row_ok[None, None, :, :, None]  # (B, 1, nc, size, nb)
     candidate = candidate[:, :, :, None].expand(b_, hk, nc, g, size, nb).reshape(b_, hk, nc, g * size, nb)
-    estimate = estimated_log_mass(settings.estimate, rows, first * size, kp, member, summary, scale, scored_keys)
+    estimate = estimated_log_mass(settings.estimate, rows, first * size, kp, member, summary, scale, scored_keys,
+                                  settings.sample_stride)
     estimate = torch.where(candidate, estimate, float("-inf"))
     if settings.selection == "pooled":  # the rows' shares of their estimated totals, summed per query block and head
         total = torch.logaddexp(exact_log_mass, estimate.logsumexp(dim=-1))
@@ -199,7 +201,7 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, sli
         tile_keys = g * (k_sink.shape[2] + size * (fixed >= 0).sum(dim=-1)) + size * tile.sum(dim=(-1, -2))  # (B, Hk, nc)
         for key, value in (("centroid_pairs", pseudo.sum() if settings.far == "centroid" else 0), ("selected_blocks", own.sum()),
                            ("candidate_blocks", candidate.sum()), ("computed_pairs", (tile_keys * row_ok.sum(-1)).sum()),
-                           ("estimate_pairs", row_ok.sum() * b_ * hk * g * estimate_pairs(settings.estimate, nb, scored_keys))):
+                           ("estimate_pairs", row_ok.sum() * b_ * hk * g * estimate_pairs(settings.estimate, nb, scored_keys, settings.sample_stride))):
             stats[key] = stats.get(key, 0) + value
     return out, counts
 

@@ -7,23 +7,23 @@ import math
 
 import torch
 
-from .settings import SAMPLE_STRIDE
-
 FAST_ESTIMATES = ("bound", "centroid", "sampled", "oracle")  # "oracle" scores every key: for measuring only
 
 
-def estimate_pairs(estimate: str, blocks: int, scored_keys: int) -> float:
+def estimate_pairs(estimate: str, blocks: int, scored_keys: int, stride: int) -> float:
     """The estimate's work per row, in exact pairs (a pair: a score and a weighted value, 4 d flops; a score alone is
-    half a pair): ``blocks`` key blocks, ``scored_keys`` the keys before the row's query block's candidates end."""
+    half a pair): ``blocks`` key blocks, ``scored_keys`` the keys before the row's query block's candidates end,
+    ``stride`` the sampled estimate's."""
     per_block = {"bound": 1.0, "centroid": 0.5, "sampled": 0.5}.get(estimate, 0.0)  # (sampled: the centroid fallback)
-    per_key = {"sampled": 0.5 / SAMPLE_STRIDE, "oracle": 0.5}.get(estimate, 0.0)
+    per_key = {"sampled": 0.5 / stride, "oracle": 0.5}.get(estimate, 0.0)
     return per_block * blocks + per_key * scored_keys
 
 
-def estimated_log_mass(estimate, rows, first_pos, kp, member, summary, scale, scored_keys) -> torch.Tensor:
+def estimated_log_mass(estimate, rows, first_pos, kp, member, summary, scale, scored_keys, stride) -> torch.Tensor:
     """Each row's estimated log mass of every block, ``(B, Hk, nc, G * size, nb)``, for ``rows (B, Hk, nc, G * size,
     d)`` at key positions ``first_pos + c * size + t``; the keys ``kp (B, Hk, nb, size, d)``, their ``member`` flags
-    ``(B, nb, size)`` and block ``summary``; ``scored_keys``: the keys that hold every candidate of these rows."""
+    ``(B, nb, size)`` and block ``summary``; ``scored_keys``: the keys that hold every candidate of these rows;
+    ``stride``: the sampled estimate's."""
     b_, hk, nc, r, d = rows.shape
     flat = rows.reshape(b_, hk, nc * r, d)
     centroid = lambda: (scale * flat @ summary["centroid"].transpose(-1, -2) + summary["log_count"]).view(b_, hk, nc, r, -1)
@@ -37,13 +37,13 @@ def estimated_log_mass(estimate, rows, first_pos, kp, member, summary, scale, sc
         scores = scale * flat @ kp.flatten(2, 3).transpose(-1, -2)  # (B, Hk, nc * r, nb * size)
         scores = torch.where(member.view(b_, 1, 1, nb * size), scores, float("-inf"))
         return scores.view(b_, hk, nc, r, nb, size).logsumexp(dim=-1)
-    return sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, centroid())
+    return sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, centroid())
 
 
-def sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, fallback) -> torch.Tensor:
-    """The "sampled" estimate: row ``p`` scores the keys ``j`` with ``(p + j) % SAMPLE_STRIDE == 0`` (so the rows of
-    one residue share their keys: one matmul per residue, 1/SAMPLE_STRIDE of the scores), sums their weights per
-    block and scales by SAMPLE_STRIDE; a block with no sampled member takes ``fallback`` (the centroid's)."""
+def sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, fallback) -> torch.Tensor:
+    """The "sampled" estimate: row ``p`` scores the keys ``j`` with ``(p + j) % stride == 0`` (so the rows of one
+    residue share their keys: one matmul per residue, 1/stride of the scores), sums their weights per block and
+    scales by ``stride``; a block with no sampled member takes ``fallback`` (the centroid's)."""
     b_, hk, nc, r, d = rows.shape
     nb, size = kp.shape[2], kp.shape[3]
     g = r // size
@@ -52,21 +52,21 @@ def sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, fallback) 
     key_block = torch.arange(scored_keys, device=rows.device) // size
     fallback = fallback.view(b_, hk, nc, g, size, nb).transpose(2, 3).reshape(b_, hk, g, nc * size, nb)
     out = fallback.clone()
-    for residue in range(SAMPLE_STRIDE):
-        index = torch.arange((residue - first_pos) % SAMPLE_STRIDE, nc * size, SAMPLE_STRIDE, device=rows.device)
-        start = (-residue) % SAMPLE_STRIDE  # the keys these rows sample
+    for residue in range(stride):
+        index = torch.arange((residue - first_pos) % stride, nc * size, stride, device=rows.device)
+        start = (-residue) % stride  # the keys these rows sample
         if not len(index) or start >= scored_keys:
             continue
         q_r = heads[:, :, :, index]  # (B, Hk, G, R, d)
-        scores = scale * (q_r.reshape(b_, hk, -1, d) @ keys[:, :, start::SAMPLE_STRIDE].transpose(-1, -2))
-        sampled = valid[:, None, None, start::SAMPLE_STRIDE]  # (B, 1, 1, Ks)
+        scores = scale * (q_r.reshape(b_, hk, -1, d) @ keys[:, :, start::stride].transpose(-1, -2))
+        sampled = valid[:, None, None, start::stride]  # (B, 1, 1, Ks)
         scores = torch.where(sampled, scores, float("-inf"))
         top = scores.amax(dim=-1, keepdim=True)
         top = torch.where(top > float("-inf"), top, torch.zeros_like(top))
-        blocks = key_block[start::SAMPLE_STRIDE]
+        blocks = key_block[start::stride]
         weights = torch.exp(scores - top)
-        if size % SAMPLE_STRIDE == 0:  # each block's sampled keys side by side: a reshape and a sum (not a scatter)
-            per = size // SAMPLE_STRIDE
+        if size % stride == 0:  # each block's sampled keys side by side: a reshape and a sum (not a scatter)
+            per = size // stride
             sums = weights.view(*weights.shape[:-1], -1, per).sum(dim=-1)
             counts = sampled[:, 0, 0].view(b_, -1, per).sum(dim=-1).to(scores.dtype)
             sums = torch.nn.functional.pad(sums, (0, nb - sums.shape[-1]))
@@ -75,6 +75,6 @@ def sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, fallback) 
             sums = torch.zeros(*scores.shape[:-1], nb, dtype=scores.dtype, device=scores.device).index_add_(-1, blocks, weights)
             counts = torch.zeros(b_, nb, dtype=scores.dtype, device=scores.device).index_add_(
                 -1, blocks, sampled[:, 0, 0].to(scores.dtype))
-        estimate = (sums.log() + top + math.log(SAMPLE_STRIDE)).view(b_, hk, g, len(index), nb)
+        estimate = (sums.log() + top + math.log(stride)).view(b_, hk, g, len(index), nb)
         out[:, :, :, index] = torch.where(counts[:, None, None, None, :] > 0, estimate, fallback[:, :, :, index])
     return out.view(b_, hk, g, nc, size, nb).transpose(2, 3).reshape(b_, hk, nc, r, nb)

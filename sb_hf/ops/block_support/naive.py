@@ -32,7 +32,7 @@ import torch
 from ..checks import check_dropped, check_inputs
 from ..masking import add_stats, sink_keys, visible
 from ..naive import dense_inputs
-from .settings import SAMPLE_STRIDE, BlockSettings, select_blocks
+from .settings import BlockSettings, select_blocks
 
 
 def block_support_attention(
@@ -47,6 +47,7 @@ def block_support_attention(
     selection: str = BlockSettings.selection,
     estimate: str = BlockSettings.estimate,
     far: str = BlockSettings.far,
+    sample_stride: int = BlockSettings.sample_stride,
     causal: bool = True,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
@@ -59,7 +60,7 @@ def block_support_attention(
     ``exact_pairs``, ``pairs``, ``exact_rows``, ``rows``, ``centroid_pairs`` (row, pseudo-key pairs),
     ``selected_blocks`` and ``candidate_blocks`` (over rows); with ``return_weights``, the weight of every key
     ``(B, Hq, Lq, Lk)`` (a centroid's weight shared equally by the keys it stands for) instead of the output."""
-    settings = BlockSettings(gamma, block_size, sinks, local_window, selection, estimate, far)
+    settings = BlockSettings(gamma, block_size, sinks, local_window, selection, estimate, far, sample_stride)
     shapes = check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
                           scale=scale)
     settings.check(causal)
@@ -94,7 +95,7 @@ def block_support_attention(
     sel_sees = visible(sel_pos, k_pos, causal=True, sliding_window=sliding_window) & key_valid[:, None, None, :]
     exact_log_mass = torch.where(sel_sees & structural, sel_scores, float("-inf")).logsumexp(dim=-1)
     block_log_mass = estimated_log_mass(settings.estimate, q_sel, sel_pos, k, sel_scores, member, log_count, centroid,
-                                        scale, size)
+                                        scale, size, settings.sample_stride)
     block_log_mass = torch.where(candidate, block_log_mass, float("-inf"))
     same_block = (q_block[:, None] == q_block[None, :]).to(q.dtype)  # (Lq, Lq)
     if settings.selection == "pooled":  # each row's shares of its estimated total, summed over its block's rows
@@ -130,20 +131,20 @@ def block_support_attention(
 
 
 def estimated_log_mass(estimate, q_sel, sel_pos, k, sel_scores, member, log_count, centroid, scale,
-                       size) -> torch.Tensor:
+                       size, stride) -> torch.Tensor:
     """Each block's estimated log mass for each selection query (at key positions ``sel_pos``), ``(B, H, Lq, nb)``
     (see ``ESTIMATES``); ``member (B, Lk, nb)`` weights 1 for the keys a block's centroid stands for (``log_count``
-    of them), ``size`` keys per block."""
+    of them), ``size`` keys per block, ``stride`` the sampled estimate's."""
     centroid_mass = lambda: scale * q_sel @ centroid.transpose(-1, -2) + log_count
     if estimate == "centroid":
         return centroid_mass()
     spans = [slice(n * size, (n + 1) * size) for n in range(member.shape[2])]
     belongs = [member[:, span, n] > 0 for n, span in enumerate(spans)]  # (B, keys of block n)
-    if estimate == "sampled":  # every SAMPLE_STRIDE-th key, the residue set by the selection query's position
-        picked = (sel_pos[:, None] + torch.arange(sel_scores.shape[3], device=k.device)) % SAMPLE_STRIDE == 0
+    if estimate == "sampled":  # every stride-th key, the residue set by the selection query's position
+        picked = (sel_pos[:, None] + torch.arange(sel_scores.shape[3], device=k.device)) % stride == 0
         sampled = torch.stack([
             torch.where(own[:, None, None] & picked[:, span], sel_scores[..., span], float("-inf")).logsumexp(dim=-1)
-            for span, own in zip(spans, belongs)], dim=-1) + math.log(SAMPLE_STRIDE)
+            for span, own in zip(spans, belongs)], dim=-1) + math.log(stride)
         return torch.where(sampled > float("-inf"), sampled, centroid_mass())  # (no member sampled: the centroid)
     if estimate == "oracle":
         return torch.stack([torch.where(own[:, None, None], sel_scores[..., span], float("-inf")).logsumexp(dim=-1)

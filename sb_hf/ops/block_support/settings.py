@@ -11,11 +11,11 @@ import torch
 ESTIMATES = {
     "centroid": "n_b exp(scale q . c_b): the block's mean key, an underestimate (Jensen), cheap",
     "bound": "n_b exp(scale * sum_c max(q_c min_c, q_c max_c)): Quest's bound on the block's largest score, an overestimate",
-    "sampled": "exp(scale q . k_j) summed over the members j with (p + j) % 8 == 0, p the selection query's position "
-               "(XAttention's antidiagonals), times 8: unbiased, noisy for a block one key dominates; 1/8 of the scores",
+    "sampled": "exp(scale q . k_j) summed over the members j with (p + j) % sample_stride == 0, p the selection query's position "
+               "(XAttention's antidiagonals), times sample_stride: unbiased, noisy for a block one key dominates; "
+               "1/sample_stride of the scores",
     "oracle": "the true mass sum_j exp(scale q . k_j) of the block (quadratic: for measuring the other estimates)",
 }
-SAMPLE_STRIDE = 8  # the "sampled" estimate scores one member in this many
 SELECTIONS = {
     "row": "each row selects with its own query (strictly causal: a row depends on its own query and earlier keys only)",
     "union": "each row selects with its own query, and the rows of a query block share the union of their selections "
@@ -37,7 +37,8 @@ class BlockSettings:
     1: every key exact); ``block_size``: keys per block (the unit of selection and of a centroid); ``sinks``: the
     first real keys, always exact; ``local_window``: keys behind each query always exact, rounded up to whole blocks
     (``band_blocks``); ``selection``: whose estimate chooses a row's blocks (:data:`SELECTIONS`); ``estimate``: how a candidate's mass is estimated for the selection (:data:`ESTIMATES`);
-    ``far``: what stands for the candidates not selected (:data:`FAR_FIELDS`)."""
+    ``far``: what stands for the candidates not selected (:data:`FAR_FIELDS`); ``sample_stride``: the "sampled"
+    estimate scores one key in this many."""
 
     gamma: float = 0.9
     block_size: int = 64
@@ -46,6 +47,7 @@ class BlockSettings:
     selection: str = "row"
     estimate: str = "centroid"
     far: str = "centroid"
+    sample_stride: int = 8
 
     @property
     def band_blocks(self) -> int:
@@ -59,8 +61,8 @@ class BlockSettings:
                              "pass causal=True")
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma must be a number in [0, 1] (the share of attention mass kept exact), got {self.gamma!r}")
-        for name in ("block_size", "sinks", "local_window"):
-            value, low = getattr(self, name), 1 if name == "block_size" else 0
+        for name in ("block_size", "sinks", "local_window", "sample_stride"):
+            value, low = getattr(self, name), 0 if name in ("sinks", "local_window") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.selection not in SELECTIONS:
