@@ -203,3 +203,30 @@ def test_inference_on_cpu_runs_the_tiles_in_the_fused_kernel(selection, monkeypa
     plain = block_support_attention(q.requires_grad_(), k, v, **kw)
     assert len(kernel_calls) == before < len(tiles)  # with gradients: no kernel call
     torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_call_over_the_last_queries_equals_those_rows_of_the_full_call_in_row_mode():
+    """Cached decoding and chunked prefill with ``selection="row"``: the op on the last queries (one, or a chunk that
+    starts inside a block) over all the keys gives those rows of the full call."""
+    q, k, v = qkv(q_len=90)
+    kw = dict(SETTINGS, gamma=0.8, selection="row", key_padding_mask=left_padded(2, 90))
+    full = block_support_attention(q, k, v, **kw)
+    for start in (89, 60, 45):
+        part = block_support_attention(q[:, :, start:], k, v, **kw)
+        torch.testing.assert_close(part, full[:, :, start:], rtol=1e-12, atol=1e-12)
+
+
+def test_a_decoding_step_of_a_shared_selection_is_its_rows_own():
+    """With ``"pooled"`` or ``"union"`` a query block's rows share a selection among the rows *in the call*: a decoding
+    step (one query) selects alone, as ``"row"`` does, and so differs from the row of a full call, which its later
+    block mates moved (the causality these modes state: never a token after the block)."""
+    q, k, v = qkv(q_len=90)
+    mask = left_padded(2, 90)
+    kw = {**SETTINGS, "gamma": 0.8}
+    step = lambda p, selection: block_support_attention(q[:, :, p : p + 1], k[:, :, : p + 1], v[:, :, : p + 1], **kw,
+                                                         selection=selection, key_padding_mask=mask[:, : p + 1])
+    for selection in ("pooled", "union"):
+        steps = torch.cat([step(p, selection) for p in range(40, 90, 7)], dim=2)
+        torch.testing.assert_close(steps, torch.cat([step(p, "row") for p in range(40, 90, 7)], dim=2), rtol=1e-10, atol=1e-10)
+        full = block_support_attention(q, k, v, **kw, selection=selection, key_padding_mask=mask)
+        assert (steps - full[:, :, 40:90:7]).abs().max() > 1e-6
