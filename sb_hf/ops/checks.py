@@ -133,10 +133,10 @@ def check_dropped(dropped_real_keys: torch.Tensor | None, batch: int) -> None:
         raise ValueError("dropped_real_keys must be >= 0")
 
 
-def check_chunk_size(chunk_size) -> None:
-    """``chunk_size``: a positive integer, or None for each loop's measured default."""
+def check_chunk_size(chunk_size, name: str = "chunk_size", default: str = "the measured defaults") -> None:
+    """``chunk_size`` (the setting called ``name``): a positive integer, or None for the ``default``."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None (the measured defaults), got {chunk_size!r}")
+        raise ValueError(f"{name} must be a positive integer or None ({default}), got {chunk_size!r}")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

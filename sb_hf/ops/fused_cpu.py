@@ -3,8 +3,9 @@
 ``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`` returns the log-sum-exp beside the output, which is
 what a :class:`sb_hf.ops.partial.Partial` needs; it runs many (sequence, head, query block) items per call on
 every thread. :func:`fused_band` computes a local band as many blocks per call, :func:`fused_causal` a causal
-call (halved when the heads would leave a thread idle), :func:`fused_masked` gathered key tiles under a mask. The device-neutral forms (plain matmuls) are in
-:mod:`sb_hf.ops.exact`, which picks this path when :func:`available` says so. Windows are named as in
+call (halved when the heads would leave a thread idle), :func:`fused_masked` gathered key tiles under a mask. The
+device-neutral forms (plain matmuls) are in :mod:`sb_hf.ops.exact`, which picks this path when :func:`available`
+says so. Windows are named as in
 :mod:`sb_hf.ops.masking`.
 """
 
@@ -45,7 +46,7 @@ def fused_causal(qg, k, v, scale, key_valid=None):
             return halved_causal(qg, k, v, scale)
         out, lse = fused(qg, k, v, scale, causal=True)
         return Partial(out, torch.ones(shape, dtype=out.dtype, device=out.device), lse)
-    bias = torch.zeros(batch, 1, 1, rows, dtype=qg.dtype, device=qg.device).masked_fill_(~key_valid[:, None, None], float("-inf"))
+    bias = additive_bias(key_valid[:, None, None], qg.dtype)  # (B, 1, 1, L)
     out, lse = fused(qg, k, v, scale, causal=True, bias=bias)
     seen = (key_valid.cumsum(dim=-1) > 0)[:, None, None].expand(shape)  # a real key at or before the row
     return Partial(out, seen.to(out.dtype), torch.where(seen, lse, float("-inf")))
@@ -67,6 +68,11 @@ def halved_causal(qg, k, v, scale):
     first, second = partial(out[:batch], lse[:batch]), partial(out[batch:, ..., : rows - half, :], lse[batch:, ..., : rows - half])
     across = partial(*fused(qg[..., half:, :], k[:, :, :half], v[:, :, :half], scale, causal=False))
     return concat([first, merge(second, across)])
+
+
+def additive_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The kernel's form of a visibility mask: 0 where ``mask``, ``-inf`` elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def fused(qg, k, v, scale, *, causal, bias=None):
@@ -111,7 +117,6 @@ def fused_band(qg, k, v, key_valid, scale, band_width, band_keys, offset, chunk,
     else:  # only the first blocks reach keys before position 0
         shares = [j >= -(-left // chunk) for j in range(blocks)]
     per_block = max(1, FUSED_BIAS_BYTES // (batch * kv_heads * groups * chunk * n * qg.element_size()))
-    as_bias = lambda mask: torch.zeros(mask.shape, dtype=qg.dtype, device=qg.device).masked_fill_(~mask, float("-inf"))
     shared = None
 
     calls = []  # (blocks, bias, rows seeing a key), in block order: runs of sharing blocks in one call each, the others
@@ -122,12 +127,12 @@ def fused_band(qg, k, v, key_valid, scale, band_width, band_keys, offset, chunk,
             j1 += 1
         if shares[j0]:
             if shared is None:
-                shared = as_bias(relative.reshape(1, kv_heads, groups * chunk, n).repeat(1, batch, 1, 1))
+                shared = additive_bias(relative.reshape(1, kv_heads, groups * chunk, n).repeat(1, batch, 1, 1), qg.dtype)
             every_row = torch.ones(j1 - j0, batch, kv_heads, groups, chunk, dtype=torch.bool, device=qg.device)
             calls.append((slice(j0, j1), shared, every_row))
         else:
             mask = relative & valid[:, j0:j1].transpose(0, 1)[:, :, None, None, None, :]  # (J, B, Hk, G, c, n)
-            calls.append((slice(j0, j1), as_bias(mask).view(j1 - j0, batch * kv_heads, groups * chunk, n), mask.any(dim=-1)))
+            calls.append((slice(j0, j1), additive_bias(mask, qg.dtype).view(j1 - j0, batch * kv_heads, groups * chunk, n), mask.any(dim=-1)))
         j0 = j1
     outs, lses, seens = [], [], []
     for some, bias, seen in calls:
@@ -146,12 +151,11 @@ def fused_band(qg, k, v, key_valid, scale, band_width, band_keys, offset, chunk,
 
 
 def fused_masked(q, k, v, mask, scale) -> Partial:
-    """Exact attention of ``q (..., L, d)`` to ``k``, ``v`` ``(..., S, d)`` where ``mask (..., L or 1, S)`` (the leading
-    dims, broadcast to q's, flattened into the kernel's batch, one head), as a partial attention: a row's shift is its log-sum-exp
-    (``-inf`` when it sees no key)."""
+    """Exact attention of ``q (..., L, d)`` to ``k``, ``v`` ``(..., S, d)`` where ``mask (..., L or 1, S)`` (the
+    leading dims, broadcast to q's, flattened into the kernel's batch, one head), as a partial attention: a row's
+    shift is its log-sum-exp (``-inf`` when it sees no key)."""
     lead, rows = q.shape[:-2], q.shape[-2]
     flat = lambda x: x.expand(*lead, *x.shape[-2:]).reshape(-1, 1, *x.shape[-2:])  # (k, v, mask may broadcast)
-    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-    out, lse = kernel(flat(q), flat(k), flat(v), attn_mask=flat(bias), scale=scale)
+    out, lse = kernel(flat(q), flat(k), flat(v), attn_mask=flat(additive_bias(mask, q.dtype)), scale=scale)
     seen = mask.expand(*lead, *mask.shape[-2:]).any(dim=-1).expand(*lead, rows)
     return Partial(out.view(*lead, rows, -1), seen.to(q.dtype), torch.where(seen, lse.view(*lead, rows).to(q.dtype), float("-inf")))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import fused_cpu
-from ..checks import check_dropped, check_inputs, compute_dtype
+from ..checks import check_chunk_size, check_dropped, check_inputs, compute_dtype
 from ..masking import add_stats, key_spans, sink_keys, span_counts, visible
 from ..partial import Partial, masked_exp, merge, normalized
 from .estimates import FAST_ESTIMATES, estimate_pairs, estimated_log_mass
@@ -66,12 +66,13 @@ def block_support_attention(
                          f"{FAST_ESTIMATES}; got selection={settings.selection!r}, estimate={settings.estimate!r} "
                          "(sb_hf.ops.reference.block_support_attention computes every mode)")
     check_dropped(dropped_real_keys, shapes.batch)
-    if chunk_blocks is not None and (isinstance(chunk_blocks, bool) or not isinstance(chunk_blocks, int) or chunk_blocks < 1):
-        raise ValueError(f"chunk_blocks must be a positive integer or None (the default, {DEFAULT_CHUNK_BLOCKS} query blocks "
-                         f"per chunk), got {chunk_blocks!r}")
+    check_chunk_size(chunk_blocks, "chunk_blocks", f"the default, {DEFAULT_CHUNK_BLOCKS} query blocks per chunk")
     b_, hk, g, lq, lk, d = shapes.batch, shapes.kv_heads, shapes.groups, shapes.q_len, shapes.kv_len, shapes.head_dim
     size, device, compute = settings.block_size, q.device, compute_dtype(q.dtype)
     scale = d**-0.5 if scale is None else scale
+    # The exact tiles in PyTorch's fused CPU kernel at inference; plain matmuls for gradients (the kernel's backward
+    # does not carry the log-sum-exp's gradient, which the merge needs) and elsewhere.
+    fused = fused_cpu.available(q, v) and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
     offset, nb = lk - lq, -(-lk // size)
     first_block, nqb = offset // size, nb - offset // size  # the query blocks of the call
     front = offset - first_block * size  # rows of the first query block before the call's first query
@@ -98,7 +99,7 @@ def block_support_attention(
     for c0 in range(0, nqb, step):
         part_out, part_counts = query_blocks(
             qb[:, :, c0 : c0 + step], first_block + c0, kp, vp, member, summary, (k_sink, v_sink, sink_pos, sink_ok),
-            settings, scale, sliding_window, offset, lk, stats)
+            settings, scale, fused, sliding_window, offset, lk, stats)
         out.append(part_out)
         exact_counts.append(part_counts)
     rows = lambda x: x.permute(0, 1, 3, 2, 4, *range(5, x.dim())).reshape(b_, hk * g, nqb * size, *x.shape[5:])
@@ -127,9 +128,10 @@ def block_summaries(kp, vp, member, estimate) -> dict:
     return summary
 
 
-def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, sliding_window, offset, kv_len, stats):
-    """One chunk of query blocks ``qc (B, Hk, nc, G, size, d)``, the first of them query block ``first``: the
-    attention output ``(B, Hk, nc, G, size, dv)`` and each row's count of exact keys ``(B, Hk, nc, G, size)``."""
+def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fused, sliding_window, offset, kv_len,
+                 stats):
+    """One chunk of query blocks ``qc (B, Hk, nc, G, size, d)``, the first of them query block ``first`` (``fused``:
+    the exact tiles in the fused CPU kernel): the attention output ``(B, Hk, nc, G, size, dv)`` and each row's count of exact keys ``(B, Hk, nc, G, size)``."""
     b_, hk, nc, g, size, d = qc.shape
     nb, device = kp.shape[2], qc.device
     blocks = torch.arange(first, first + nc, device=device)
@@ -150,10 +152,11 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, sli
     fixed_member = member.view(b_, -1)[:, fixed_pos] & fixed_keys  # (B, nc, nf * size)
     sees_fixed = fixed_member[:, :, None, :] & visible(pos, fixed_pos, causal=True, sliding_window=sliding_window)[None]
     mask = spread((sees_fixed[:, None, :, None] & row_ok[None, None, :, None, :, None]))
-    exact, counts = tile_part(rows, k_fixed, v_fixed, mask, scale), mask.sum(dim=-1)  # counts: each row's exact keys
+    exact, counts = tile_part(rows, k_fixed, v_fixed, mask, scale, fused), mask.sum(dim=-1)  # counts: rows' exact keys
     if k_sink.shape[2]:
         mask = spread((sees_sink[:, None, :, None] & row_ok[None, None, :, None, :, None]))
-        exact, counts = merge(exact, tile_part(rows, k_sink[:, :, None], v_sink[:, :, None], mask, scale)), counts + mask.sum(-1)
+        sink_part = tile_part(rows, k_sink[:, :, None], v_sink[:, :, None], mask, scale, fused)
+        exact, counts = merge(exact, sink_part), counts + mask.sum(dim=-1)
     exact_log_mass = exact.den.log() + exact.shift  # (B, Hk, nc, G * size)
 
     # 2. The selection: candidates of each query block, each row's estimates, the rule.
@@ -184,7 +187,7 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, sli
     own_heads = own.view(b_, hk, nc, g, size, nb)
     tile = own_heads.any(dim=4)  # (B, Hk, nc, G, nb)
     part, selected_counts = selected_part(rows.view(b_, hk, nc, g, size, d), own_heads, tile, kp, vp, member, scale,
-                                          shared=settings.selection != "row")
+                                          fused, shared=settings.selection != "row")
     if part is not None:
         exact = merge(exact, Partial(part.num.flatten(3, 4), part.den.flatten(3, 4), part.shift.flatten(3, 4)))
         counts = counts + (selected_counts * row_ok[None, None, :, None, :]).flatten(3, 4)
@@ -206,7 +209,7 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, sli
     return out, counts
 
 
-def selected_part(rows, own, tile, kp, vp, member, scale, shared):
+def selected_part(rows, own, tile, kp, vp, member, scale, fused, shared):
     """Exact attention of each tile's rows ``rows (B, Hk, nc, G, size, d)`` to its selected blocks, ``tile (B, Hk, nc,
     G, nb)``; each row masked to its own ``own (..., size, nb)`` unless ``shared`` (then one mask row per tile, the
     rows outside the call computing and dropped). Tiles go in buckets of similar width (one kernel call and one
@@ -223,8 +226,6 @@ def selected_part(rows, own, tile, kp, vp, member, scale, shared):
     num = rows.new_zeros(n_tiles, size, dv)
     den, shift = rows.new_zeros(n_tiles, size), rows.new_full((n_tiles, size), float("-inf"))
     counts = torch.zeros(n_tiles, size, dtype=torch.long, device=rows.device)
-    keys_flat = kp.reshape(-1, size * d)
-    values_flat = vp.reshape(-1, size * dv)
     head_base = nb * (torch.arange(n_tiles, device=rows.device) // (nc * g))  # the tile's (batch, KV head) row of blocks
     for low, high in width_buckets(max(listed)):
         members = [n for n, w in enumerate(listed) if low < w <= high]
@@ -232,9 +233,7 @@ def selected_part(rows, own, tile, kp, vp, member, scale, shared):
             continue
         index = torch.tensor(members, device=rows.device)
         order = torch.sort(flat_tile[index].to(torch.uint8), dim=-1, descending=True, stable=True).indices[:, :high]
-        blocks = (order + head_base[index, None]).flatten()
-        k_sel = keys_flat.index_select(0, blocks).view(len(members), high * size, d)  # whole blocks' rows, copied
-        v_sel = values_flat.index_select(0, blocks).view(len(members), high * size, dv)
+        k_sel, v_sel = block_rows(kp, vp, order + head_base[index, None])
         positions = (order[..., None] * size + torch.arange(size, device=rows.device)).flatten(-2)  # (M, high * size)
         batch = index // (hk * nc * g)
         keys = flat_tile[index].gather(-1, order).repeat_interleave(size, dim=-1)  # (a narrower tile's padding: none)
@@ -244,7 +243,7 @@ def selected_part(rows, own, tile, kp, vp, member, scale, shared):
         else:
             picked = flat_own[index].gather(-1, order[:, None, :].expand(-1, size, -1))  # (M, size, high)
             mask = picked.repeat_interleave(size, dim=-1) & keys[:, None, :]
-        part = tile_part(flat_rows[index], k_sel, v_sel, mask, scale)
+        part = tile_part(flat_rows[index], k_sel, v_sel, mask, scale, fused)
         num[index], den[index], shift[index] = part.num, part.den, part.shift
         counts[index] = mask.sum(dim=-1).expand(-1, size)
     view = lambda x: x.view(b_, hk, nc, g, size, *x.shape[2:])
@@ -278,19 +277,24 @@ def fixed_blocks(blocks, band_blocks, size, sliding_window, nb) -> torch.Tensor:
 def gather_blocks(kp, vp, index):
     """The key and value tiles of the blocks ``index (B, Hk, ...)`` (-1: a block of zeros, masked by the caller):
     ``(B, Hk, ..., w * size, d)`` each, ``w`` the last dim of ``index``."""
-    b_, hk, nb, size, d = kp.shape
+    b_, hk, nb = kp.shape[:3]
     base = nb * torch.arange(b_ * hk, device=kp.device).view(b_, hk, *(1,) * (index.dim() - 2))
-    flat = index.clamp_min(0) + base
-    tile = lambda x: x.reshape(b_ * hk * nb, size * x.shape[-1]).index_select(0, flat.flatten()).view(
-        *flat.shape[:-1], flat.shape[-1] * size, x.shape[-1])  # (rows of whole blocks: index_select copies them)
-    return tile(kp), tile(vp)
+    return block_rows(kp, vp, index.clamp_min(0) + base)
 
 
-def tile_part(rows, k_tile, v_tile, mask, scale) -> Partial:
-    """Exact attention of ``rows (..., r, d)`` to a key tile ``(..., t, d)`` where ``mask (..., r, t)``: PyTorch's
-    fused CPU kernel at inference on a CPU, plain matmuls elsewhere (and for gradients)."""
-    if fused_cpu.available(rows, v_tile) and not (torch.is_grad_enabled() and (rows.requires_grad or k_tile.requires_grad
-                                                                                or v_tile.requires_grad)):
+def block_rows(kp, vp, flat):
+    """The keys and values of the blocks ``flat (..., w)``, indices into the (batch, KV head, block) blocks of
+    ``kp``, ``vp`` ``(B, Hk, nb, size, d)``: ``(..., w * size, d)`` each (rows of whole blocks, copied)."""
+    size = kp.shape[3]
+    take = lambda x: x.reshape(-1, size * x.shape[-1]).index_select(0, flat.flatten()).view(
+        *flat.shape[:-1], flat.shape[-1] * size, x.shape[-1])
+    return take(kp), take(vp)
+
+
+def tile_part(rows, k_tile, v_tile, mask, scale, fused) -> Partial:
+    """Exact attention of ``rows (..., r, d)`` to a key tile ``(..., t, d)`` where ``mask (..., r, t)``: in PyTorch's
+    fused CPU kernel when ``fused``, else as plain matmuls."""
+    if fused:
         return fused_cpu.fused_masked(rows, k_tile, v_tile, mask, scale)
     weights, top = masked_exp(scale * rows @ k_tile.transpose(-1, -2), mask)
     return Partial(weights @ v_tile, weights.sum(dim=-1), top)

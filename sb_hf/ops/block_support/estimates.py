@@ -49,7 +49,6 @@ def sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, fa
     g = r // size
     heads = rows.view(b_, hk, nc, g, size, d).transpose(2, 3).reshape(b_, hk, g, nc * size, d)
     keys, valid = kp.flatten(2, 3)[:, :, :scored_keys], member.view(b_, -1)[:, :scored_keys]
-    key_block = torch.arange(scored_keys, device=rows.device) // size
     fallback = fallback.view(b_, hk, nc, g, size, nb).transpose(2, 3).reshape(b_, hk, g, nc * size, nb)
     out = fallback.clone()
     for residue in range(stride):
@@ -63,7 +62,6 @@ def sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, fa
         scores = torch.where(sampled, scores, float("-inf"))
         top = scores.amax(dim=-1, keepdim=True)
         top = torch.where(top > float("-inf"), top, torch.zeros_like(top))
-        blocks = key_block[start::stride]
         weights = torch.exp(scores - top)
         if size % stride == 0:  # each block's sampled keys side by side: a reshape and a sum (not a scatter)
             per = size // stride
@@ -71,7 +69,8 @@ def sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, fa
             counts = sampled[:, 0, 0].view(b_, -1, per).sum(dim=-1).to(scores.dtype)
             sums = torch.nn.functional.pad(sums, (0, nb - sums.shape[-1]))
             counts = torch.nn.functional.pad(counts, (0, nb - counts.shape[-1]))
-        else:
+        else:  # the block of each sampled key
+            blocks = torch.arange(start, scored_keys, stride, device=rows.device) // size
             sums = torch.zeros(*scores.shape[:-1], nb, dtype=scores.dtype, device=scores.device).index_add_(-1, blocks, weights)
             counts = torch.zeros(b_, nb, dtype=scores.dtype, device=scores.device).index_add_(
                 -1, blocks, sampled[:, 0, 0].to(scores.dtype))

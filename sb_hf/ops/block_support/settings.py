@@ -37,8 +37,8 @@ class BlockSettings:
     1: every key exact); ``block_size``: keys per block (the unit of selection and of a centroid); ``sinks``: the
     first real keys, always exact; ``local_window``: keys behind each query always exact, rounded up to whole blocks
     (``band_blocks``); ``selection``: whose estimate chooses a row's blocks (:data:`SELECTIONS`); ``estimate``: how a
-    candidate's mass is estimated for the selection (:data:`ESTIMATES`); ``far``: what stands for the candidates not selected (:data:`FAR_FIELDS`); ``sample_stride``: the "sampled"
-    estimate scores one key in this many."""
+    candidate's mass is estimated for the selection (:data:`ESTIMATES`); ``far``: what stands for the candidates not
+    selected (:data:`FAR_FIELDS`); ``sample_stride``: the "sampled" estimate scores one key in this many."""
 
     # The defaults: what measured best so far (docs/experiments/block_support.md: at 8192 tokens of SmolLM2,
     # perplexity +0.21%, KL 0.0064, top-1 96.3%, 28% of the pairs exact).
