@@ -129,7 +129,7 @@ def test_the_selected_tiles_hold_the_union_of_the_selections(selection, monkeypa
     stats = {}
     block_support_attention(q, k, v, stats=stats, **kw)
     widths = [w for w in union_widths(q, k, v, 7, 2, **kw).values() if w]
-    selected = calls[2:]  # after the fixed blocks' and the sinks' calls (one chunk)
+    selected = calls[1:]  # after the call of the fixed blocks and the sinks (one chunk)
     assert sum(shape[0] for shape in selected) == len(widths)  # each tile with a selection, once
     assert max(shape[1] for shape in selected) == 7 * max(widths)
     assert sum(shape[0] * shape[1] for shape in selected) <= 7 * sum(1.25 * w + 1 for w in widths)
@@ -145,7 +145,7 @@ def test_gamma_zero_scores_no_selected_tile(monkeypatch):
     real = chunk.tile_part
     monkeypatch.setattr(chunk, "tile_part", lambda *a: calls.append(1) or real(*a))
     block_support_attention(q, k, v, **{**SETTINGS, "gamma": 0.0}, chunk_blocks=4)
-    assert len(calls) == 2 * 4  # 13 query blocks in 4 chunks: fixed blocks and sinks only
+    assert len(calls) == 4  # 13 query blocks in 4 chunks: one tile of the fixed blocks and the sinks each
 
 
 def perturbed(x, positions, seed):
@@ -202,7 +202,7 @@ def test_inference_on_cpu_runs_the_tiles_in_the_fused_kernel(selection, monkeypa
     before = len(tiles)
     plain = block_support_attention(q.requires_grad_(), k, v, **kw)
     assert len(kernel_calls) == before < len(tiles)  # with gradients: no kernel call
-    torch.testing.assert_close(fused, plain.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused, plain.detach(), rtol=1e-4, atol=1e-5)  # (fp32: two orders of summation)
 
 
 def test_a_call_over_the_last_queries_equals_those_rows_of_the_full_call_in_row_mode():

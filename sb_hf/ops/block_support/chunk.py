@@ -4,7 +4,7 @@ The query rows go by *query blocks* (the rows whose positions share a key block)
 For each chunk:
 
 1. **fixed part**, exact: per query block its band blocks (and, under a sliding window, the blocks that straddle
-   the window's edge) as one key tile that a KV head's query heads share (their rows side by side), and the sinks;
+   the window's edge) and the sinks as one key tile that a KV head's query heads share (their rows side by side);
 2. **selection**: each row's estimated mass of every candidate block (:mod:`.estimates`), the exact mass of part 1,
    and :func:`.settings.select_blocks` per row, or over the query block's rows pooled (``selection="pooled"``);
 3. **selected part**, exact: per query head and query block, the blocks its rows selected gathered as one tile;
@@ -26,7 +26,7 @@ from .. import fused_cpu
 from ..checks import check_chunk_size, check_dropped, check_inputs, compute_dtype
 from ..masking import add_stats, key_spans, sink_keys, span_counts, visible
 from ..partial import Partial, masked_exp, merge, normalized
-from .estimates import FAST_ESTIMATES, estimate_pairs, estimated_log_mass
+from .estimates import FAST_ESTIMATES, centroid_log_mass, estimate_pairs, estimated_log_mass
 from .settings import BlockSettings, select_blocks
 
 DEFAULT_CHUNK_BLOCKS = 16  # query blocks per chunk (bounds the tiles' memory)
@@ -90,6 +90,7 @@ def block_support_attention(
     sink_ok = sink.gather(1, sink_pos)
     take = lambda x: x.gather(2, sink_pos[:, None, :, None].expand(-1, hk, -1, x.shape[-1])).to(compute)
     k_sink, v_sink = take(k), take(v)
+    leading = n_sinks if key_padding_mask is None and dropped_real_keys is None else None  # the only non-members
 
     # Query rows by query block: (B, Hk, nqb, G * size, d), the rows of a block's G query heads side by side.
     qp = torch.nn.functional.pad(q.to(compute), (0, 0, front, nqb * size - front - lq))
@@ -98,7 +99,7 @@ def block_support_attention(
     step = chunk_blocks or DEFAULT_CHUNK_BLOCKS
     for c0 in range(0, nqb, step):
         part_out, part_counts = query_blocks(
-            qb[:, :, c0 : c0 + step], first_block + c0, kp, vp, member, summary, (k_sink, v_sink, sink_pos, sink_ok),
+            qb[:, :, c0 : c0 + step], first_block + c0, kp, vp, member, summary, (k_sink, v_sink, sink_pos, sink_ok, leading),
             settings, scale, fused, sliding_window, offset, lk, stats)
         out.append(part_out)
         exact_counts.append(part_counts)
@@ -142,21 +143,21 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fus
     view_rows = lambda x: x.reshape(b_, hk, nc, g * size, *x.shape[5:])  # (B, Hk|1, nc, G|1, size, ...) -> rows
     spread = lambda m: view_rows(m.expand(b_, hk, nc, g, size, *m.shape[5:]))
 
-    # 1. The sinks and the fixed blocks.
-    k_sink, v_sink, sink_pos, sink_ok = sinks
-    sees_sink = sink_ok[:, None, None, :] & visible(pos, sink_pos[:, None, :], causal=True, sliding_window=sliding_window)
+    # 1. The sinks and the fixed blocks: one key tile per query block, the sinks first.
+    k_sink, v_sink, sink_pos, sink_ok, leading_sinks = sinks
     fixed = fixed_blocks(blocks, settings.band_blocks, size, sliding_window, nb)  # (nc, nf), -1: none
-    k_fixed, v_fixed = gather_blocks(kp, vp, fixed.expand(b_, hk, -1, -1))
+    k_tile, v_tile = gather_blocks(kp, vp, fixed.expand(b_, hk, -1, -1))
     fixed_pos = (fixed.clamp_min(0)[:, :, None] * size + torch.arange(size, device=device)).flatten(1)  # (nc, nf * size)
     fixed_keys = (fixed >= 0).repeat_interleave(size, dim=1)
     fixed_member = member.view(b_, -1)[:, fixed_pos] & fixed_keys  # (B, nc, nf * size)
-    sees_fixed = fixed_member[:, :, None, :] & visible(pos, fixed_pos, causal=True, sliding_window=sliding_window)[None]
-    mask = spread((sees_fixed[:, None, :, None] & row_ok[None, None, :, None, :, None]))
-    exact, counts = tile_part(rows, k_fixed, v_fixed, mask, scale, fused), mask.sum(dim=-1)  # counts: rows' exact keys
+    sees = fixed_member[:, :, None, :] & visible(pos, fixed_pos, causal=True, sliding_window=sliding_window)[None]
     if k_sink.shape[2]:
-        mask = spread((sees_sink[:, None, :, None] & row_ok[None, None, :, None, :, None]))
-        sink_part = tile_part(rows, k_sink[:, :, None], v_sink[:, :, None], mask, scale, fused)
-        exact, counts = merge(exact, sink_part), counts + mask.sum(dim=-1)
+        sees_sink = sink_ok[:, None, None, :] & visible(pos, sink_pos[:, None, :], causal=True, sliding_window=sliding_window)
+        sees = torch.cat([sees_sink.expand(-1, nc, -1, -1), sees], dim=-1)
+        with_sinks = lambda sink, tile: torch.cat([sink[:, :, None].expand(-1, -1, nc, -1, -1), tile], dim=3)
+        k_tile, v_tile = with_sinks(k_sink, k_tile), with_sinks(v_sink, v_tile)
+    mask = spread((sees[:, None, :, None] & row_ok[None, None, :, None, :, None]))
+    exact, counts = tile_part(rows, k_tile, v_tile, mask, scale, fused), mask.sum(dim=-1)  # counts: rows' exact keys
     exact_log_mass = exact.den.log() + exact.shift  # (B, Hk, nc, G * size)
 
     # 2. The selection: candidates of each query block, each row's estimates, the rule.
@@ -168,8 +169,9 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fus
     candidate = candidate[None, None, :, None, :] & (summary["count"] > 0)[:, None, None, None, :]  # (B, 1, nc, 1, nb)
     candidate = candidate & row_ok[None, None, :, :, None]  # (B, 1, nc, size, nb)
     candidate = candidate[:, :, :, None].expand(b_, hk, nc, g, size, nb).reshape(b_, hk, nc, g * size, nb)
+    centroid = None if settings.far != "centroid" else centroid_log_mass(rows, summary, scale)  # (the far field's)
     estimate = estimated_log_mass(settings.estimate, rows, first * size, kp, member, summary, scale, scored_keys,
-                                  settings.sample_stride)
+                                  settings.sample_stride, centroid, leading_sinks)
     estimate = torch.where(candidate, estimate, float("-inf"))
     if settings.selection == "pooled":  # the rows' shares of their estimated totals, summed per query block and head
         total = torch.logaddexp(exact_log_mass, estimate.logsumexp(dim=-1))
@@ -195,8 +197,7 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fus
     # 4. The far field: the centroids of the candidates a row did not take.
     pseudo = candidate & ~own
     if settings.far == "centroid":
-        scores = scale * rows @ summary["centroid"][:, :, None].transpose(-1, -2) + summary["log_count"][:, :, None]
-        weights, top = masked_exp(scores, pseudo)
+        weights, top = masked_exp(centroid, pseudo)
         exact = merge(exact, Partial(weights @ summary["mean_value"][:, :, None], weights.sum(dim=-1), top))
     out = normalized(exact.num, exact.den).view(b_, hk, nc, g, size, -1)
     counts = counts.view(b_, hk, nc, g, size)
