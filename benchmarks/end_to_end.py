@@ -1,8 +1,10 @@
 """End to end: a model's prefill time and per-token decoding time vs context length, SDPA against support
-basis (the defaults, or a settings file such as ``sb-hf calibrate``'s ``support_basis.json``).
+basis (the defaults, or a settings file such as ``sb-hf calibrate``'s ``support_basis.json``), or against another
+implementation (``--method block_support``).
 
     python benchmarks/end_to_end.py --settings runs/calibrate_q_8k/budget_0.05/support_basis.json \
         --lengths 2048,4096,8192 --output runs/end_to_end
+    python benchmarks/end_to_end.py --method block_support --lengths 4096,8192 --output runs/end_to_end_block
 
 Prefill: one forward pass over the first n tokens of the packaged news text (with the default model;
 random token ids with --model, a local folder) that, as ``generate()``'s, computes the logits of the last
@@ -27,7 +29,7 @@ import statistics
 import time
 from pathlib import Path
 
-METHODS = ("sdpa", "support_basis")
+METHODS = ("support_basis", "block_support")  # the implementations --method takes (SDPA always runs)
 
 
 WARMUP_TOKENS = 512
@@ -82,7 +84,9 @@ def measure(model, ids, new_tokens: int, all_logits: bool = False) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a local model folder (default: the packaged SmolLM2-135M)")
-    parser.add_argument("--settings", default=None, help="support-basis settings file (default: the defaults)")
+    parser.add_argument("--method", default="support_basis", choices=METHODS, help="the implementation against SDPA "
+                        "(default support_basis)")
+    parser.add_argument("--settings", default=None, help="settings file of the method (default: the defaults)")
     parser.add_argument("--lengths", default="2048,4096,8192")
     parser.add_argument("--new-tokens", type=int, default=8, help="decoding steps timed after the prefill (default 8)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of both backends per length (default 3)")
@@ -95,6 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.new_tokens < 1 or args.repeats < 1:
         parser.error("--new-tokens and --repeats must be >= 1")
+    if args.cpu_kernel and args.method != "support_basis":
+        parser.error("--cpu-kernel is support_basis's C++ decoding step; drop it with --method block_support")
 
     import torch
 
@@ -103,13 +109,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lengths = [int(x) for x in args.lengths.split(",")]
     model, ids = token_ids(args.model, max(lengths))
-    methods = METHODS + (("support_basis_cpu_kernel",) if args.cpu_kernel else ())
+    methods = ("sdpa", args.method) + (("support_basis_cpu_kernel",) if args.cpu_kernel else ())
 
     def use(method):
         if method == "sdpa":
             sb_hf.revert_support_basis(model)
         else:
-            sb_hf.apply_support_basis(model, config=args.settings)
+            sb_hf.apply_support_basis(model, config=args.settings, method=args.method)
         sb_hf.ops.use_cpu_kernel(method == "support_basis_cpu_kernel")
 
     for method in methods:  # warm up: the first call of each kernel pays one-time costs a running model has paid
@@ -126,7 +132,7 @@ def main() -> None:
             median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
             rows.append({"method": method, "n": n, **median, "prefill_seconds_each": [run["prefill_seconds"] for run in runs]})
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads; model: "
-          f"{args.model or 'SmolLM2-135M (packaged)'}; support basis: {args.settings or 'defaults'}; "
+          f"{args.model or 'SmolLM2-135M (packaged)'}; {args.method}: {args.settings or 'defaults'}; "
           f"{args.new_tokens} decoding steps; prefill logits: {'every position' if args.all_logits else 'the last (as generate())'}; "
           f"medians of {args.repeats} rounds")
     print(f"{'n':>6} {'method':>24} {'prefill s':>10} {'tokens/s':>9} {'vs sdpa':>8} {'first step ms':>14} "

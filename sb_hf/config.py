@@ -11,14 +11,21 @@ from typing import Any
 
 import torch
 
+from .ops.block_support import BlockSettings
 from .ops.polynomial import AS23_KERNEL, DEFAULT_KERNEL, KERNELS, MAX_DEGREE, check_kernel
 from .ops.support_basis import DEFAULT_MAX_FEATURE_BYTES, RADIUS_LIMIT, check_buckets
 
 INTERVALS = ("query", "fixed")
+# ``block``'s entries: the block-support op's settings (sinks and local_window are the top-level fields) and the
+# backend's length below which it computes exact attention (at or above: the op; measured break-even on this CPU).
+BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(BlockSettings) if f.name not in ("sinks", "local_window"))
+DEFAULT_EXACT_BELOW = 8192
 # What a config left None means, per method: sink_window's StreamingLLM pattern; support basis with the
-# non-negative Taylor kernel and no structure; AS23a with the Chebyshev fit of exp it was published with.
+# non-negative Taylor kernel and no structure; AS23a with the Chebyshev fit of exp it was published with; block
+# support with its op's measured defaults.
 METHOD_DEFAULTS = {
     "sink_window": {"sinks": 4, "local_window": 256},
+    "block_support": {"sinks": BlockSettings.sinks, "local_window": BlockSettings.local_window},
     "support_basis": {"kernel": DEFAULT_KERNEL, "sinks": 0, "local_window": 0},
     "support_basis_multi": {"kernel": DEFAULT_KERNEL, "sinks": 0, "local_window": 0},
     "as23": {"kernel": AS23_KERNEL},
@@ -67,6 +74,11 @@ class SupportBasisConfig:
         heads: per-query-head overrides, ``{query_head_index: {field: value}}`` (like ``kv_heads``, which a
             layer cannot have as well): each query head runs with its own settings on its KV head's keys,
             its key columns its own (``column_queries``: one row).
+        block: ``block_support``: the op's settings ``{"gamma", "block_size", "selection", "estimate", "far",
+            "sample_stride"}`` (:class:`sb_hf.ops.block_support.BlockSettings`; unset: its defaults) and
+            ``"exact_below"``, the key count below which a call computes exact attention (default 8192, the measured
+            break-even on a 2-core CPU; 0: the op at every length). Calls with fewer queries than a block (decoding
+            steps) are exact too. None: every default.
         layers: per-layer overrides, ``{layer_index: {field: value}}``.
     """
 
@@ -88,6 +100,7 @@ class SupportBasisConfig:
     column_threshold: float | list[float] | None = None
     kv_heads: dict[int, dict[str, Any]] = field(default_factory=dict)
     heads: dict[int, dict[str, Any]] = field(default_factory=dict)
+    block: dict[str, Any] | None = None
     layers: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -153,10 +166,19 @@ class SupportBasisConfig:
         ``kernel``, ``sinks``, ``local_window``, and for the support-basis methods the key columns (tensors)."""
         defaults = METHOD_DEFAULTS[method]
         out = {name: defaults[name] if getattr(self, name) is None else getattr(self, name) for name in defaults}
+        if method == "block_support":
+            out |= self.block_settings()
         if method.startswith("support_basis"):
             out["column_queries"] = None if self.column_queries is None else torch.tensor(self.column_queries)
             out["column_threshold"] = None if self.column_threshold is None else torch.tensor(self.column_threshold)
         return out
+
+    def block_settings(self) -> dict[str, Any]:
+        """``block`` resolved: every op setting of :data:`BLOCK_FIELDS` (the op's defaults where unset) and
+        ``exact_below``."""
+        given = dict(self.block or {})
+        return {name: given.get(name, getattr(BlockSettings, name)) for name in BLOCK_FIELDS} | {
+            "exact_below": given.get("exact_below", DEFAULT_EXACT_BELOW)}
 
     def check_method(self, method: str) -> None:
         """Raise ``ValueError`` when a layer's settings do not suit ``method`` (its default kernel needs even
@@ -264,7 +286,7 @@ def _json_threshold(settings: dict[str, Any]) -> dict[str, Any]:
 
 _HEAD_FIELDS = {"threshold", "degree", "interval", "radius", "chunk_size", "sketch_dim", "sketch_seed", "kernel",
                 "radius_limit", "thresholds", "degrees", "sinks", "local_window", "column_queries", "column_threshold"}
-_LAYER_FIELDS = _HEAD_FIELDS | {"kv_heads", "heads"}
+_LAYER_FIELDS = _HEAD_FIELDS | {"kv_heads", "heads", "block"}
 
 
 def _check_overrides(config: SupportBasisConfig, overrides: dict, name: str, fields: set[str]) -> dict[int, dict]:
@@ -303,6 +325,7 @@ def parse_index(key: Any, name: str) -> int:
 
 
 def _validate(c: SupportBasisConfig) -> None:
+    _check_block(c.block)
     if isinstance(c.threshold, str) and c.threshold.strip().lower() in ("inf", "infinity"):
         c.threshold = math.inf
     if isinstance(c.threshold, bool) or not isinstance(c.threshold, (int, float)) or not c.threshold >= 0:
@@ -356,6 +379,29 @@ def _validate(c: SupportBasisConfig) -> None:
         c.column_threshold = [float(x) for x in threshold] if per_head else float(threshold)
     elif c.column_threshold is not None:
         raise ValueError("column_threshold needs column_queries (the per-head mean queries); give both or neither")
+
+
+def _check_block(block) -> None:
+    if block is None:
+        return
+    if not isinstance(block, dict):
+        raise ValueError(f"block must be a dict of block-support settings {{name: value}} or None, got {block!r}")
+    unknown = set(block) - set(BLOCK_FIELDS) - {"exact_below"}
+    if unknown:
+        raise ValueError(f"block has unknown settings {sorted(unknown)}; its settings are {[*BLOCK_FIELDS, 'exact_below']} "
+                         "(sinks and local_window are top-level fields)")
+    exact_below = block.get("exact_below", DEFAULT_EXACT_BELOW)
+    if isinstance(exact_below, bool) or not isinstance(exact_below, int) or exact_below < 0:
+        raise ValueError(f"block.exact_below must be an integer >= 0 (keys below which attention is exact; 0: never), "
+                         f"got {exact_below!r}")
+    settings = BlockSettings(**{name: block[name] for name in BLOCK_FIELDS if name in block})
+    settings.check(causal=True)
+    if settings.selection == "last":
+        raise ValueError("block.selection 'last' is the dense twin's only (sb_hf.ops.reference.block_support_attention); "
+                         "the backend runs 'pooled' (the default), 'union' or 'row'")
+    if settings.estimate == "oracle":
+        raise ValueError("block.estimate 'oracle' scores every key (a measuring tool, slower than exact attention); "
+                         "use 'sampled' (the default), 'centroid' or 'bound'")
 
 
 def _finite_number(x) -> bool:

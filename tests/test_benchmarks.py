@@ -72,6 +72,17 @@ def test_end_to_end_on_a_saved_tiny_model(tmp_path):
     assert (tmp_path / "out" / "end_to_end.png").exists()
 
 
+def test_end_to_end_block_support(tmp_path):
+    model = tiny_model("llama", max_position_embeddings=512)
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "block.json").write_text(json.dumps({"block": {"exact_below": 0, "block_size": 16}}))
+    _run("end_to_end.py", "--model", str(tmp_path / "model"), "--method", "block_support", "--settings",
+         str(tmp_path / "block.json"), "--lengths", "90", "--new-tokens", "2", "--threads", "1", "--repeats", "1",
+         "--output", str(tmp_path / "out"))
+    rows = json.loads((tmp_path / "out" / "end_to_end.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["sdpa", "block_support"] and all(r["prefill_seconds"] > 0 for r in rows)
+
+
 @pytest.mark.parametrize("all_logits", [False, True])
 def test_end_to_end_prefill_computes_the_logits_generate_does(all_logits):
     """Prefill keeps the last position's logits only, as generate() does (--all-logits: every position's)."""

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, tiny_model
+from conftest import tiny_model
 from test_hf import generation_matching_full_recompute, logits, padded_batch
 from test_ops import F64, TOLERANCES, dense_visibility, make_qkv, padding_mask
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS

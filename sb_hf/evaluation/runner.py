@@ -16,7 +16,7 @@ from .tasks import (TASK_ALIASES, TASKS_DIR_ENV, leaf_tasks, make_task_manager, 
                     select_samples, subgroups, tasks_dir)
 
 
-METHODS = (EXACT, "support_basis", "support_basis_multi", "as23", "sink_window")
+METHODS = (EXACT, "support_basis", "support_basis_multi", "as23", "sink_window", "block_support")
 DEFAULT_TASKS = "gsm8k,mmlu"
 DEFAULT_METHODS = "exact,support_basis,as23"
 DEFAULT_LIMITS = {"sb_gsm8k_cot": 2, "sb_mmlu": 57}
@@ -77,9 +77,12 @@ def method_settings(method: str, settings: dict[str, Any]) -> dict[str, Any]:
     shown = {"support_basis": ("threshold", "degree", "kernel", "sketch_dim", "interval", "radius", *structure),
              "support_basis_multi": ("thresholds", "degrees", "kernel", "sketch_dim", "interval", "radius", *structure),
              "as23": ("degree", "kernel", "sketch_dim", "interval", "radius"),
-             "sink_window": structure}[method]
-    resolved = {k: v for k, v in SupportBasisConfig.from_dict(settings).method_settings(method).items()
+             "sink_window": structure, "block_support": (*structure, "block")}[method]
+    config = SupportBasisConfig.from_dict(settings)
+    resolved = {k: v for k, v in config.method_settings(method).items()
                 if not k.startswith("column_")}  # None -> the method's default
+    if method == "block_support":
+        resolved["block"] = config.block_settings()
     settings = dict(settings) | resolved
     out = {k: settings[k] for k in shown if k in settings and settings[k] is not None}
     if method.startswith("support_basis") and not out.get("sinks") and not out.get("local_window"):

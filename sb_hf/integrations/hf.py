@@ -135,7 +135,7 @@ def check_transformers_version(version: str) -> None:
 
 
 def register() -> None:
-    """Register ``support_basis``, ``support_basis_multi``, ``as23`` and ``sink_window`` with transformers'
+    """Register ``support_basis``, ``support_basis_multi``, ``as23``, ``sink_window`` and ``block_support`` with transformers'
     attention and mask interfaces (an ``ImportError`` on a transformers release older than the package supports)."""
     check_transformers_version(transformers.__version__)
     for name in IMPLEMENTATIONS:

@@ -11,6 +11,7 @@ import torch
 
 from ..config import SupportBasisConfig, parse_index
 from ..ops import as23_attention, multi_threshold_attention, sink_window_attention, support_basis_attention
+from ..ops.block_support import block_support_or_exact
 from ..ops.support_basis import EVERY_KEY, Polynomial, Units
 from ..ops.heads import head_groups
 
@@ -19,6 +20,7 @@ IMPLEMENTATIONS = {
     "support_basis_multi": multi_threshold_attention,
     "as23": as23_attention,
     "sink_window": sink_window_attention,
+    "block_support": block_support_or_exact,
 }
 # The settings (fields of SupportBasisConfig, as op keyword arguments) each implementation takes.
 STRUCTURE = ("sinks", "local_window", "column_queries", "column_threshold")
@@ -29,6 +31,8 @@ OP_SETTINGS = {
                             "sketch_seed", "kernel", "radius_limit", *STRUCTURE),
     "as23": ("degree", "radius", "chunk_size", "max_feature_bytes", "sketch_dim", "sketch_seed", "kernel", "radius_limit"),
     "sink_window": ("sinks", "local_window", "chunk_size"),
+    "block_support": ("sinks", "local_window", "gamma", "block_size", "selection", "estimate", "far", "sample_stride",
+                      "exact_below"),
 }
 DECODING_CACHE = ("support_basis", "support_basis_multi", "as23")  # the implementations that keep a decoding state
 

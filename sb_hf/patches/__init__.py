@@ -59,7 +59,8 @@ def apply_support_basis(
     single layers; ``config`` may also be the path of a JSON settings file (``support_basis.json`` from
     ``sb-hf calibrate``, or a model's ``config.json``). ``method="support_basis_multi"`` the multi-threshold variant (settings
     ``thresholds``, ``degrees``), ``method="as23"`` the bounded-entry baseline, ``method="sink_window"``
-    the attention sinks + local window baseline (settings ``sinks``, ``local_window``).
+    the attention sinks + local window baseline (settings ``sinks``, ``local_window``), ``method="block_support"``
+    the support chosen per input (settings ``sinks``, ``local_window``, ``block``).
 
     Without a model: ``from_pretrained``/``from_config`` switch the Llama and Mistral models they
     return; a load with an explicit ``attn_implementation`` keeps it unless ``force=True``; with no

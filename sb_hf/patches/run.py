@@ -14,11 +14,12 @@ import sys
 from pathlib import Path
 
 from ..config import add_settings_arguments, settings_from_arguments, settings_given
+from ..integrations.plan import IMPLEMENTATIONS
 from . import apply_support_basis, revert_support_basis
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="support_basis", choices=["support_basis", "support_basis_multi", "as23", "sink_window"],
+    parser.add_argument("--method", default="support_basis", choices=list(IMPLEMENTATIONS),
                         help="attention implementation to switch to (default support_basis)")
     add_settings_arguments(parser)
     parser.add_argument("--force", action="store_true",

@@ -1,0 +1,137 @@
+"""``attn_implementation="block_support"``: the op runs at and above ``exact_below`` keys (a test that fails if that
+path is skipped), its model logits equal those of the same model with the dense twin in its place (GQA, padding, a
+sliding window, cached generation), exact attention runs below and for decoding steps, training backpropagates, and
+bad settings name what to change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import VOCAB, tiny_model
+from sb_hf.config import SupportBasisConfig
+from sb_hf.ops import reference
+from sb_hf.ops.block_support import backend
+
+OP = {"exact_below": 0, "block_size": 8, "gamma": 0.6, "local_window": 8, "sinks": 2}
+
+
+def block_model(kind="llama", block=OP, **overrides):
+    model = tiny_model(kind, **overrides)
+    settings = {key: value for key, value in block.items() if key not in ("sinks", "local_window")}
+    model.config.support_basis = {"block": settings, **{key: block[key] for key in ("sinks", "local_window") if key in block}}
+    model.set_attn_implementation("block_support")
+    return model
+
+
+class Calls(list):
+    """The op's calls (query length, key length); :meth:`twin` puts the dense twin in the op's place."""
+
+    op = None
+
+    def twin(self):
+        self.op = reference.block_support_attention
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    calls = Calls()
+    calls.op = backend.block_support_attention
+
+    def counted(q, k, v, **kw):
+        calls.append((q.shape[2], k.shape[2]))
+        return calls.op(q, k, v, **kw)
+
+    monkeypatch.setattr(backend, "block_support_attention", counted)
+    return calls
+
+
+def inputs(batch=2, length=45, pad=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, :pad] = 0  # left padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("kind,overrides", [("llama", {}), ("mistral", {"sliding_window": 30})])
+def test_the_model_runs_the_op_and_equals_the_twin(kind, overrides, op_calls):
+    """45 tokens (not a multiple of the block of 8), left padding, GQA 4/2, Mistral's sliding window of 30: the
+    logits of the real tokens are those of the twin in the op's place, and differ from exact attention's."""
+    model = block_model(kind, **overrides)
+    ids, mask = inputs()
+    with torch.no_grad():
+        fast = model(input_ids=ids, attention_mask=mask).logits
+        assert op_calls == [(45, 45)] * 2  # one call per layer: the op ran
+        op_calls.twin()
+        twin = model(input_ids=ids, attention_mask=mask).logits
+        model.set_attn_implementation("sdpa")
+        exact = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(fast[real], twin[real], rtol=1e-4, atol=1e-4)
+    assert (fast[real] - exact[real]).abs().max() > 1e-3  # an approximation: the op's output is the one used
+
+
+def test_cached_generation_runs_the_op_on_the_prompt_and_exact_steps(op_calls):
+    """The prompt (37 tokens) goes through the op; each generated token is one query, fewer than a block, and
+    attends exactly to the cache: the scores equal those of the twin's prompt with exact steps."""
+    model = block_model()
+    ids, mask = inputs(length=37)
+    kw = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    with torch.no_grad():
+        fast = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        assert op_calls == [(37, 37)] * 2  # the prompt only
+        op_calls.twin()
+        twin = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(fast.sequences, twin.sequences)
+    for a, b in zip(fast.scores, twin.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_below_exact_below_attention_is_exact(op_calls):
+    """The defaults (exact below 8192 keys) on 45 tokens: exact attention, the op never called."""
+    model = tiny_model()
+    ids, mask = inputs()
+    with torch.no_grad():
+        exact = model(input_ids=ids, attention_mask=mask).logits
+        model.set_attn_implementation("block_support")
+        out = model(input_ids=ids, attention_mask=mask).logits
+        for below in (46, 1000):
+            model.config.support_basis = {"block": {"exact_below": below, "block_size": 8}}
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[mask.bool()], exact[mask.bool()],
+                                       rtol=1e-5, atol=1e-5)
+        model.config.support_basis = {"block": {"exact_below": 45, "block_size": 8}}
+        model(input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(out[mask.bool()], exact[mask.bool()], rtol=1e-5, atol=1e-5)
+    assert op_calls == [(45, 45)] * 2  # only at exact_below = 45 keys
+
+
+def test_training_backpropagates(op_calls):
+    model = block_model().train()
+    ids, _ = inputs(batch=1, pad=0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert op_calls == [(45, 45)] * 2 and grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("block,message", [
+    ({"gama": 0.9}, "unknown settings \\['gama'\\]"),
+    ({"sinks": 3}, "top-level fields"),
+    ({"gamma": 1.5}, "gamma must be"),
+    ({"exact_below": -1}, "exact_below must be"),
+    ({"selection": "last"}, "dense twin's only"),
+    ({"estimate": "oracle"}, "measuring tool"),
+    ([0.9], "block must be a dict"),
+])
+def test_bad_settings(block, message):
+    with pytest.raises(ValueError, match=message):
+        SupportBasisConfig.from_dict({"block": block})
+
+
+def test_per_layer_settings_and_no_per_head_ones():
+    """``layers`` may give a layer its own ``block``; per-head settings are the support-basis methods' only."""
+    config = SupportBasisConfig.from_dict({"layers": {"1": {"block": {"gamma": 0.5}}}})
+    assert config.for_layer(1).block_settings()["gamma"] == 0.5 and config.for_layer(0).block_settings()["gamma"] == 0.97
+    with pytest.raises(ValueError, match="kv_heads settings are for the support-basis methods"):
+        SupportBasisConfig.from_dict({"kv_heads": {"0": {"sinks": 1}}}).check_method("block_support")
