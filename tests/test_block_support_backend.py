@@ -135,3 +135,22 @@ def test_per_layer_settings_and_no_per_head_ones():
     assert config.for_layer(1).block_settings()["gamma"] == 0.5 and config.for_layer(0).block_settings()["gamma"] == 0.97
     with pytest.raises(ValueError, match="kv_heads settings are for the support-basis methods"):
         SupportBasisConfig.from_dict({"kv_heads": {"0": {"sinks": 1}}}).check_method("block_support")
+
+
+@pytest.mark.parametrize("q_len", [1, 20, 45])
+@pytest.mark.parametrize("padded,sliding_window", [(False, None), (True, None), (False, 10), (True, 10)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.bfloat16, 2e-2)])
+def test_exact_attention_equals_the_reference(q_len, padded, sliding_window, dtype, tol):
+    """The exact fallback against the support-basis twin at threshold 0 (every row exact): the last ``q_len`` of 45
+    positions, GQA 4/2, left padding (a fully padded query row: zeros), a sliding window, fp64 and bf16."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, n, 8, generator=g, dtype=torch.float64) for h, n in ((4, q_len), (2, 45), (2, 45)))
+    mask = torch.ones(2, 45, dtype=torch.bool)
+    mask[-1, :30] = False
+    kw = dict(key_padding_mask=mask if padded else None, sliding_window=sliding_window)
+    stats, twin_stats = {}, {}
+    out = backend.exact_attention(q.to(dtype), k.to(dtype), v.to(dtype), stats=stats, **kw)
+    twin = reference.support_basis_attention(q, k, v, threshold=0.0, degree=0, stats=twin_stats, **kw)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), twin, rtol=tol, atol=tol)
+    assert {key: int(value) for key, value in stats.items()} == {key: int(twin_stats[key]) for key in stats}

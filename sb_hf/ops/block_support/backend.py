@@ -1,28 +1,54 @@
 """What the ``block_support`` attention implementation runs per call: the block-support op where it pays, exact
 attention elsewhere.
 
-Exact attention (:func:`sb_hf.ops.support_basis_attention` at threshold 0: every row exact, PyTorch's fused kernel
-on a CPU) serves the calls over fewer keys than ``exact_below`` (below the op's measured break-even it is the faster
-of the two, and exact) and the calls with fewer queries than a block, decoding steps among them (a generated token
-attends exactly to the cache, as in MInference and FlexPrefill, whose sparsity is the prompt's; block summaries kept
-in the cache are issue 24's to do).
+Exact attention (:func:`exact_attention`: PyTorch's SDPA with the same masks) serves the calls over fewer keys than
+``exact_below`` (below the op's measured break-even it is the faster of the two, and exact) and the calls with fewer
+queries than a block, decoding steps among them (a generated token attends exactly to the cache, as in MInference
+and FlexPrefill, whose sparsity is the prompt's; block summaries kept in the cache are issue 24's to do).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..support_basis import support_basis_attention
+from ..checks import check_inputs
+from ..masking import add_stats, key_spans, span_counts, visible
 from .chunk import block_support_attention
 
 
 def block_support_or_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, exact_below: int,
                            block_size: int, sinks: int, local_window: int, **settings) -> torch.Tensor:
     """:func:`.chunk.block_support_attention` with ``settings`` when ``k`` holds at least ``exact_below`` keys and
-    ``q`` at least a block of queries, else exact attention with the same masks (``causal``, ``scale``,
+    ``q`` at least a block of queries, else :func:`exact_attention` with the same masks (``causal``, ``scale``,
     ``key_padding_mask``, ``sliding_window``, ``stats``; ``dropped_real_keys`` only places the sinks)."""
     if k.shape[2] < exact_below or q.shape[2] < block_size:
-        settings = {name: settings[name] for name in ("causal", "scale", "key_padding_mask", "sliding_window", "stats")
-                    if name in settings}
-        return support_basis_attention(q, k, v, threshold=0.0, degree=0, **settings)
+        masks = {name: settings[name] for name in ("causal", "scale", "key_padding_mask", "sliding_window", "stats")
+                 if name in settings}
+        return exact_attention(q, k, v, **masks)
     return block_support_attention(q, k, v, block_size=block_size, sinks=sinks, local_window=local_window, **settings)
+
+
+def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True, scale: float | None = None,
+                    key_padding_mask: torch.Tensor | None = None, sliding_window: int | None = None,
+                    stats: dict | None = None) -> torch.Tensor:
+    """Exact attention in PyTorch's SDPA (GQA, in the inputs' dtype), the queries at the last key positions; a row
+    that sees no key gets zeros (as the sb-hf ops; SDPA would give NaN). Without padding or a window, a full causal
+    call or a single query needs no mask (SDPA's fused path), otherwise a boolean ``(B, 1, Lq, Lk)`` mask. No pass
+    over the inputs to check them finite: a decoding step reads the cache once, as SDPA's does."""
+    shapes = check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
+                          scale=scale, check_finite=False)
+    lq, lk = shapes.q_len, shapes.kv_len
+    if stats is not None:
+        start, end = key_spans(lq, lk, causal=causal, sliding_window=sliding_window, device=q.device)
+        valid = torch.ones(shapes.batch, lk, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
+        pairs, rows = span_counts(valid, start, end).sum() * shapes.q_heads, torch.tensor(q.shape[:3].numel(), device=q.device)
+        add_stats(stats, exact_pairs=pairs, pairs=pairs, exact_rows=rows, rows=rows)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if key_padding_mask is None and (sliding_window is None or not causal) and (lq == lk or lq == 1 or not causal):
+        return sdpa(q, k, v, is_causal=causal and lq > 1, scale=scale, enable_gqa=True)
+    positions = torch.arange(lk, device=q.device)
+    mask = visible(positions[lk - lq:], positions, causal=causal, sliding_window=sliding_window)[None, None]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]
+    out = sdpa(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return torch.where(mask.any(dim=-1, keepdim=True), out, 0.0)
