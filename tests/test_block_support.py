@@ -31,7 +31,7 @@ def left_padded(batch, kv_len, pad=23):
 
 
 def by_loops(q, k, v, *, gamma, block_size, sinks, local_window, selection, estimate, far, key_padding_mask=None,
-             sliding_window=None, sample_stride=8, pool_stride=1):
+             sliding_window=None, sample_stride=8):
     """The definition, one row and one block at a time in Python floats."""
     batch, heads, q_len, d = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -93,9 +93,8 @@ def by_loops(q, k, v, *, gamma, block_size, sinks, local_window, selection, esti
                 block_rows = [r for r in range(q_len) if (offset + r) // block_size == p // block_size]
                 if selection == "union":  # the blocks any row of the block in the call chose
                     chosen = set().union(*(own[r] for r in block_rows))
-                if selection == "pooled":  # the block's pooling rows' shares of their estimated totals, summed
-                    pools = [r for r in block_rows if ((offset + r) % block_size) // sample_stride % pool_stride == 0]
-                    shares = [(e, m, e + sum(m.values())) for e, m in (estimates[r] for r in pools or block_rows)]
+                if selection == "pooled":  # the block's rows' shares of their estimated totals, summed
+                    shares = [(e, m, e + sum(m.values())) for e, m in (estimates[r] for r in block_rows)]
                     chosen = rule(sum(e / t for e, _, t in shares if t), {n: sum(m[n] / t for _, m, t in shares if t)
                                                                             for n in candidates})
                 terms = [(score(q[b, h, i], j), vh[j]) for j in range(kv_len)
@@ -131,16 +130,6 @@ def test_twin_follows_the_definition_at_other_sample_strides(selection, sample_s
     q, k, v = qkv()
     kw = dict(SETTINGS, block_size=16, selection=selection, estimate="sampled", far="centroid", sample_stride=sample_stride,
               key_padding_mask=left_padded(2, 90))
-    torch.testing.assert_close(block_support_attention(q, k, v, **kw), by_loops(q, k, v, **kw), rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("pool_stride,q_len,kv_len", [(2, 37, 90), (4, 37, 90), (4, 2, 92)])
-def test_twin_follows_the_definition_with_pooling_rows(pool_stride, q_len, kv_len):
-    """Pooled over one group of 2 rows in ``pool_stride`` (blocks of 16); the last 2 of 92 positions (90, 91: block
-    5's rows 10 and 11, group 5, not a pooling group at pool_stride 4: the block pools both)."""
-    q, k, v = qkv(q_len=q_len, kv_len=kv_len)
-    kw = dict(SETTINGS, block_size=16, selection="pooled", estimate="sampled", far="centroid", sample_stride=2,
-              pool_stride=pool_stride, key_padding_mask=left_padded(2, kv_len))
     torch.testing.assert_close(block_support_attention(q, k, v, **kw), by_loops(q, k, v, **kw), rtol=1e-10, atol=1e-10)
 
 

@@ -65,36 +65,22 @@ def test_other_sample_strides(sample_stride, block_size, selection):
     torch.testing.assert_close(fast, twin, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("sample_stride,pool_stride", [(2, 2), (2, 4), (4, 2)])
-@pytest.mark.parametrize("q_len,kv_len,sliding_window", [(90, 90, None), (37, 90, None), (2, 92, None), (1, 92, None),
-                                                         (60, 90, 40)])
-def test_pooling_rows(sample_stride, pool_stride, q_len, kv_len, sliding_window):
-    """Pooled selection over one group of rows in ``pool_stride`` (blocks of 16, chunks of 2 query blocks): whole
-    blocks, a first block that starts inside the call, last queries with no pooling row (the block pools them all)."""
-    q, k, v = qkv(q_len=q_len, kv_len=kv_len)
-    fast, twin, fast_stats, twin_stats = both(
-        q, k, v, **{**SETTINGS, "block_size": 16}, selection="pooled", estimate="sampled", sample_stride=sample_stride,
-        pool_stride=pool_stride, key_padding_mask=left_padded(2, kv_len), sliding_window=sliding_window, chunk_blocks=2)
-    torch.testing.assert_close(fast, twin, rtol=1e-10, atol=1e-10)
-    assert {key: int(value) for key, value in twin_stats.items()} == {key: int(fast_stats[key]) for key in twin_stats}
+def test_query_blocks_alike_share_one_fixed_mask(monkeypatch):
+    """Without padding, the chunks past the sinks' blocks give the kernel one mask for all their fixed tiles (a
+    stride-0 view: a test that fails if every tile's mask is built); with padding, none does."""
+    from sb_hf.ops import fused_cpu
 
-
-def test_pooling_rows_are_the_only_rows_estimated(monkeypatch):
-    """With ``pool_stride`` 4 the estimate scores a quarter of each chunk's rows (a test that fails if every row is
-    estimated), all of them in a chunk whose block has no pooling row in the call; ``estimate_pairs`` follows."""
-    rows = []
-    real = chunk.estimated_log_mass
-    monkeypatch.setattr(chunk, "estimated_log_mass", lambda estimate, r, *a: rows.append(r.shape[3]) or real(estimate, r, *a))
-    q, k, v = qkv(q_len=92, kv_len=92)
-    kw = dict(SETTINGS, block_size=16, selection="pooled", estimate="sampled", sample_stride=2, chunk_blocks=2)
-    quarter, every = {}, {}
-    block_support_attention(q, k, v, pool_stride=4, stats=quarter, **kw)
-    assert rows == [2 * 16 // 4] * 3  # 6 query blocks in 3 chunks, 2 query heads per KV head: 8 of 32 rows
-    block_support_attention(q, k, v, pool_stride=1, stats=every, **kw)
-    assert 0 < 3 * int(quarter["estimate_pairs"]) < int(every["estimate_pairs"])  # 24 of 92 rows
-    rows.clear()
-    block_support_attention(q[:, :, -2:], k, v, pool_stride=4, **kw)  # rows 10, 11 of the last block: not pooling
-    assert rows == [2 * 16]
+    shared = []
+    real = fused_cpu.kernel
+    monkeypatch.setattr(fused_cpu, "kernel", lambda *a, attn_mask=None, **kw: shared.append(
+        attn_mask is not None and attn_mask.shape[0] > 1 and attn_mask.stride(0) == 0) or real(*a, attn_mask=attn_mask, **kw))
+    q, k, v = qkv(q_len=90, dtype=torch.float32)
+    with torch.no_grad():
+        block_support_attention(q, k, v, **SETTINGS, chunk_blocks=3)
+        assert sum(shared) == 3  # chunks 2 to 4 of 5 (blocks 3-11); the first holds the sinks, the last the short block
+        shared.clear()
+        block_support_attention(q, k, v, **SETTINGS, chunk_blocks=3, key_padding_mask=left_padded(2, 90))
+        assert shared and not any(shared)
 
 
 def test_default_blocks_dropped_keys_and_no_gqa():

@@ -45,7 +45,6 @@ def block_support_attention(
     estimate: str = BlockSettings.estimate,
     far: str = BlockSettings.far,
     sample_stride: int = BlockSettings.sample_stride,
-    pool_stride: int = BlockSettings.pool_stride,
     causal: bool = True,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
@@ -57,7 +56,7 @@ def block_support_attention(
     """Block-support attention (:mod:`.naive` defines it; this computes the same). ``stats`` receives the twin's counts
     and the work of a block-sparse kernel: ``computed_pairs`` (rows against their query block's tiles, masked pairs
     included) and ``estimate_pairs`` (the selection's, in pairs)."""
-    settings = BlockSettings(gamma, block_size, sinks, local_window, selection, estimate, far, sample_stride, pool_stride)
+    settings = BlockSettings(gamma, block_size, sinks, local_window, selection, estimate, far, sample_stride)
     shapes = check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
                           scale=scale)
     settings.check(causal)
@@ -149,16 +148,26 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fus
     fixed = fixed_blocks(blocks, settings.band_blocks, size, sliding_window, nb)  # (nc, nf), -1: none
     k_tile, v_tile = gather_blocks(kp, vp, fixed.expand(b_, hk, -1, -1))
     fixed_pos = (fixed.clamp_min(0)[:, :, None] * size + torch.arange(size, device=device)).flatten(1)  # (nc, nf * size)
-    fixed_keys = (fixed >= 0).repeat_interleave(size, dim=1)
-    fixed_member = member.view(b_, -1)[:, fixed_pos] & fixed_keys  # (B, nc, nf * size)
-    sees = fixed_member[:, :, None, :] & visible(pos, fixed_pos, causal=True, sliding_window=sliding_window)[None]
+    # Without padding or a window, past the sinks' blocks and inside the call, every query block sees its tile alike
+    # (the sinks, whole band blocks, its own block causally): one mask for the chunk, which the kernel broadcasts.
+    past_sinks = leading_sinks is not None and first - settings.band_blocks >= -(-leading_sinks // size)
+    alike = past_sinks and sliding_window is None and first * size >= offset and (first + nc) * size <= kv_len
+    some, seqs = (slice(0, 1), 1) if alike else (slice(None), b_)  # (the first query block's mask stands for all)
+    fixed_keys = (fixed[some] >= 0).repeat_interleave(size, dim=1)
+    fixed_member = member.view(b_, -1)[:seqs, fixed_pos[some]] & fixed_keys  # (B | 1, nc | 1, nf * size)
+    sees = fixed_member[:, :, None, :] & visible(pos[some], fixed_pos[some], causal=True, sliding_window=sliding_window)[None]
     if k_sink.shape[2]:
-        sees_sink = sink_ok[:, None, None, :] & visible(pos, sink_pos[:, None, :], causal=True, sliding_window=sliding_window)
-        sees = torch.cat([sees_sink.expand(-1, nc, -1, -1), sees], dim=-1)
+        sees_sink = sink_ok[:seqs, None, None, :] & visible(pos[some], sink_pos[:seqs, None, :], causal=True,
+                                                            sliding_window=sliding_window)
+        sees = torch.cat([sees_sink.expand(-1, sees.shape[1], -1, -1), sees], dim=-1)
         with_sinks = lambda sink, tile: torch.cat([sink[:, :, None].expand(-1, -1, nc, -1, -1), tile], dim=3)
         k_tile, v_tile = with_sinks(k_sink, k_tile), with_sinks(v_sink, v_tile)
-    mask = spread((sees[:, None, :, None] & row_ok[None, None, :, None, :, None]))
-    exact, counts = tile_part(rows, k_tile, v_tile, mask, scale, fused), mask.sum(dim=-1)  # counts: rows' exact keys
+    if alike:  # (1, 1, 1, G * size, keys)
+        mask = sees[:, None, :, None].expand(1, 1, 1, g, size, sees.shape[-1]).reshape(1, 1, 1, g * size, -1)
+    else:
+        mask = spread((sees[:, None, :, None] & row_ok[None, None, :, None, :, None]))
+    exact = tile_part(rows, k_tile, v_tile, mask, scale, fused)
+    counts = mask.sum(dim=-1).expand(b_, hk, nc, g * size)  # rows' exact keys
     exact_log_mass = exact.den.log() + exact.shift  # (B, Hk, nc, G * size)
 
     # 2. The selection: candidates of each query block, each row's estimates, the rule.
@@ -171,23 +180,14 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fus
     candidate = candidate & row_ok[None, None, :, :, None]  # (B, 1, nc, size, nb)
     candidate = candidate[:, :, :, None].expand(b_, hk, nc, g, size, nb).reshape(b_, hk, nc, g * size, nb)
     centroid = None if settings.far != "centroid" else centroid_log_mass(rows, summary, scale)  # (the far field's)
-    pooling = settings.selection == "pooled"
-    subset = pooling and settings.pool_stride > 1 and all_blocks_pool(settings, first, nc, offset, kv_len)
-    per_block = size // settings.pool_stride if subset else size  # the rows estimated per query block
-    pick = lambda x: pooling_rows(x, settings, g) if subset else x  # (B, Hk, nc, G * size, ...) -> the estimated rows
-    estimate = estimated_log_mass(settings.estimate, pick(rows), first * size, kp, member, summary, scale, scored_keys,
-                                  settings.sample_stride, None if centroid is None else pick(centroid), leading_sinks,
-                                  per_block)
-    estimate = torch.where(pick(candidate), estimate, float("-inf"))
-    if pooling:  # the rows' shares of their estimated totals, summed per query block and head over its pooling rows
-        exact_est = pick(exact_log_mass)
-        total = torch.logaddexp(exact_est, estimate.logsumexp(dim=-1))
+    estimate = estimated_log_mass(settings.estimate, rows, first * size, kp, member, summary, scale, scored_keys,
+                                  settings.sample_stride, centroid, leading_sinks)
+    estimate = torch.where(candidate, estimate, float("-inf"))
+    if settings.selection == "pooled":  # the rows' shares of their estimated totals, summed per query block and head
+        total = torch.logaddexp(exact_log_mass, estimate.logsumexp(dim=-1))
         total = torch.where(total > float("-inf"), total, torch.zeros_like(total))[..., None]
-        pools = (settings.pooling_rows(pos) & row_ok) if not subset and settings.pool_stride > 1 else row_ok
-        pools = pools | (row_ok & ~pools.any(dim=-1, keepdim=True))  # (a block without pooling rows in the call: all)
-        weight = 1.0 if subset else pools[:, None, :].expand(nc, g, size).reshape(nc, g * size, 1)
-        pooled = lambda log_mass: ((log_mass - total).exp() * weight).view(b_, hk, nc, g, per_block, -1).sum(dim=4).log()
-        shared = select_blocks(pooled(exact_est[..., None])[..., 0], pooled(estimate), settings.gamma)
+        pooled = lambda log_mass: (log_mass - total).exp().view(b_, hk, nc, g, size, -1).sum(dim=4).log()
+        shared = select_blocks(pooled(exact_log_mass[..., None])[..., 0], pooled(estimate), settings.gamma)
         own = shared[:, :, :, :, None].expand(-1, -1, -1, -1, size, -1).reshape(b_, hk, nc, g * size, nb) & candidate
     else:
         own = select_blocks(exact_log_mass, estimate, settings.gamma)
@@ -215,28 +215,9 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fus
         tile_keys = g * (k_sink.shape[2] + size * (fixed >= 0).sum(dim=-1)) + size * tile.sum(dim=(-1, -2))  # (B, Hk, nc)
         for key, value in (("centroid_pairs", pseudo.sum() if settings.far == "centroid" else 0), ("selected_blocks", own.sum()),
                            ("candidate_blocks", candidate.sum()), ("computed_pairs", (tile_keys * row_ok.sum(-1)).sum()),
-                           ("estimate_pairs", (pooling_rows(row_ok[None, None], settings, 1) if subset else row_ok).sum() * b_ * hk * g * estimate_pairs(settings.estimate, nb, scored_keys, settings.sample_stride))):
+                           ("estimate_pairs", row_ok.sum() * b_ * hk * g * estimate_pairs(settings.estimate, nb, scored_keys, settings.sample_stride))):
             stats[key] = stats.get(key, 0) + value
     return out, counts
-
-
-def all_blocks_pool(settings, first, nc, offset, kv_len) -> bool:
-    """Whether each of the query blocks ``first .. first + nc - 1`` has a pooling row (``pool_stride``) among its rows
-    in the call (only the call's first and last blocks can lack one)."""
-    size = settings.block_size
-    for block in (first, first + nc - 1):
-        lo, hi = max(offset - block * size, 0), min(kv_len - block * size, size)
-        if not any(settings.pooling_rows(torch.arange(lo, hi)).tolist()):
-            return False
-    return True
-
-
-def pooling_rows(x, settings, g) -> torch.Tensor:
-    """The pooling rows of ``x (B, Hk, nc, G * size, ...)``: of each query block's rows, one group of
-    ``sample_stride`` in ``pool_stride``, ``(B, Hk, nc, G * size / pool_stride, ...)`` (a strided view, copied)."""
-    size, s, k = settings.block_size, settings.sample_stride, settings.pool_stride
-    grouped = x.reshape(*x.shape[:3], g, size // (s * k), k, s, *x.shape[4:]).select(5, 0)
-    return grouped.reshape(*x.shape[:3], g * (size // k), *x.shape[4:])
 
 
 def selected_part(rows, own, tile, kp, vp, member, scale, fused, shared):

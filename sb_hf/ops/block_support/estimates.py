@@ -26,15 +26,13 @@ def centroid_log_mass(rows, summary, scale) -> torch.Tensor:
 
 
 def estimated_log_mass(estimate, rows, first_pos, kp, member, summary, scale, scored_keys, stride, centroid=None,
-                       leading_sinks=None, per_block=None) -> torch.Tensor:
+                       leading_sinks=None) -> torch.Tensor:
     """Each row's estimated log mass of every block, ``(B, Hk, nc, G * size, nb)``, for ``rows (B, Hk, nc, G * size,
     d)`` at key positions ``first_pos + c * size + t``; the keys ``kp (B, Hk, nb, size, d)``, their ``member`` flags
     ``(B, nb, size)`` and block ``summary``; ``scored_keys``: the keys that hold every candidate of these rows;
     ``stride``: the sampled estimate's; ``centroid``: :func:`centroid_log_mass` when the caller has it;
     ``leading_sinks``: when the keys that are not members are the first ``leading_sinks`` keys and no other (no
-    padding), their number (the sampled estimate then masks a few columns, not every score); ``per_block``: the rows
-    of a query block in ``rows`` (default: the block size; fewer when they are its pooling rows, whose position is
-    the same modulo ``stride`` as their index's)."""
+    padding), their number (the sampled estimate then masks a few columns, not every score)."""
     b_, hk, nc, r, d = rows.shape
     if estimate == "bound":  # sum_c max(q_c high_c, q_c low_c) = q+ . high + q- . low
         flat = rows.reshape(b_, hk, nc * r, d)
@@ -48,26 +46,24 @@ def estimated_log_mass(estimate, rows, first_pos, kp, member, summary, scale, sc
         scores = scale * rows.reshape(b_, hk, nc * r, d) @ kp.flatten(2, 3).transpose(-1, -2)  # (B, Hk, nc * r, nb * size)
         scores = torch.where(member.view(b_, 1, 1, nb * size), scores, float("-inf"))
         return scores.view(b_, hk, nc, r, nb, size).logsumexp(dim=-1)
-    return sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, centroid, leading_sinks,
-                            per_block or size)
+    return sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, centroid, leading_sinks)
 
 
-def sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, fallback, leading_sinks,
-                     per_block) -> torch.Tensor:
+def sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, fallback, leading_sinks) -> torch.Tensor:
     """The "sampled" estimate: row ``p`` scores the keys ``j`` with ``(p + j) % stride == 0`` (so the rows of one
     residue, every stride-th row, share their keys: one matmul per residue, 1/stride of the scores), sums their
     weights per block and scales by ``stride``; a block with no sampled member takes ``fallback`` (the centroid's).
-    ``leading_sinks``, ``per_block``: as :func:`estimated_log_mass`."""
+    ``leading_sinks``: as :func:`estimated_log_mass`."""
     b_, hk, nc, r, d = rows.shape
     nb, size = kp.shape[2], kp.shape[3]
-    g = r // per_block
-    heads = (scale * rows).view(b_, hk, nc, g, per_block, d).transpose(2, 3).reshape(b_, hk, g, nc * per_block, d)
+    g = r // size
+    heads = (scale * rows).view(b_, hk, nc, g, size, d).transpose(2, 3).reshape(b_, hk, g, nc * size, d)
     keys, valid = kp.flatten(2, 3)[:, :, :scored_keys], member.view(b_, -1)[:, :scored_keys]
-    out = fallback.new_empty(b_, hk, g, nc * per_block, nb)  # (a copy: the caller's fallback stays as it is)
-    out.view(b_, hk, g, nc, per_block, nb).copy_(fallback.view(b_, hk, nc, g, per_block, nb).transpose(2, 3))
+    out = fallback.new_empty(b_, hk, g, nc * size, nb)  # (a copy: the caller's fallback stays as it is)
+    out.view(b_, hk, g, nc, size, nb).copy_(fallback.view(b_, hk, nc, g, size, nb).transpose(2, 3))
     for residue in range(stride):
         first_row, start = (residue - first_pos) % stride, (-residue) % stride  # these rows, the keys they sample
-        if first_row >= nc * per_block or start >= scored_keys:
+        if first_row >= nc * size or start >= scored_keys:
             continue
         q_r = heads[:, :, :, first_row::stride]  # (B, Hk, G, R, d)
         scores = q_r.reshape(b_, hk, -1, d) @ keys[:, :, start::stride].transpose(-1, -2)  # (B, Hk, G * R, Ks)
@@ -93,4 +89,4 @@ def sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, fa
         estimate = sums.log_().add_(top + math.log(stride)).view(b_, hk, g, -1, blocks)
         target = out[:, :, :, first_row::stride, :blocks]
         target.copy_(torch.where(counts[:, None, None, None, :] > 0, estimate, target))
-    return out.view(b_, hk, g, nc, per_block, nb).transpose(2, 3).reshape(b_, hk, nc, r, nb)
+    return out.view(b_, hk, g, nc, size, nb).transpose(2, 3).reshape(b_, hk, nc, r, nb)

@@ -14,7 +14,7 @@ Key block ``b`` holds the key positions ``[b B, (b + 1) B)`` (``B = block_size``
 - **selection** by a *selection query* ``q_sel``: ``q_p`` itself (``selection="row"``: a row's support depends on
   its own query and earlier keys only; ``"union"``: then the rows of block ``P`` present in the call share the union
   of their selections; ``"pooled"``: they share one selection by the sum of their masses, each row's as shares of
-  its estimated total, over the block's pooling rows, ``BlockSettings.pool_stride``), or the last query of block ``P`` present in the call (``"last"``). With ``"union"``,
+  its estimated total), or the last query of block ``P`` present in the call (``"last"``). With ``"union"``,
   ``"pooled"`` and ``"last"`` a row may depend on the other queries of its block, never on later blocks. Each
   candidate's mass is estimated (``estimate``: :data:`.settings.ESTIMATES`), the exact keys' mass is exact; the candidates are
   taken in order of estimated mass (ties: the lower block first) until the exact mass plus theirs reaches ``gamma``
@@ -48,7 +48,6 @@ def block_support_attention(
     estimate: str = BlockSettings.estimate,
     far: str = BlockSettings.far,
     sample_stride: int = BlockSettings.sample_stride,
-    pool_stride: int = BlockSettings.pool_stride,
     causal: bool = True,
     scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
@@ -61,7 +60,7 @@ def block_support_attention(
     ``exact_pairs``, ``pairs``, ``exact_rows``, ``rows``, ``centroid_pairs`` (row, pseudo-key pairs),
     ``selected_blocks`` and ``candidate_blocks`` (over rows); with ``return_weights``, the weight of every key
     ``(B, Hq, Lq, Lk)`` (a centroid's weight shared equally by the keys it stands for) instead of the output."""
-    settings = BlockSettings(gamma, block_size, sinks, local_window, selection, estimate, far, sample_stride, pool_stride)
+    settings = BlockSettings(gamma, block_size, sinks, local_window, selection, estimate, far, sample_stride)
     shapes = check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
                           scale=scale)
     settings.check(causal)
@@ -99,12 +98,10 @@ def block_support_attention(
                                         scale, size, settings.sample_stride)
     block_log_mass = torch.where(candidate, block_log_mass, float("-inf"))
     same_block = (q_block[:, None] == q_block[None, :]).to(q.dtype)  # (Lq, Lq)
-    if settings.selection == "pooled":  # each row's shares of its estimated total, summed over its block's pooling rows
+    if settings.selection == "pooled":  # each row's shares of its estimated total, summed over its block's rows
         total = torch.logaddexp(exact_log_mass, block_log_mass.logsumexp(dim=-1))
         total = torch.where(total > float("-inf"), total, torch.zeros_like(total))[..., None]  # (a row without keys: 0)
-        pools = settings.pooling_rows(q_pos)
-        pools = pools | ~(same_block @ pools.to(q.dtype) > 0)  # (a block without pooling rows in the call: all of them)
-        pooled = lambda log_mass: ((same_block * pools) @ (log_mass - total).exp()).log()
+        pooled = lambda log_mass: (same_block @ (log_mass - total).exp()).log()
         selected = select_blocks(pooled(exact_log_mass[..., None])[..., 0], pooled(block_log_mass), settings.gamma)
     else:
         selected = select_blocks(exact_log_mass, block_log_mass, settings.gamma)

@@ -38,11 +38,7 @@ class BlockSettings:
     first real keys, always exact; ``local_window``: keys behind each query always exact, rounded up to whole blocks
     (``band_blocks``); ``selection``: whose estimate chooses a row's blocks (:data:`SELECTIONS`); ``estimate``: how a
     candidate's mass is estimated for the selection (:data:`ESTIMATES`); ``far``: what stands for the candidates not
-    selected (:data:`FAR_FIELDS`); ``sample_stride``: the "sampled" estimate scores one key in this many;
-    ``pool_stride``: with ``selection="pooled"``, the rows whose shares a query block sums: of its rows, in groups of
-    ``sample_stride`` (which together sample every key), one group in ``pool_stride`` (rows ``t`` of the block with
-    ``(t // sample_stride) % pool_stride == 0``; a block with none of them in the call pools all its rows there), so
-    the estimate scores 1/pool_stride of the rows."""
+    selected (:data:`FAR_FIELDS`); ``sample_stride``: the "sampled" estimate scores one key in this many."""
 
     # The defaults: what measured best so far (docs/experiments/block_support.md: at 8192 tokens of SmolLM2,
     # perplexity +0.21%, KL 0.0064, top-1 96.3%, 28% of the pairs exact).
@@ -54,7 +50,6 @@ class BlockSettings:
     estimate: str = "sampled"
     far: str = "centroid"
     sample_stride: int = 8
-    pool_stride: int = 1
 
     @property
     def band_blocks(self) -> int:
@@ -68,7 +63,7 @@ class BlockSettings:
                              "pass causal=True")
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0 <= self.gamma <= 1:
             raise ValueError(f"gamma must be a number in [0, 1] (the share of attention mass kept exact), got {self.gamma!r}")
-        for name in ("block_size", "sinks", "local_window", "sample_stride", "pool_stride"):
+        for name in ("block_size", "sinks", "local_window", "sample_stride"):
             value, low = getattr(self, name), 0 if name in ("sinks", "local_window") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -78,16 +73,6 @@ class BlockSettings:
             raise ValueError(f"estimate must be one of {tuple(ESTIMATES)}, got {self.estimate!r}")
         if self.far not in FAR_FIELDS:
             raise ValueError(f"far must be one of {tuple(FAR_FIELDS)}, got {self.far!r}")
-        if self.pool_stride > 1 and self.selection != "pooled":
-            raise ValueError(f"pool_stride chooses the rows a pooled selection sums (selection='pooled'); with selection="
-                             f"{self.selection!r} every row selects with its own estimate: set pool_stride=1")
-        if self.pool_stride > 1 and self.block_size % (self.sample_stride * self.pool_stride):
-            raise ValueError(f"pool_stride > 1 needs block_size a multiple of sample_stride * pool_stride (groups of "
-                             f"{self.sample_stride} rows, one in {self.pool_stride}), got block_size {self.block_size}")
-
-    def pooling_rows(self, positions: torch.Tensor) -> torch.Tensor:
-        """Whether the rows at key ``positions`` are among their query block's pooling rows (``pool_stride``)."""
-        return (positions % self.block_size) // self.sample_stride % self.pool_stride == 0
 
 
 def select_blocks(exact_log_mass: torch.Tensor, block_log_mass: torch.Tensor, gamma: float) -> torch.Tensor:
