@@ -154,3 +154,33 @@ def test_exact_attention_equals_the_reference(q_len, padded, sliding_window, dty
     assert out.dtype == dtype and torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), twin, rtol=tol, atol=tol)
     assert {key: int(value) for key, value in stats.items()} == {key: int(twin_stats[key]) for key in stats}
+
+
+def test_exact_attention_needs_no_mask_for_a_full_causal_call_or_one_query(monkeypatch):
+    """Without padding or a window, a full causal call and a single query go to SDPA without a mask (its fused
+    path; a test that fails if a mask is built for them); a partial call does need one."""
+    masks = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, attn_mask=None, **kw: masks.append(attn_mask is None) or real(*a, attn_mask=attn_mask, **kw))
+    k, v = torch.randn(1, 2, 45, 8), torch.randn(1, 2, 45, 8)
+    for q_len in (45, 1, 20):
+        backend.exact_attention(torch.randn(1, 4, q_len, 8), k, v)
+    assert masks == [True, True, False]
+
+
+def test_the_sampled_estimate_masks_leading_sinks_without_padding(monkeypatch):
+    """Without padding the op tells the sampled estimate that the only non-members are the leading sinks (it then
+    masks a few columns instead of every score; a test that fails if that is skipped); with padding it does not."""
+    from sb_hf.ops.block_support import chunk
+
+    seen = []
+    real = chunk.estimated_log_mass
+    monkeypatch.setattr(chunk, "estimated_log_mass", lambda *a: seen.append(a[10]) or real(*a))
+    q, k, v = (torch.randn(1, h, 90, 8) for h in (4, 2, 2))
+    chunk.block_support_attention(q, k, v, block_size=8, local_window=8, sinks=3)
+    assert seen and set(seen) == {3}
+    seen.clear()
+    chunk.block_support_attention(q, k, v, block_size=8, local_window=8, sinks=3,
+                                  key_padding_mask=torch.ones(1, 90, dtype=torch.bool))
+    assert seen and set(seen) == {None}

@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SupportBasisConfig, add_settings_arguments, settings_from_arguments
+from ..integrations.plan import IMPLEMENTATIONS
 from .records import EXACT, compare_records, markdown_summary, sample_records
 from .tasks import (TASK_ALIASES, TASKS_DIR_ENV, leaf_tasks, make_task_manager, quiet_lm_eval_logs, require_lm_eval,
                     select_samples, subgroups, tasks_dir)
 
 
-METHODS = (EXACT, "support_basis", "support_basis_multi", "as23", "sink_window", "block_support")
+METHODS = (EXACT, *IMPLEMENTATIONS)
 DEFAULT_TASKS = "gsm8k,mmlu"
 DEFAULT_METHODS = "exact,support_basis,as23"
 DEFAULT_LIMITS = {"sb_gsm8k_cot": 2, "sb_mmlu": 57}

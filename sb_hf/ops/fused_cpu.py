@@ -156,11 +156,7 @@ def fused_masked(q, k, v, mask, scale) -> Partial:
     shift is its log-sum-exp (``-inf`` when it sees no key)."""
     lead, rows = q.shape[:-2], q.shape[-2]
     flat = lambda x: x.expand(*lead, *x.shape[-2:]).reshape(-1, 1, *x.shape[-2:])  # (k, v, mask may broadcast)
-    bias = additive_bias(mask, q.dtype)
-    if all(n == 1 for n in mask.shape[:-2]):  # one mask for every item: the kernel reads it through a stride-0 view
-        bias = bias.reshape(1, 1, *mask.shape[-2:]).expand(lead.numel(), 1, *mask.shape[-2:])
-    else:
-        bias = flat(bias)
-    out, lse = kernel(flat(q), flat(k), flat(v), attn_mask=bias, scale=scale)
+    # (a mask that broadcasts over the items stays one: ``flat`` gives the kernel a stride-0 view of it)
+    out, lse = kernel(flat(q), flat(k), flat(v), attn_mask=flat(additive_bias(mask, q.dtype)), scale=scale)
     seen = mask.any(dim=-1).expand(*lead, rows)
     return Partial(out.view(*lead, rows, -1), seen.to(q.dtype), torch.where(seen, lse.view(*lead, rows).to(q.dtype), float("-inf")))
