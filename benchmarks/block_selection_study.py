@@ -15,12 +15,7 @@ visible pairs. Rules:
 - ``pooled``: the block's rows' true masses summed, blocks taken until gamma of the pooled mass (the best a
   pooled estimate such as XAttention's can do);
 - ``antidiagonal``: the pooled mass estimated from one (row, key) pair in 8 (``(i + j) % 8 == 0``), XAttention-like,
-  rows normalized by their true log-sum-exp (an optimistic version: cost counts the sampled scores only);
-- ``probe``: a structure per head and chunk of ``CHUNK`` rows, chosen from the true attention of ``PROBE`` probe rows,
-  the last rows of the chunk before (earlier tokens only: causal); a window of one of ``WINDOWS`` keys and the key
-  columns (single keys) of largest probe mass, the pair that covers gamma of the probe rows' mass at the fewest
-  pairs (the calibrated settings' structure, chosen online); the first chunk exact; cost includes the probe rows'
-  scores. With ``--probe-only`` only this rule runs.
+  rows normalized by their true log-sum-exp (an optimistic version: cost counts the sampled scores only).
 
     sb-hf capture --tokens 8192 --second-half --layers 3,9,15,21,27 --dtype float16 --output runs/cap8k.safetensors
     python benchmarks/block_selection_study.py --capture runs/cap8k.safetensors --output runs/selection_study
@@ -40,8 +35,6 @@ from sb_hf.analysis.capture import load_capture
 from sb_hf.ops.block_support import select_blocks
 
 SIZE, SINKS, STRIDE = 64, 4, 8
-CHUNK, PROBE = 1024, 64
-WINDOWS = (64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
 def head_masses(q, k, scale, local_window):
@@ -84,49 +77,7 @@ def evaluate(selected, blocks, structural, structural_keys, visible, extra_pairs
     return float((1 - covered).clamp_min(0).mean()), float((keys.sum() + extra_pairs) / visible.sum())
 
 
-def probe_structure(probs, gamma):
-    """The ``probe`` rule on one head's true attention ``probs (n, n)``: ``(mean missed mass, pairs)`` over rows."""
-    n = probs.shape[0]
-    pos = torch.arange(n)
-    missed, pairs = torch.zeros(n), (pos + 1).float()  # the first chunk: exact
-    cum = torch.nn.functional.pad(probs.cumsum(-1), (1, 0))  # cum[i, j]: mass of keys < j
-    for start in range(CHUNK, n, CHUNK):
-        rows = pos[start : min(start + CHUNK, n)]
-        probe = probs[start - PROBE : start, :start]  # (P, start): the probe rows see keys < start
-        best = None
-        for w in WINDOWS:
-            # the probe rows' mass in their window and sinks; columns: keys before every chunk row's window
-            edge = max(SINKS, start - w)  # the chunk's rows see every key from edge on
-            p_rows = torch.arange(start - PROBE, start)
-            lo = (p_rows - w + 1).clamp_min(SINKS)
-            inside = probe[:, :SINKS].sum(-1) + cum[p_rows, p_rows + 1] - cum[p_rows, lo]
-            need = gamma - float(inside.mean())
-            col_mass = probe[:, SINKS:edge].mean(0)
-            order = torch.sort(col_mass, descending=True)
-            taken = torch.cumsum(order.values, 0)
-            count = 0 if need <= 0 else int((taken < need).sum()) + 1
-            count = min(count, col_mass.numel())
-            cost = len(rows) * (SINKS + w + count)
-            if best is None or cost < best[0]:
-                best = (cost, w, order.indices[:count] + SINKS)
-        _, w, columns = best
-        lo = torch.full_like(rows, max(SINKS, start - w))  # the band: from the chunk's window edge to the row
-        inside = probs[rows, :SINKS].sum(-1) + cum[rows, rows + 1] - cum[rows, lo]
-        col_ok = columns[None, :] < lo[:, None]  # columns before each row's window
-        covered = inside + (probs[rows][:, columns] * col_ok).sum(-1)
-        missed[rows] = (1 - covered).clamp_min(0)
-        pairs[rows] = torch.minimum(SINKS + (rows - lo + 1) + col_ok.sum(-1), rows + 1).float()
-    probe_pairs = sum(PROBE * start for start in range(CHUNK, n, CHUNK))
-    return float(missed.mean()), float(pairs.sum()) + probe_pairs
-
-
-def study(q, k, scale, local_window, gammas, probe_only=False):
-    if probe_only:
-        scores = scale * q @ k.T
-        pos = torch.arange(q.shape[0])
-        probs = torch.softmax(scores.masked_fill_(pos[None, :] > pos[:, None], float("-inf")), dim=-1)
-        visible = float((pos + 1).sum())
-        return {f"probe g{g}": (m, p / visible) for g in gammas for m, p in [probe_structure(probs, g)]}
+def study(q, k, scale, local_window, gammas):
     probs, blocks, candidate, structural, structural_keys, visible = head_masses(q, k, scale, local_window)
     n, nb = blocks.shape
     log_blocks = torch.where(candidate, blocks.clamp_min(1e-30).log(), float("-inf"))
@@ -171,8 +122,6 @@ def study(q, k, scale, local_window, gammas, probe_only=False):
         sel = select_blocks(pooled_structural.log(), torch.where(block_candidates, est.clamp_min(1e-30).log(), float("-inf")), g)
         rows[f"antidiagonal g{g}"] = evaluate(sel.repeat_interleave(SIZE, 0)[:n], blocks, structural, structural_keys,
                                                  visible, n * n / 2 / STRIDE / 2)
-        missed, pairs = probe_structure(probs, g)
-        rows[f"probe g{g}"] = (missed, pairs / float(visible.sum()))
     return rows
 
 
@@ -183,7 +132,6 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", default=None, help="comma list of query heads (default: all)")
     parser.add_argument("--local-window", type=int, default=128)
     parser.add_argument("--gammas", default="0.5,0.7,0.8,0.9")
-    parser.add_argument("--probe-only", action="store_true", help="only the probe rule (no other rule's work)")
     parser.add_argument("--output", default="runs/selection_study")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -196,8 +144,7 @@ def main(argv=None) -> int:
         q_all, k_all = (capture.layers[layer][name][0].float() for name in ("q", "k"))
         heads = [int(x) for x in args.heads.split(",")] if args.heads else range(q_all.shape[0])
         for h in heads:
-            for key, (missed, cost) in study(q_all[h], k_all[h], float(capture.meta["scale"]), args.local_window, gammas,
-                                          args.probe_only).items():
+            for key, (missed, cost) in study(q_all[h], k_all[h], float(capture.meta["scale"]), args.local_window, gammas).items():
                 m, c = totals.get(key, (0.0, 0.0))
                 totals[key] = (m + missed, c + cost)
             count += 1

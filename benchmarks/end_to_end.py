@@ -1,6 +1,8 @@
 """End to end: a model's prefill time and per-token decoding time vs context length, SDPA against support
 basis (the defaults, or a settings file such as ``sb-hf calibrate``'s ``support_basis.json``), or against another
-implementation (``--method block_support``).
+implementation (``--method block_support``), or against no attention at all (``--method no_attention``: every
+attention call returns zeros without reading a key, so the model's other work remains; SDPA's time over it bounds
+what any attention implementation can save end to end).
 
     python benchmarks/end_to_end.py --settings runs/calibrate_q_8k/budget_0.05/support_basis.json \
         --lengths 2048,4096,8192 --output runs/end_to_end
@@ -29,7 +31,8 @@ import statistics
 import time
 from pathlib import Path
 
-METHODS = ("support_basis", "block_support")  # the implementations --method takes (SDPA always runs)
+METHODS = ("support_basis", "block_support", "no_attention")  # what --method takes (SDPA always runs)
+NO_ATTENTION = "sb_hf_no_attention"  # the bound's attention function, as transformers' interfaces know it
 
 
 WARMUP_TOKENS = 512
@@ -51,6 +54,21 @@ def token_ids(model_path: str | None, n: int):
     if ids.shape[1] < n:
         raise SystemExit(f"the text has {ids.shape[1]} tokens, fewer than n = {n}")
     return model, ids
+
+
+def register_no_attention() -> None:
+    """Register :data:`NO_ATTENTION`: zeros of the attention output's shape, no key read (the KV cache still
+    grows as with any implementation: the model's layers update it before calling the attention function)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    from sb_hf.integrations.masks import support_basis_mask
+
+    def no_attention(module, query, key, value, attention_mask, **kwargs):
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
+
+    AttentionInterface.register(NO_ATTENTION, no_attention)
+    AttentionMaskInterface.register(NO_ATTENTION, support_basis_mask)  # (a 2-D mask: the cheapest to build)
 
 
 def measure(model, ids, new_tokens: int, all_logits: bool = False) -> dict:
@@ -111,9 +129,13 @@ def main() -> None:
     model, ids = token_ids(args.model, max(lengths))
     methods = ("sdpa", args.method) + (("support_basis_cpu_kernel",) if args.cpu_kernel else ())
 
+    register_no_attention()
+
     def use(method):
-        if method == "sdpa":
+        if method in ("sdpa", "no_attention"):
             sb_hf.revert_support_basis(model)
+            if method == "no_attention":
+                model.set_attn_implementation(NO_ATTENTION)
         else:
             sb_hf.apply_support_basis(model, config=args.settings, method=args.method)
         sb_hf.ops.use_cpu_kernel(method == "support_basis_cpu_kernel")

@@ -83,6 +83,30 @@ def test_end_to_end_block_support(tmp_path):
     assert [r["method"] for r in rows] == ["sdpa", "block_support"] and all(r["prefill_seconds"] > 0 for r in rows)
 
 
+def test_end_to_end_no_attention_bound(tmp_path):
+    """--method no_attention runs beside SDPA, and its attention reads no key: each position's logits depend on its
+    own token only (a run that silently kept SDPA would mix the prefix in)."""
+    model = tiny_model("llama", max_position_embeddings=512)
+    model.save_pretrained(tmp_path / "model")
+    _run("end_to_end.py", "--model", str(tmp_path / "model"), "--method", "no_attention", "--lengths", "50",
+         "--new-tokens", "2", "--threads", "1", "--repeats", "1", "--output", str(tmp_path / "out"))
+    rows = json.loads((tmp_path / "out" / "end_to_end.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["sdpa", "no_attention"] and all(r["decode_ms_per_token"] > 0 for r in rows)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from end_to_end import NO_ATTENTION, register_no_attention
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    register_no_attention()
+    ids = torch.randint(1, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids[:, -1] = ids[0, -1]  # two prefixes, one last token
+    with torch.no_grad():
+        exact = model(input_ids=ids).logits[:, -1]
+        model.set_attn_implementation(NO_ATTENTION)
+        none = model(input_ids=ids).logits[:, -1]
+    assert not torch.allclose(exact[0], exact[1]) and torch.equal(none[0], none[1])
+
+
 @pytest.mark.parametrize("all_logits", [False, True])
 def test_end_to_end_prefill_computes_the_logits_generate_does(all_logits):
     """Prefill keeps the last position's logits only, as generate() does (--all-logits: every position's)."""
