@@ -7,10 +7,9 @@ from pathlib import Path
 
 def loglog_panels(rows: list[dict], methods, panels: list[tuple], xlabel: str, path: Path) -> None:
     """``panels``: ``(value of a row, ylabel, title)`` each; ``rows`` hold ``method`` and ``n``. Needs matplotlib."""
-    import matplotlib
+    from sb_hf.figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (value, ylabel, title) in zip(axes[0], panels):

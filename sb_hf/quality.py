@@ -148,10 +148,9 @@ def plot_frontier(runs: list[dict], path: str | Path, *, goal: dict | None = Non
     one line per series (:func:`frontier_series`), for ``runs`` (loaded ``results.json`` files of
     ``sb-hf compare`` on the same tokens). ``goal``: dashed reference lines (``ppl``: relative change,
     ``kl``, ``top1``, ``share``)."""
-    import matplotlib
+    from .figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     exact = {(run["tokens"], run["text"]): next(r["perplexity"] for r in run["results"] if r["method"] == EXACT)
              for run in runs}

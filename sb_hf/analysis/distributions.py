@@ -302,6 +302,10 @@ def plot_grid(capture: Capture, rows: list[dict], path: str | Path, *, bins: int
     std (dashed), and vertical lines at ``±sqrt(log n)`` (black) and ``±sqrt(log n) std`` (dotted,
     q and k colours). Panel titles give the median kurtosis over heads from ``rows``."""
     import numpy as np
+
+    from ..figures import pyplot
+
+    pyplot()  # (an ImportError that says what to install when matplotlib is missing)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D

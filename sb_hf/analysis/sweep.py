@@ -269,10 +269,9 @@ def write_results(results: list[SweepResult], meta: dict, out_dir: str | Path) -
 def plot(results: list[SweepResult], path: str | Path) -> None:
     """Left: output error vs threshold (support basis, one line per degree; AS23a as dashed levels).
     Right: output error vs modelled FLOPs share, every method (the Pareto view)."""
-    import matplotlib
+    from ..figures import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     lines: dict = {}

@@ -1,0 +1,19 @@
+"""matplotlib for sb-hf's figures, an optional dependency: ``pip install "sb-hf[plot]"``."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+INSTALL = 'pip install "sb-hf[plot]"'  # (or pip install matplotlib)
+
+
+def pyplot() -> ModuleType:
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or an ``ImportError`` that says what to install."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError(f"sb-hf draws its figures with matplotlib, which is not installed: {INSTALL}") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
