@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -47,3 +48,21 @@ def require_assets():
         if os.environ.get("SB_HF_REQUIRE_ASSETS") == "1":
             raise
         pytest.skip(str(err))
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(require_assets, tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a plain checkpoint (what the training scripts load)."""
+    from transformers import AutoTokenizer
+
+    folder, gguf = require_assets
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
+    out = tmp_path_factory.mktemp("tiny_smollm2_tok")
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def script_results(text: str) -> list[dict]:
+    """The ``RESULT {json}`` lines a training script printed."""
+    return [json.loads(line[len("RESULT "):]) for line in text.splitlines() if line.startswith("RESULT ")]

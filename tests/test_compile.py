@@ -1,6 +1,6 @@
 """torch.compile (CPU inductor): a support-basis model compiles and gives the eager logits. Dynamo breaks the
 graph at the op's host syncs (the counts that size the gathered blocks, the data-dependent skips), which is
-documented in the README; what runs between them is compiled."""
+documented in docs/layout_notes.md; what runs between them is compiled."""
 
 from __future__ import annotations
 

@@ -347,6 +347,26 @@ def _without_offline_switches() -> dict:
     return {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
 
 
+def test_simple_evaluate_with_a_switched_model(tokenizer):
+    """The README's lm-eval-in-Python recipe: a model switched by apply_support_basis, wrapped in HFLM, through
+    lm_eval.simple_evaluate with our tasks' TaskManager; its calls run through the backend."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    import sb_hf
+    from sb_hf.evaluation.tasks import tasks_dir
+    from sb_hf.integrations.hf import attention_stats
+
+    model = _tiny(tokenizer)
+    sb_hf.apply_support_basis(model)
+    with attention_stats() as stats:
+        result = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=["sb_mmlu_anatomy"], limit=2,
+                                 task_manager=TaskManager(include_path=str(tasks_dir()), include_defaults=False))
+    assert model.config._attn_implementation == "support_basis" and int(stats["pairs"]) > 0
+    assert "acc,none" in result["results"]["sb_mmlu_anatomy"]
+
+
 def test_lm_eval_with_the_hub_on_runs_our_tasks_and_leaves_the_switches_alone(saved_tiny, tmp_path):
     """With the Hub switched on (this machine reaches none, so a Hub request fails), `sb-hf lm-eval` runs a packaged
     task over a local model folder (local files only: no request), and sets no HF_*_OFFLINE switch of its own (a

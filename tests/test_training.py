@@ -1,7 +1,6 @@
 """Training with the sb-hf backends: memory saved for backward, gradient checkpointing, optimizer
 steps in fp32 / bf16 / autocast, and attention dropout. (Op gradients vs the naive twin: test_ops.py.)"""
 
-import json
 import math
 import os
 import subprocess
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, script_results, tiny_model
 
 import sb_hf
 from sb_hf.ops import reference, support_basis_attention
@@ -144,29 +143,12 @@ def test_attention_dropout_is_refused_in_training_only():
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune_trainer.py"
 
 
-@pytest.fixture(scope="module")
-def tiny_with_tokenizer(require_assets, tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer, saved as a plain checkpoint."""
-    from transformers import AutoTokenizer
-
-    folder, gguf = require_assets
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf)
-    out = tmp_path_factory.mktemp("tiny_smollm2_tok")
-    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def _example_args(model, output):
     from sb_hf.assets import news_text_path
 
     return [str(EXAMPLE), "--model", str(model), "--text", str(news_text_path()), "--max-steps", "3",
             "--block-size", "32", "--train-blocks", "12", "--eval-blocks", "4", "--batch-size", "2", "--lr", "1e-2",
             "--output", str(output)]
-
-
-def _results(text):
-    return [json.loads(line[len("RESULT "):]) for line in text.splitlines() if line.startswith("RESULT ")]
 
 
 @pytest.mark.real_model
@@ -176,7 +158,7 @@ def test_finetune_example_under_sb_hf_run(tiny_with_tokenizer, tmp_path, capsys)
 
     with attention_stats() as stats:
         code = cli.main(["run", "--threshold", "1.0", "--", *_example_args(tiny_with_tokenizer, tmp_path)])
-    (result,) = _results(capsys.readouterr().out)
+    (result,) = script_results(capsys.readouterr().out)
     assert code == 0 and int(stats["pairs"]) > 0
     assert result["attn_implementation"] == "support_basis" and result["steps"] == 3 and result["finite"]
     assert result["eval_loss_after"] < result["eval_loss_before"]
@@ -191,7 +173,7 @@ def test_finetune_example_data_parallel_two_cpu_processes(tiny_with_tokenizer, t
            *_example_args(tiny_with_tokenizer, tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted(_results(proc.stdout), key=lambda r: r["rank"])
+    results = sorted(script_results(proc.stdout), key=lambda r: r["rank"])
     assert [r["rank"] for r in results] == [0, 1]
     for r in results:
         assert r["attn_implementation"] == "support_basis" and r["world_size"] == 2 and r["steps"] == 3 and r["finite"]
