@@ -42,7 +42,8 @@ def _model_arguments(parser: argparse.ArgumentParser, tokens: int) -> None:
 def _method_arguments(parser: argparse.ArgumentParser, methods: str, thresholds: str, windows: str) -> None:
     parser.add_argument("--methods", type=_names, default=_names(methods),
                         help=f"comma list of support_basis, support_basis_multi, as23, sink_window (default {methods}); "
-                        "support_basis_multi: each threshold T gives buckets T, 2T/3, T/3")
+                        "support_basis_multi: each threshold T gives buckets T, 2T/3, T/3; sb-hf compare also takes "
+                        "block_support (see --gammas)")
     parser.add_argument("--thresholds", "--threshold", type=_floats, default=_floats(thresholds),
                         help=f"support_basis thresholds (default {thresholds})")
     parser.add_argument("--degrees", "--degree", type=_ints, default=[2], help="polynomial degrees (default 2)")
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arguments(compare, 512)
     compare.add_argument("--sequences", type=int, default=1, help="number of consecutive sequences (default 1)")
     _method_arguments(compare, "support_basis,as23,sink_window", "4,8", "64")
+    compare.add_argument("--gammas", type=_floats, default=[0.97],
+                         help="with --methods block_support: its gamma values, one point each, the op at every length "
+                         "(exact_below 0; default 0.97, the default)")
     compare.add_argument("--configs", type=_names, default=[],
                          help="comma list of settings files (support_basis.json from `sb-hf calibrate`, or a model's "
                          "config.json), each run as one more support_basis method; with --methods '' only these run")
@@ -172,10 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _method_points(args) -> list[tuple[str, dict]]:
+    """The grid of the op methods, and for ``sb-hf compare`` one ``block_support`` point per ``--gammas`` value."""
     from sb_hf.analysis.sweep import grid
 
-    return grid(args.methods, args.thresholds, args.degrees, args.sinks, args.windows, args.sketch_dims, kernels=args.kernels,
-                sb_sinks=args.sb_sinks, sb_windows=args.sb_windows)
+    blocks = [("block_support", {"block": {"gamma": g, "exact_below": 0}}) for g in getattr(args, "gammas", [])
+              if "block_support" in args.methods]
+    return grid([m for m in args.methods if m != "block_support" or not blocks], args.thresholds, args.degrees, args.sinks,
+                args.windows, args.sketch_dims, kernels=args.kernels, sb_sinks=args.sb_sinks,
+                sb_windows=args.sb_windows) + blocks
 
 
 def _text(args) -> tuple[Path, str]:

@@ -112,3 +112,18 @@ def test_frontier_groups_series_and_plots(tmp_path, capsys):
     assert "different tokens" in capsys.readouterr().err
     assert main(["frontier", str(a), "--goal", "loss=1", "--output", str(out)]) == 2
     assert "--goal keys" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_cli_compare_block_support_points(tiny_with_tokenizer, tmp_path, capsys):
+    """`sb-hf compare --methods block_support --gammas ...`: one point per gamma, the op at every length (exact_below
+    0); gamma 1 keeps every candidate block exact (exact attention's logits), gamma 0 none."""
+    code = main(["compare", "--model", str(tiny_with_tokenizer), "--tokens", "400", "--methods", "block_support,sink_window",
+                 "--gammas", "0,1", "--windows", "64", "--output", str(tmp_path)])
+    assert code == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    block = {r["settings"]["block"]["gamma"]: r for r in rows if r["method"] == "block_support"}
+    assert [r["method"] for r in rows] == ["exact", "sink_window", "block_support", "block_support"]
+    assert all(r["settings"]["block"]["exact_below"] == 0 for r in block.values())
+    assert block[1]["exact_pair_share"] == pytest.approx(1.0) and block[1]["kl_from_exact"] < 1e-6
+    assert block[0]["exact_pair_share"] < 0.9
