@@ -179,11 +179,12 @@ def _method_points(args) -> list[tuple[str, dict]]:
     """The grid of the op methods, and for ``sb-hf compare`` one ``block_support`` point per ``--gammas`` value."""
     from sb_hf.analysis.sweep import grid
 
-    blocks = [("block_support", {"block": {"gamma": g, "exact_below": 0}}) for g in getattr(args, "gammas", [])
-              if "block_support" in args.methods]
-    return grid([m for m in args.methods if m != "block_support" or not blocks], args.thresholds, args.degrees, args.sinks,
-                args.windows, args.sketch_dims, kernels=args.kernels, sb_sinks=args.sb_sinks,
-                sb_windows=args.sb_windows) + blocks
+    gammas = getattr(args, "gammas", [])  # (sweep has no --gammas: grid then refuses block_support, as with no gamma)
+    blocks = ([("block_support", {"block": {"gamma": g, "exact_below": 0}}) for g in gammas]
+              if "block_support" in args.methods else [])
+    methods = [m for m in args.methods if m != "block_support"] if blocks else args.methods
+    return grid(methods, args.thresholds, args.degrees, args.sinks, args.windows, args.sketch_dims, kernels=args.kernels,
+                sb_sinks=args.sb_sinks, sb_windows=args.sb_windows) + blocks
 
 
 def _text(args) -> tuple[Path, str]:

@@ -303,9 +303,9 @@ def plot_grid(capture: Capture, rows: list[dict], path: str | Path, *, bins: int
     q and k colours). Panel titles give the median kurtosis over heads from ``rows``."""
     import numpy as np
 
-    from ..figures import pyplot
+    from ..figures import require_matplotlib
 
-    pyplot()  # (an ImportError that says what to install when matplotlib is missing)
+    require_matplotlib()  # (an ImportError that says what to install; this figure needs no pyplot)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
