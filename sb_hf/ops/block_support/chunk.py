@@ -20,6 +20,8 @@ The one host sync per chunk is the selected tiles' width (the CUDA path is issue
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .. import fused_cpu
@@ -68,15 +70,61 @@ def block_support_attention(
     check_dropped(dropped_real_keys, shapes.batch)
     check_chunk_size(chunk_blocks, "chunk_blocks", f"the default, {DEFAULT_CHUNK_BLOCKS} query blocks per chunk")
     b_, hk, g, lq, lk, d = shapes.batch, shapes.kv_heads, shapes.groups, shapes.q_len, shapes.kv_len, shapes.head_dim
-    size, device, compute = settings.block_size, q.device, compute_dtype(q.dtype)
+    size, device = settings.block_size, q.device
     scale = d**-0.5 if scale is None else scale
     # The exact tiles in PyTorch's fused CPU kernel at inference; plain matmuls for gradients (the kernel's backward
     # does not carry the log-sum-exp's gradient, which the merge needs) and elsewhere.
     fused = fused_cpu.available(q, v) and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
+    blocked = block_inputs(q, k, v, settings, key_padding_mask, dropped_real_keys)
+    kp, vp, member, summary, sink_parts = blocked.kp, blocked.vp, blocked.member, blocked.summary, blocked.sinks
+    qb, first_block, nqb, front, offset = blocked.qb, blocked.first_block, blocked.nqb, blocked.front, lk - lq
+    out, exact_counts = [], []
+    step = chunk_blocks or DEFAULT_CHUNK_BLOCKS
+    for c0 in range(0, nqb, step):
+        part_out, part_counts = query_blocks(
+            qb[:, :, c0 : c0 + step], first_block + c0, kp, vp, member, summary, sink_parts,
+            settings, scale, fused, sliding_window, offset, lk, stats)
+        out.append(part_out)
+        exact_counts.append(part_counts)
+    rows = lambda x: x.permute(0, 1, 3, 2, 4, *range(5, x.dim())).reshape(b_, hk * g, nqb * size, *x.shape[5:])
+    result = rows(torch.cat(out, dim=2))[:, :, front : front + lq].to(q.dtype)
+    if stats is not None:
+        exact = rows(torch.cat(exact_counts, dim=2))[:, :, front : front + lq]  # (B, Hq, Lq)
+        start, end = key_spans(lq, lk, causal=True, sliding_window=sliding_window, device=device)
+        seen = span_counts(blocked.key_valid, start, end)[:, None, :]  # (B, 1, Lq)
+        add_stats(stats, exact_pairs=exact.sum(), pairs=seen.sum() * hk * g, exact_rows=(exact == seen).sum(),
+                  rows=torch.tensor(b_ * hk * g * lq, device=device))
+    return result
+
+
+class BlockInputs(NamedTuple):
+    """The inputs of a call in blocks: keys ``kp`` and values ``vp`` ``(B, Hk, nb, size, d)`` (zero padded to whole
+    blocks, the compute dtype), each block's ``member`` keys ``(B, nb, size)`` (real keys, not sinks) and their
+    ``summary`` (:func:`block_summaries`); the ``sinks``: their keys, values ``(B, Hk, S, d)``, positions and flags
+    ``(B, S)``, and ``leading`` (the number of sinks when they are the only non-members and come first, else None);
+    the queries by query block ``qb (B, Hk, nqb, G, size, d)`` (zero rows before the call's first query and after its
+    last), the first query block ``first_block``, their number ``nqb``, the rows before the first query ``front``,
+    and ``key_valid (B, Lk)``."""
+
+    kp: torch.Tensor
+    vp: torch.Tensor
+    member: torch.Tensor
+    summary: dict
+    sinks: tuple
+    qb: torch.Tensor
+    first_block: int
+    nqb: int
+    front: int
+    key_valid: torch.Tensor
+
+
+def block_inputs(q, k, v, settings, key_padding_mask, dropped_real_keys) -> BlockInputs:
+    """The call's inputs in blocks (:class:`BlockInputs`)."""
+    (b_, hq, lq, d), (hk, lk) = q.shape, k.shape[1:3]
+    g, size, device, compute = hq // hk, settings.block_size, q.device, compute_dtype(q.dtype)
     offset, nb = lk - lq, -(-lk // size)
     first_block, nqb = offset // size, nb - offset // size  # the query blocks of the call
     front = offset - first_block * size  # rows of the first query block before the call's first query
-
     # Keys padded to whole blocks; the sinks; each block's members (real keys, not sinks) and their summaries.
     key_valid = torch.ones(b_, lk, dtype=torch.bool, device=device) if key_padding_mask is None else key_padding_mask
     sink = sink_keys(key_valid, settings.sinks, dropped_real_keys)
@@ -89,29 +137,12 @@ def block_support_attention(
     sink_pos = torch.sort((~sink).to(torch.uint8), dim=1, stable=True).indices[:, :n_sinks]  # (B, S)
     sink_ok = sink.gather(1, sink_pos)
     take = lambda x: x.gather(2, sink_pos[:, None, :, None].expand(-1, hk, -1, x.shape[-1])).to(compute)
-    k_sink, v_sink = take(k), take(v)
     leading = n_sinks if key_padding_mask is None and dropped_real_keys is None else None  # the only non-members
-
-    # Query rows by query block: (B, Hk, nqb, G * size, d), the rows of a block's G query heads side by side.
+    # Query rows by query block: (B, Hk, nqb, G, size, d).
     qp = torch.nn.functional.pad(q.to(compute), (0, 0, front, nqb * size - front - lq))
     qb = qp.view(b_, hk, g, nqb, size, d).permute(0, 1, 3, 2, 4, 5)
-    out, exact_counts = [], []
-    step = chunk_blocks or DEFAULT_CHUNK_BLOCKS
-    for c0 in range(0, nqb, step):
-        part_out, part_counts = query_blocks(
-            qb[:, :, c0 : c0 + step], first_block + c0, kp, vp, member, summary, (k_sink, v_sink, sink_pos, sink_ok, leading),
-            settings, scale, fused, sliding_window, offset, lk, stats)
-        out.append(part_out)
-        exact_counts.append(part_counts)
-    rows = lambda x: x.permute(0, 1, 3, 2, 4, *range(5, x.dim())).reshape(b_, hk * g, nqb * size, *x.shape[5:])
-    result = rows(torch.cat(out, dim=2))[:, :, front : front + lq].to(q.dtype)
-    if stats is not None:
-        exact = rows(torch.cat(exact_counts, dim=2))[:, :, front : front + lq]  # (B, Hq, Lq)
-        start, end = key_spans(lq, lk, causal=True, sliding_window=sliding_window, device=device)
-        seen = span_counts(key_valid, start, end)[:, None, :]  # (B, 1, Lq)
-        add_stats(stats, exact_pairs=exact.sum(), pairs=seen.sum() * hk * g, exact_rows=(exact == seen).sum(),
-                  rows=torch.tensor(b_ * hk * g * lq, device=device))
-    return result
+    return BlockInputs(kp, vp, member, summary, (take(k), take(v), sink_pos, sink_ok, leading), qb, first_block, nqb,
+                       front, key_valid)
 
 
 def block_summaries(kp, vp, member, estimate) -> dict:
@@ -135,15 +166,57 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fus
     the exact tiles in the fused CPU kernel): the attention output ``(B, Hk, nc, G, size, dv)`` and each row's count of exact keys ``(B, Hk, nc, G, size)``."""
     b_, hk, nc, g, size, d = qc.shape
     nb, device = kp.shape[2], qc.device
-    blocks = torch.arange(first, first + nc, device=device)
     scored_keys = max(0, (first + nc - 1 - settings.band_blocks) * size)  # the keys that hold every candidate
-    pos = blocks[:, None] * size + torch.arange(size, device=device)  # (nc, size)
+    pos = torch.arange(first, first + nc, device=device)[:, None] * size + torch.arange(size, device=device)  # (nc, size)
     row_ok = (pos >= offset) & (pos < kv_len)
     rows = qc.reshape(b_, hk, nc, g * size, d)
-    view_rows = lambda x: x.reshape(b_, hk, nc, g * size, *x.shape[5:])  # (B, Hk|1, nc, G|1, size, ...) -> rows
-    spread = lambda m: view_rows(m.expand(b_, hk, nc, g, size, *m.shape[5:]))
 
     # 1. The sinks and the fixed blocks: one key tile per query block, the sinks first.
+    k_tile, v_tile, mask, fixed = fixed_tile(qc.shape, first, kp, vp, member, sinks, settings, sliding_window, offset,
+                                             kv_len)
+    exact = tile_part(rows, k_tile, v_tile, mask, scale, fused)
+    counts = mask.sum(dim=-1).expand(b_, hk, nc, g * size)  # rows' exact keys
+    exact_log_mass = exact.den.log() + exact.shift  # (B, Hk, nc, G * size)
+
+    # 2. The selection: candidates of each query block, each row's estimates, the rule.
+    candidate, own, centroid = choose_blocks(rows, exact_log_mass, first, kp, member, summary, sinks[-1], settings,
+                                             scale, sliding_window, row_ok)
+
+    # 3. The selected candidates: per query head, the blocks its rows of a query block selected as one tile.
+    own_heads = own.view(b_, hk, nc, g, size, nb)
+    tile = own_heads.any(dim=4)  # (B, Hk, nc, G, nb)
+    part, selected_counts = selected_part(rows.view(b_, hk, nc, g, size, d), own_heads, tile, kp, vp, member, scale,
+                                          fused, shared=settings.selection != "row")
+    if part is not None:
+        exact = merge(exact, Partial(part.num.flatten(3, 4), part.den.flatten(3, 4), part.shift.flatten(3, 4)))
+        counts = counts + (selected_counts * row_ok[None, None, :, None, :]).flatten(3, 4)
+
+    # 4. The far field: the centroids of the candidates a row did not take.
+    pseudo = candidate & ~own
+    if settings.far == "centroid":
+        weights, top = masked_exp(centroid, pseudo)
+        exact = merge(exact, Partial(weights @ summary["mean_value"][:, :, None], weights.sum(dim=-1), top))
+    out = normalized(exact.num, exact.den).view(b_, hk, nc, g, size, -1)
+    counts = counts.view(b_, hk, nc, g, size)
+    if stats is not None:  # a block-sparse kernel's work: each row against its query block's sinks and tiles
+        tile_keys = g * (sinks[0].shape[2] + size * (fixed >= 0).sum(dim=-1)) + size * tile.sum(dim=(-1, -2))  # (B, Hk, nc)
+        for key, value in (("centroid_pairs", pseudo.sum() if settings.far == "centroid" else 0), ("selected_blocks", own.sum()),
+                           ("candidate_blocks", candidate.sum()), ("computed_pairs", (tile_keys * row_ok.sum(-1)).sum()),
+                           ("estimate_pairs", row_ok.sum() * b_ * hk * g * estimate_pairs(settings.estimate, nb, scored_keys, settings.sample_stride))):
+            stats[key] = stats.get(key, 0) + value
+    return out, counts
+
+
+def fixed_tile(shape, first, kp, vp, member, sinks, settings, sliding_window, offset, kv_len):
+    """The exact tile of a chunk of query blocks (``shape``: the chunk's ``(B, Hk, nc, G, size, d)``, the first of
+    them query block ``first``): the sinks and the fixed blocks (:func:`fixed_blocks`), ``k_tile``, ``v_tile``
+    ``(B, Hk, nc, keys, d)``, the rows' ``mask`` ``(B | 1, Hk | 1, nc | 1, G * size, keys)`` (one mask row set for
+    every query block when they all see their tiles alike) and the fixed blocks ``(nc, nf)``."""
+    b_, hk, nc, g, size, _ = shape
+    nb, device = kp.shape[2], kp.device
+    blocks = torch.arange(first, first + nc, device=device)
+    pos = blocks[:, None] * size + torch.arange(size, device=device)  # (nc, size)
+    row_ok = (pos >= offset) & (pos < kv_len)
     k_sink, v_sink, sink_pos, sink_ok, leading_sinks = sinks
     fixed = fixed_blocks(blocks, settings.band_blocks, size, sliding_window, nb)  # (nc, nf), -1: none
     k_tile, v_tile = gather_blocks(kp, vp, fixed.expand(b_, hk, -1, -1))
@@ -165,12 +238,22 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fus
     if alike:  # (1, 1, 1, G * size, keys)
         mask = sees[:, None, :, None].expand(1, 1, 1, g, size, sees.shape[-1]).reshape(1, 1, 1, g * size, -1)
     else:
-        mask = spread((sees[:, None, :, None] & row_ok[None, None, :, None, :, None]))
-    exact = tile_part(rows, k_tile, v_tile, mask, scale, fused)
-    counts = mask.sum(dim=-1).expand(b_, hk, nc, g * size)  # rows' exact keys
-    exact_log_mass = exact.den.log() + exact.shift  # (B, Hk, nc, G * size)
+        mask = (sees[:, None, :, None] & row_ok[None, None, :, None, :, None]).expand(b_, hk, nc, g, size, -1)
+        mask = mask.reshape(b_, hk, nc, g * size, -1)
+    return k_tile, v_tile, mask, fixed
 
-    # 2. The selection: candidates of each query block, each row's estimates, the rule.
+
+def choose_blocks(rows, exact_log_mass, first, kp, member, summary, leading_sinks, settings, scale, sliding_window,
+                  row_ok):
+    """The selection of a chunk of query blocks, ``rows (B, Hk, nc, G * size, d)`` (the first of them query block
+    ``first``; ``row_ok (nc, size)``: the rows inside the call) whose fixed keys hold ``exact_log_mass (B, Hk, nc,
+    G * size)``: each row's ``candidate`` blocks and its selected ones, ``own``, both ``(B, Hk, nc, G * size, nb)``
+    (a shared selection repeated over its rows), and the rows' ``centroid`` scores (None unless ``far="centroid"``)."""
+    b_, hk, nc, r, _ = rows.shape
+    nb, size, device = kp.shape[2], kp.shape[3], rows.device
+    g = r // size
+    blocks = torch.arange(first, first + nc, device=device)
+    scored_keys = max(0, (first + nc - 1 - settings.band_blocks) * size)  # the keys that hold every candidate
     block = torch.arange(nb, device=device)
     last_row = (blocks + 1) * size - 1
     candidate = block < (blocks - settings.band_blocks)[:, None]  # (nc, nb)
@@ -194,30 +277,7 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fus
     if settings.selection == "union":
         own = own.view(b_, hk, nc, g, size, nb).any(dim=4, keepdim=True).expand(-1, -1, -1, -1, size, -1)
         own = own.reshape(b_, hk, nc, g * size, nb) & candidate
-
-    # 3. The selected candidates: per query head, the blocks its rows of a query block selected as one tile.
-    own_heads = own.view(b_, hk, nc, g, size, nb)
-    tile = own_heads.any(dim=4)  # (B, Hk, nc, G, nb)
-    part, selected_counts = selected_part(rows.view(b_, hk, nc, g, size, d), own_heads, tile, kp, vp, member, scale,
-                                          fused, shared=settings.selection != "row")
-    if part is not None:
-        exact = merge(exact, Partial(part.num.flatten(3, 4), part.den.flatten(3, 4), part.shift.flatten(3, 4)))
-        counts = counts + (selected_counts * row_ok[None, None, :, None, :]).flatten(3, 4)
-
-    # 4. The far field: the centroids of the candidates a row did not take.
-    pseudo = candidate & ~own
-    if settings.far == "centroid":
-        weights, top = masked_exp(centroid, pseudo)
-        exact = merge(exact, Partial(weights @ summary["mean_value"][:, :, None], weights.sum(dim=-1), top))
-    out = normalized(exact.num, exact.den).view(b_, hk, nc, g, size, -1)
-    counts = counts.view(b_, hk, nc, g, size)
-    if stats is not None:  # a block-sparse kernel's work: each row against its query block's sinks and tiles
-        tile_keys = g * (k_sink.shape[2] + size * (fixed >= 0).sum(dim=-1)) + size * tile.sum(dim=(-1, -2))  # (B, Hk, nc)
-        for key, value in (("centroid_pairs", pseudo.sum() if settings.far == "centroid" else 0), ("selected_blocks", own.sum()),
-                           ("candidate_blocks", candidate.sum()), ("computed_pairs", (tile_keys * row_ok.sum(-1)).sum()),
-                           ("estimate_pairs", row_ok.sum() * b_ * hk * g * estimate_pairs(settings.estimate, nb, scored_keys, settings.sample_stride))):
-            stats[key] = stats.get(key, 0) + value
-    return out, counts
+    return candidate, own, centroid
 
 
 def selected_part(rows, own, tile, kp, vp, member, scale, fused, shared):
