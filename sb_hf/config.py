@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .ops.block_support import BlockSettings
+from .ops.block_support import ENGINES, BlockSettings
 from .ops.polynomial import AS23_KERNEL, DEFAULT_KERNEL, KERNELS, MAX_DEGREE, check_kernel
 from .ops.support_basis import DEFAULT_MAX_FEATURE_BYTES, RADIUS_LIMIT, check_buckets
 
@@ -77,7 +77,9 @@ class SupportBasisConfig:
         block: ``block_support``: the op's settings ``{"gamma", "block_size", "selection", "estimate", "far",
             "sample_stride"}`` (:class:`sb_hf.ops.block_support.BlockSettings`; unset: its defaults) and
             ``"exact_below"``, the key count below which a call computes exact attention (default 8192, the measured
-            break-even on a 2-core CPU; 0: the op at every length). Calls with fewer queries than a block (decoding
+            break-even on a 2-core CPU; 0: the op at every length), and ``"engine"``, what computes the op
+            (:data:`sb_hf.ops.block_support.ENGINES`: ``"auto"``, the default, FlexAttention on CUDA and the chunked
+            op on a CPU; ``"chunk"``; ``"flex"``). Calls with fewer queries than a block (decoding
             steps) are exact too. None: every default.
         layers: per-layer overrides, ``{layer_index: {field: value}}``.
     """
@@ -178,7 +180,7 @@ class SupportBasisConfig:
         ``exact_below``."""
         given = dict(self.block or {})
         return {name: given.get(name, getattr(BlockSettings, name)) for name in BLOCK_FIELDS} | {
-            "exact_below": given.get("exact_below", DEFAULT_EXACT_BELOW)}
+            "exact_below": given.get("exact_below", DEFAULT_EXACT_BELOW), "engine": given.get("engine", "auto")}
 
     def check_method(self, method: str) -> None:
         """Raise ``ValueError`` when a layer's settings do not suit ``method`` (its default kernel needs even
@@ -386,14 +388,18 @@ def _check_block(block) -> None:
         return
     if not isinstance(block, dict):
         raise ValueError(f"block must be a dict of block-support settings {{name: value}} or None, got {block!r}")
-    unknown = set(block) - set(BLOCK_FIELDS) - {"exact_below"}
+    unknown = set(block) - set(BLOCK_FIELDS) - {"exact_below", "engine"}
     if unknown:
-        raise ValueError(f"block has unknown settings {sorted(unknown)}; its settings are {[*BLOCK_FIELDS, 'exact_below']} "
+        raise ValueError(f"block has unknown settings {sorted(unknown)}; its settings are "
+                         f"{[*BLOCK_FIELDS, 'exact_below', 'engine']} "
                          "(sinks and local_window are top-level fields)")
     exact_below = block.get("exact_below", DEFAULT_EXACT_BELOW)
     if isinstance(exact_below, bool) or not isinstance(exact_below, int) or exact_below < 0:
         raise ValueError(f"block.exact_below must be an integer >= 0 (keys below which attention is exact; 0: never), "
                          f"got {exact_below!r}")
+    if block.get("engine", "auto") not in ENGINES:
+        raise ValueError(f"block.engine must be one of {tuple(ENGINES)} ({'; '.join(f'{k}: {v}' for k, v in ENGINES.items())}), "
+                         f"got {block['engine']!r}")
     settings = BlockSettings(**{name: block[name] for name in BLOCK_FIELDS if name in block})
     settings.check(causal=True)
     if settings.selection == "last":

@@ -10,6 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 VOCAB = 97
+# The devices tests parametrised over devices run on: the CPU, and CUDA where there is one (benchmarks/gpu_check.sh).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def tiny_model(kind: str = "llama", *, seed: int = 0, dtype=torch.float32, **overrides):

@@ -32,7 +32,7 @@ OP_SETTINGS = {
     "as23": ("degree", "radius", "chunk_size", "max_feature_bytes", "sketch_dim", "sketch_seed", "kernel", "radius_limit"),
     "sink_window": ("sinks", "local_window", "chunk_size"),
     "block_support": ("sinks", "local_window", "gamma", "block_size", "selection", "estimate", "far", "sample_stride",
-                      "exact_below"),
+                      "exact_below", "engine"),
 }
 DECODING_CACHE = ("support_basis", "support_basis_multi", "as23")  # the implementations that keep a decoding state
 

@@ -5,6 +5,11 @@ Exact attention (:func:`exact_attention`: PyTorch's SDPA with the same masks) se
 ``exact_below`` (below the op's measured break-even it is the faster of the two, and exact) and the calls with fewer
 queries than a block, decoding steps among them (a generated token attends exactly to the cache, as in MInference
 and FlexPrefill, whose sparsity is the prompt's; block summaries kept in the cache are issue 24's to do).
+
+The op runs in one of two engines (``engine``): ``"chunk"`` (:mod:`.chunk`, PyTorch's fused CPU kernel per tile:
+the fast one on a CPU, and the one with pair counts and per-row selections) or ``"flex"`` (:mod:`.flex`, one
+FlexAttention call: the CUDA path). ``"auto"`` (the default) takes FlexAttention on CUDA for the shared selections
+when no pair counts are asked for (:func:`engine_for`), the chunked op elsewhere.
 """
 
 from __future__ import annotations
@@ -14,17 +19,43 @@ import torch
 from ..checks import check_inputs
 from ..masking import add_stats, key_spans, span_counts, visible
 from .chunk import block_support_attention
+from .flex import SHARED_SELECTIONS, block_support_flex
+
+ENGINES = {
+    "auto": "FlexAttention on CUDA for the shared selections without pair counts, the chunked op elsewhere",
+    "chunk": "the chunked op (PyTorch's fused CPU kernel per tile; every selection; pair counts)",
+    "flex": "one FlexAttention call (compiled on CUDA, eager elsewhere: slow, for checks; shared selections only)",
+}
+
+
+def engine_for(engine: str, device_type: str, selection: str, counting: bool) -> str:
+    """Which engine runs the op: ``engine`` (:data:`ENGINES`) resolved for a call on ``device_type`` with
+    ``selection``, ``counting`` when the caller asks for pair counts."""
+    if engine not in ENGINES:
+        raise ValueError(f"block.engine must be one of {tuple(ENGINES)}, got {engine!r}")
+    if engine != "auto":
+        return engine
+    return "flex" if device_type == "cuda" and selection in SHARED_SELECTIONS and not counting else "chunk"
 
 
 def block_support_or_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, exact_below: int,
-                           block_size: int, sinks: int, local_window: int, **settings) -> torch.Tensor:
-    """:func:`.chunk.block_support_attention` with ``settings`` when ``k`` holds at least ``exact_below`` keys and
-    ``q`` at least a block of queries, else :func:`exact_attention` with the same masks (``causal``, ``scale``,
-    ``key_padding_mask``, ``sliding_window``, ``stats``; ``dropped_real_keys`` only places the sinks)."""
+                           block_size: int, sinks: int, local_window: int, engine: str = "auto",
+                           **settings) -> torch.Tensor:
+    """Block-support attention with ``settings`` in ``engine`` (:func:`engine_for`) when ``k`` holds at least
+    ``exact_below`` keys and ``q`` at least a block of queries, else :func:`exact_attention` with the same masks
+    (``causal``, ``scale``, ``key_padding_mask``, ``sliding_window``, ``stats``; ``dropped_real_keys`` only places
+    the sinks)."""
+    selection = settings.get("selection", "pooled")
+    chosen = engine_for(engine, q.device.type, selection, settings.get("stats") is not None)
     if k.shape[2] < exact_below or q.shape[2] < block_size:
         masks = {name: settings[name] for name in ("causal", "scale", "key_padding_mask", "sliding_window", "stats")
                  if name in settings}
         return exact_attention(q, k, v, **masks)
+    if chosen == "flex":
+        if settings.get("stats") is not None:
+            raise ValueError("block.engine 'flex' gives no pair counts; use engine 'chunk' (or 'auto') to count them")
+        settings.pop("stats", None)
+        return block_support_flex(q, k, v, block_size=block_size, sinks=sinks, local_window=local_window, **settings)
     return block_support_attention(q, k, v, block_size=block_size, sinks=sinks, local_window=local_window, **settings)
 
 
