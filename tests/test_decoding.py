@@ -346,3 +346,70 @@ def test_a_model_that_generated_still_pickles_and_forgets_the_cache(tmp_path):
     torch.save(model, tmp_path / "model.pt")
     reloaded = torch.load(tmp_path / "model.pt", weights_only=False)
     torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+class Casts:
+    """The shapes of the tensors cast to another dtype (``aten._to_copy``) while active."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        shapes = self.shapes = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._to_copy.default:
+                    shapes.append(tuple(args[0].shape))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("name", ["taylor0-structure", "taylor2-columns", "chebyshev"])
+def test_a_step_over_a_bf16_cache_casts_only_what_it_reads(name):
+    """A bf16 KV cache: each decoding step casts the keys it reads (the new key, the band; the first step folds the
+    prompt's keys) and never the whole cache (O(context) per token); the steps equal the op run without a state.
+    Small queries (no large row, which would read every key exactly)."""
+    op, _, settings = SETTINGS[name]
+    q, k, v = qkv(70, dtype=torch.bfloat16, seed=5)
+    q = q * 0.3
+    mask = left_padding(2, 70)
+    state = DecodingState()
+    op(q[:, :, :23], k[:, :, :23], v[:, :, :23], key_padding_mask=mask[:, :23], decoding_state=state, **settings)
+    for t in range(23, 70):
+        step = dict(key_padding_mask=mask[:, : t + 1], **settings)
+        with Casts() as casts:
+            got = op(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], decoding_state=state, **step)
+        whole = [shape for shape in casts.shapes if len(shape) == 4 and shape[2] == t + 1]
+        assert casts.shapes and (t == 23 or not whole), f"step {t} cast the whole cache: {whole}"
+        plain = op(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], **step)
+        torch.testing.assert_close(got.float(), plain.float(), rtol=2e-2, atol=2e-2)
+    assert state.served_steps == 47
+
+
+def test_one_call_per_layer_over_a_bf16_cache_casts_only_what_it_reads():
+    """:func:`decoding_attention` (heads with their own structure in one call) over a bf16 cache: no whole-cache
+    cast after the first step, and the per-group op's outputs."""
+    from sb_hf.integrations.plan import polynomial_of, units_of
+    from sb_hf.ops.decoding import decoding_attention
+    from sb_hf.ops.heads import grouped_attention
+
+    groups = per_head_groups(per_query_head=True)
+    groups = [(heads, {**kwargs, "radius_limit": 150.0}) for heads, kwargs in groups]
+    polynomial, units = polynomial_of("support_basis", groups[0][1]), units_of(groups, True, 6, 2)
+    q, k, v = qkv(50, dtype=torch.bfloat16, seed=8)
+    q = q * 0.3
+    state = DecodingState()
+    for t in range(30, 50):
+        with Casts() as casts:
+            got = decoding_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], state, polynomial=polynomial,
+                                     units=units)
+        assert t == 30 or not [shape for shape in casts.shapes if len(shape) == 4 and shape[2] == t + 1]
+        expected = grouped_attention(support_basis_attention, q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1],
+                                     groups, per_query_head=True)
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)

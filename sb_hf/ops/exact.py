@@ -122,10 +122,11 @@ def exact_rows(qg, k, v, out, rows, scale, causal, sliding_window, key_valid, of
         def block(idx=idx, lo=lo, hi=hi):
             k_pos = torch.arange(lo, hi, device=k.device)
             q_block = torch.gather(qg, 3, idx[..., None].expand(*idx.shape, qg.shape[-1]))
-            scores = scale * group_matmul(q_block, k[:, :, lo:hi].transpose(-1, -2))  # (B, Hk, G, n, hi - lo)
+            k_span, v_span = k[:, :, lo:hi].to(qg.dtype), v[:, :, lo:hi].to(qg.dtype)  # (a cache's keys: cast as read)
+            scores = scale * group_matmul(q_block, k_span.transpose(-1, -2))  # (B, Hk, G, n, hi - lo)
             mask = visible(idx + offset, k_pos, causal=causal, sliding_window=sliding_window)
             mask = mask & key_valid[:, None, None, None, lo:hi]
-            return group_matmul(masked_softmax(scores, mask), v[:, :, lo:hi])
+            return group_matmul(masked_softmax(scores, mask), v_span)
 
         exact = checkpointed(recompute, block)
         idx_out = idx[..., None].expand(*idx.shape, out.shape[-1])

@@ -186,7 +186,7 @@ def attention(q, k, v, polynomial: Polynomial, structure: Structure, *, causal: 
 
     out_dtype = q.dtype
     compute = compute_dtype(q.dtype)
-    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    q = q.to(compute)  # (k and v below: a decoding step reads the cache as it is, casting only what it reads)
     scale = shapes.head_dim**-0.5 if scale is None else float(scale)
     s = shapes
     offset = s.kv_len - s.q_len  # key position of query 0
@@ -205,6 +205,7 @@ def attention(q, k, v, polynomial: Polynomial, structure: Structure, *, causal: 
             out = decoding_state.step(qg, k, v, key_valid, padded=key_padding_mask is not None, stats=stats,
                                       out_dtype=out_dtype)
             return out.reshape(s.batch, s.q_heads, s.q_len, s.value_dim).to(out_dtype)
+    k, v = k.to(compute), v.to(compute)
     check_finite_inputs(q, k, v)
     if decoding_state is not None:
         decoding_state.checked_keys = s.kv_len

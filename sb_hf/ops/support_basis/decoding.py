@@ -82,13 +82,14 @@ class DecodingState:
         return step and sliding_window is None and dropped_real_keys is None
 
     def step(self, qg, k, v, key_valid, *, padded=True, stats=None, out_dtype):
-        """One decoding step: ``qg (B, Hk, G, 1, d)`` (the last key position) over ``k``, ``v`` ``(B, Hk, Lk, d)``
-        (compute dtype), ``key_valid (B, Lk)`` (``padded=False`` promises it all true); returns ``(B, Hk, G, 1, dv)``.
+        """One decoding step: ``qg (B, Hk, G, 1, d)`` (the last key position, the compute dtype) over the cache ``k``,
+        ``v`` ``(B, Hk, Lk, d)`` in its own dtype (a step casts only the keys it reads: the new ones, the band and the
+        exact rows' keys, never the whole cache), ``key_valid (B, Lk)`` (``padded=False`` promises it all true); returns ``(B, Hk, G, 1, dv)``.
         Call :meth:`serves` first."""
         self.served_steps += 1
         kernel = cpu_kernel() if self._kernel_serves and stats is None else None
         if kernel is not None:
-            return self._kernel_step(kernel, qg, k, v, key_valid, padded, out_dtype)
+            return self._kernel_step(kernel, qg, k.to(qg.dtype), v.to(qg.dtype), key_valid, padded, out_dtype)
         batch, kv_heads, groups, _, d = qg.shape
         kv_len = k.shape[2]
         self._check_finite(qg, k, v, kv_len)
@@ -144,7 +145,7 @@ class DecodingState:
     def _check_finite(self, qg, k, v, kv_len):
         """The query and the keys and values no earlier call checked, in one pass (a step checks one key per head);
         on a failure the state forgets everything and :func:`check_finite_inputs` names the culprit."""
-        new_k, new_v = k[:, :, self.checked_keys:], v[:, :, self.checked_keys:]
+        new_k, new_v = k[:, :, self.checked_keys:].to(qg.dtype), v[:, :, self.checked_keys:].to(qg.dtype)
         if not bool(all_finite(torch.cat([qg.reshape(-1), new_k.reshape(-1), new_v.reshape(-1)]))):
             self.reset()
             check_finite_inputs(qg, new_k, new_v)
@@ -200,7 +201,7 @@ class DecodingState:
         positions = self.seen - self._local_windows[:, None] + torch.arange(new, device=k.device)  # (N, new)
         in_range = positions >= 0
         at = positions.clamp_min(0)
-        keys, values = k[:, self._kv_head[:, None], at], v[:, self._kv_head[:, None], at]  # (B, N, new, d)
+        keys, values = (x[:, self._kv_head[:, None], at].to(self.key_sum.dtype) for x in (k, v))  # (B, N, new, d)
         valid = key_valid[:, at] & in_range  # (B, N, new)
         self.seen = kv_len
         column_queries, column_threshold = self._columns or (None, None)
@@ -308,7 +309,7 @@ class DecodingState:
         if width == 0:
             empty = qg.new_zeros(batch, kv_heads, groups, 1)
             return Partial(empty[..., None].expand(*empty.shape, v.shape[-1]), empty, torch.full_like(empty, float("-inf")))
-        band_k, band_v = k[:, :, kv_len - width:], v[:, :, kv_len - width:]
+        band_k, band_v = k[:, :, kv_len - width:].to(qg.dtype), v[:, :, kv_len - width:].to(qg.dtype)
         bias = self._band_bias_for(width)[h0:h1]  # (Hk, G, 1, width)
         if key_valid is not None:
             bias = bias.masked_fill(~key_valid[:, None, None, None, kv_len - width:], float("-inf"))  # (B, Hk, G, 1, width)
@@ -374,7 +375,7 @@ def decoding_attention(q, k, v, state: DecodingState, *, polynomial: Polynomial,
         return None
     key_valid = torch.ones(batch, kv_len, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
     qg = q.to(compute).view(batch, kv_heads, q_heads // kv_heads, 1, d)
-    out = state.step(qg, k.to(compute), v.to(compute), key_valid, padded=key_padding_mask is not None, stats=stats,
+    out = state.step(qg, k, v, key_valid, padded=key_padding_mask is not None, stats=stats,
                      out_dtype=q.dtype)
     return out.reshape(batch, q_heads, 1, -1).to(q.dtype)
 
