@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -211,3 +213,58 @@ def test_long_capture_stretches_the_rotary_embedding(tmp_path, require_assets):
     assert q1.shape == (1, 9, 128, 64) and captured["2"].meta["rope_factor"] == "2"
     torch.testing.assert_close(q1[:, :, 0], q2[:, :, 0], rtol=1e-3, atol=1e-3)
     assert (q1[:, :, 100] - q2[:, :, 100]).abs().max() > 0.1
+
+
+def test_gpu_check_runs_without_a_gpu_and_skips_what_needs_one(tmp_path):
+    """benchmarks/gpu_check.sh on a CPU: versions written, the GPU parts written as skipped, the report made."""
+    root = BENCHMARKS.parent
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), str(tmp_path)], cwd=root, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "versions.json").read_text())["torch"] == torch.__version__
+    if not torch.cuda.is_available():
+        for part in ("op", "model"):
+            assert json.loads((tmp_path / f"{part}.json").read_text()) == {"skipped": "no CUDA device"}
+        assert "skipped: no CUDA device" in (tmp_path / "report.md").read_text()
+
+
+def test_gpu_report_tables(tmp_path):
+    """The report's tables from rows as the GPU parts write them (an error row kept)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import gpu_bench
+
+    (tmp_path / "versions.json").write_text(json.dumps({"gpu": "NVIDIA H100", "torch": "2.11.0"}))
+    (tmp_path / "op.json").write_text(json.dumps({"rows": [
+        {"n": 8192, "sdpa_flash_s": 0.01, "flex_dense_s": 0.012, "block_support_s": 0.008, "block_vs_sdpa": 0.8,
+         "block_vs_flex": 0.67, "listed_share": 0.3}, {"n": 131072, "error": "OutOfMemoryError: ..."}]}))
+    text = gpu_bench.report(tmp_path)
+    assert "GPU: NVIDIA H100; torch 2.11.0" in text and "| 8192 | 0.01 | 0.012 | 0.008 | 0.8 | 0.67 | 0.3 |" in text
+    assert "| 131072 | None" in text and "skipped: not run" in text  # (no model.json)
+
+
+def test_structured_activations_attend_locally_and_select_a_minority_of_blocks():
+    """The op benchmark's synthetic layer: most of a query's attention within its last 384 keys or on the sink and
+    retrieved keys, and block support (eager FlexAttention, the defaults but blocks of 32) reads under half of
+    dense causal attention's blocks at 2048 tokens."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import gpu_bench
+    from sb_hf.ops.block_support import block_support_flex
+
+    q, k, v = gpu_bench.structured_qkv(2048, q_heads=4, kv_heads=2, d=64, dtype=torch.float32)
+    assert q.shape == (1, 4, 2048, 64) and k.shape == v.shape == (1, 2, 2048, 64)
+    scores = q[0, 0, -64:] @ k[0, 0].T / 8
+    weights = torch.softmax(scores.masked_fill(torch.arange(2048) > torch.arange(1984, 2048)[:, None], float("-inf")), -1)
+    assert weights.max(dim=-1).values.mean() > 0.3
+    info = {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (eager FlexAttention's advice to compile)
+        block_support_flex(q, k, v, block_size=32, compiled=False, info=info)
+    assert 0 < float(info["listed_blocks"] / info["causal_blocks"]) < 0.5
+
+
+def test_gpu_op_benchmark_dry_run_on_a_cpu(tmp_path):
+    """``gpu_bench.py op --device cpu``: the op part's code (SDPA's flash backend, compiled dense FlexAttention,
+    compiled block support) on one short Llama-3-8B-shaped layer; its row written."""
+    _run("gpu_bench.py", "op", "--device", "cpu", "--lengths", "300", "--repeats", "1", "--output", str(tmp_path))
+    (row,) = json.loads((tmp_path / "op.json").read_text())["rows"]
+    assert row["n"] == 300 and "error" not in row and row["block_support_s"] > 0 and row["listed_share"] > 0

@@ -193,3 +193,34 @@ def test_bad_settings_say_what_to_change():
 
     with pytest.raises(ValueError, match="block.engine must be one of"):
         SupportBasisConfig.from_dict({"block": {"engine": "triton"}})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind,overrides", [("llama", {}), ("mistral", {"sliding_window": 30})])
+def test_the_model_on_each_device_runs_its_engine_and_equals_the_twin(device, kind, overrides, monkeypatch):
+    """A tiny Llama (GQA) or Mistral (sliding window) with ``attn_implementation="block_support"``, 45 tokens with
+    left padding: FlexAttention runs on CUDA and the chunked op on a CPU (the engine counted), and the logits of the
+    real tokens are those of the dense twin in the engine's place."""
+    from conftest import VOCAB, tiny_model
+
+    calls = []
+    for name in ("block_support_flex", "block_support_attention"):
+        real = getattr(backend, name)
+        monkeypatch.setattr(backend, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+    model = tiny_model(kind, **overrides).to(device)
+    model.config.support_basis = {"block": {"exact_below": 0, "block_size": 16, "gamma": 0.6}, "sinks": 2,
+                                  "local_window": 16}
+    model.set_attn_implementation("block_support")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (2, 45), generator=g).to(device)
+    mask = torch.ones(2, 45, dtype=torch.long, device=device)
+    mask[-1, :9] = 0
+    real_tokens = mask.bool()
+    with torch.no_grad():
+        fast = model(input_ids=ids, attention_mask=mask).logits[real_tokens]
+        engine = "block_support_flex" if device == "cuda" else "block_support_attention"
+        assert calls == [engine] * 2  # one call per layer
+        monkeypatch.setattr(backend, engine, lambda q, k, v, compiled=None, chunk_blocks=None, **kw:
+                            reference.block_support_attention(q, k, v, **kw))
+        twin = model(input_ids=ids, attention_mask=mask).logits[real_tokens]
+    torch.testing.assert_close(fast, twin, rtol=1e-4, atol=1e-4)

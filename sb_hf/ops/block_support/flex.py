@@ -35,6 +35,7 @@ from .estimates import FAST_ESTIMATES
 from .settings import BlockSettings
 
 SHARED_SELECTIONS = ("pooled", "union")
+CUDA_CHUNK_BLOCKS = 64  # query blocks selected at a time on CUDA (fewer kernel launches; memory is not the limit)
 
 
 @functools.cache
@@ -63,10 +64,13 @@ def block_support_flex(
     dropped_real_keys: torch.Tensor | None = None,
     chunk_blocks: int | None = None,
     compiled: bool | None = None,
+    info: dict | None = None,
 ) -> torch.Tensor:
     """Block-support attention (:mod:`.naive` defines it) in one FlexAttention call; ``compiled``: through
     ``torch.compile`` (None: on CUDA). The output in ``q``'s dtype; the kernel takes ``q``, ``k``, ``v`` in their own
-    dtype (bf16 and fp16 native, accumulating in fp32), the selection runs in fp32."""
+    dtype (bf16 and fp16 native, accumulating in fp32), the selection runs in fp32. ``info`` receives, as tensors
+    (nothing read on the host), ``listed_blocks`` (the (query block, key block) pairs the kernel reads over the query
+    heads, centroid blocks included) and ``causal_blocks`` (those of dense causal attention)."""
     settings = BlockSettings(gamma, block_size, sinks, local_window, selection, estimate, far, sample_stride)
     shapes = check_inputs(q, k, v, causal=causal, key_padding_mask=key_padding_mask, sliding_window=sliding_window,
                           scale=scale, check_finite=False)
@@ -84,7 +88,8 @@ def block_support_flex(
     size, scale = settings.block_size, d**-0.5 if scale is None else scale
     blocked = block_inputs(q, k, v, settings, key_padding_mask, dropped_real_keys)
     nb, nqb, first = blocked.kp.shape[2], blocked.nqb, blocked.first_block
-    selected = selections(blocked, settings, scale, sliding_window, lk - lq, lk, chunk_blocks or DEFAULT_CHUNK_BLOCKS)
+    step = chunk_blocks or (CUDA_CHUNK_BLOCKS if q.is_cuda else DEFAULT_CHUNK_BLOCKS)
+    selected = selections(blocked, settings, scale, sliding_window, lk - lq, lk, step)
     # The kernel's shapes by class (blocks and query blocks rounded up to a power of two), so that a compiled kernel
     # serves every length of its class; the padding's rows and keys are masked and listed nowhere.
     nb_class, nqb_class = shape_class(nb), shape_class(nqb)
@@ -100,6 +105,9 @@ def block_support_flex(
                         centroid_pad(blocked.summary["mean_value"])], 2)
     queries = torch.nn.functional.pad(q, (0, 0, blocked.front, nqb_class * size - blocked.front - lq))
     listed = listed_blocks(tables, first, size, sliding_window)
+    if info is not None:
+        causal = (torch.arange(nb, device=q.device) <= torch.arange(first, nb, device=q.device)[:, None]).sum()
+        info.update(listed_blocks=listed.sum(), causal_blocks=causal * listed.shape[0] * listed.shape[1])
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     block_mask = BlockMask.from_kv_blocks(listed.sum(dim=-1, dtype=torch.int32),
                                           torch.argsort(listed.to(torch.uint8), dim=-1, descending=True, stable=True).to(torch.int32),
