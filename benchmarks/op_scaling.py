@@ -15,7 +15,9 @@ With ``--settings FILE`` support basis runs a calibrated layer's settings (``--l
 per query head, one op call per group of heads as in the model) instead of ``--degree``/planted rows,
 and with ``--capture FILE`` every method runs on that layer's captured activations (n up to the
 capture's length) instead of random ones. ``block_support`` runs the block-support op with the settings of
-``--block`` (JSON; its pair counts include the tiles' and the estimate's work, reported as the kernel's share):
+``--block`` (JSON; its pair counts include the tiles' and the estimate's work, reported as the kernel's share), and
+``block_support_flex`` the same op through compiled FlexAttention (the CUDA path; compiled on the first full-size
+call, before timing; its kernel share: the blocks the kernel reads over dense causal attention's, no pair counts):
 
     python benchmarks/op_scaling.py --settings runs/calibrate_q_8k/budget_0.05/support_basis.json \
         --capture runs/capture8k_all.safetensors --layer 12 --lengths 2048,4096,8192 --methods sdpa,support_basis
@@ -105,7 +107,7 @@ def measure(method: str, n: int, large_rows: int, degree: int, threads: int, bac
     import torch
 
     from sb_hf.ops import sink_window_attention
-    from sb_hf.ops.block_support import block_support_attention
+    from sb_hf.ops.block_support import block_support_attention, block_support_flex
 
     torch.set_num_threads(threads)
     q, k, v, scale = inputs(n, large_rows, capture, layer)
@@ -119,6 +121,8 @@ def measure(method: str, n: int, large_rows: int, degree: int, threads: int, bac
             "sink_window": lambda: sink_window_attention(q, k, v, sinks=4, local_window=window, scale=scale, stats=stats,
                                                          **({} if chunk_size is None else {"chunk_size": chunk_size})),
             "block_support": lambda: block_support_attention(q, k, v, scale=scale, stats=stats, **json.loads(block)),
+            "block_support_flex": lambda: block_support_flex(q, k, v, scale=scale, compiled=True, info=stats,
+                                                             **json.loads(block)),
         }
         return ops[method]
 
@@ -139,6 +143,9 @@ def measure(method: str, n: int, large_rows: int, degree: int, threads: int, bac
             support_basis_attention(*small, threshold=3.0, degree=degree, evaluation="scores")
     stats: dict = {}
     timed = call(q, k, v, stats)
+    if method == "block_support_flex":  # compiled per shape class: compile this one before timing
+        with torch.no_grad():
+            timed()
     for x in (q, k, v):
         x.requires_grad_(backward)
     grad_out = torch.randn(*q.shape[:-1], v.shape[-1], generator=torch.Generator().manual_seed(1)) if backward else None
@@ -156,9 +163,11 @@ def measure(method: str, n: int, large_rows: int, degree: int, threads: int, bac
         del out
     seconds = statistics.median(times)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
-    share = float(stats["exact_pairs"] / stats["pairs"]) if stats else 1.0
+    share = float(stats["exact_pairs"] / stats["pairs"]) if "pairs" in stats else 1.0
     kernel = (float((stats["computed_pairs"] + stats["estimate_pairs"] + stats["centroid_pairs"]) / stats["pairs"])
               if "computed_pairs" in stats else share)
+    if "listed_blocks" in stats:  # FlexAttention's: no pair counts; the blocks its kernel reads (the selection not counted)
+        share, kernel = float("nan"), float(stats["listed_blocks"] / stats["causal_blocks"])
     return {"method": method, "n": n, "large_rows": large_rows, "backward": backward, "seconds": seconds,
             "peak_extra_mib": peak / 1024, "exact_pair_share": share, "kernel_share": kernel}
 
@@ -167,7 +176,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="512,1024,2048,4096")
     parser.add_argument("--methods", default="sdpa,support_basis",
-                        help="comma list of sdpa, eager, support_basis, sink_window, block_support")
+                        help="comma list of sdpa, eager, support_basis, sink_window, block_support, block_support_flex "
+                             "(the same op through compiled FlexAttention, the CUDA path)")
     parser.add_argument("--large-rows", type=int, default=64, help="planted large rows (fixed count)")
     parser.add_argument("--large-share", type=float, default=None, help="planted large rows as a share of n (overrides --large-rows)")
     parser.add_argument("--backward", action="store_true", help="time forward+backward (training) instead of forward")
@@ -191,7 +201,7 @@ def main() -> None:
         return
 
     methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - {"sdpa", "eager", "support_basis", "sink_window", "block_support"}
+    unknown = set(methods) - {"sdpa", "eager", "support_basis", "sink_window", "block_support", "block_support_flex"}
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}")
     rows = []

@@ -38,11 +38,13 @@ def calibrated_capture(tmp_path, *, tokens: int, seed: int) -> tuple[Path, Path]
 
 
 def test_op_scaling_random_inputs(tmp_path):
-    out = _run("op_scaling.py", "--lengths", "200", "--methods", "sdpa,support_basis,sink_window,block_support",
+    methods = ("sdpa", "support_basis", "sink_window", "block_support", "block_support_flex")
+    out = _run("op_scaling.py", "--lengths", "200", "--methods", ",".join(methods),
                "--large-rows", "4", "--window", "32", "--threads", "1", "--output", str(tmp_path),
                "--block", '{"gamma": 0.5, "block_size": 16, "local_window": 16}')
     rows = json.loads((tmp_path / "op_scaling.json").read_text())["rows"]
-    assert [(r["n"], r["method"]) for r in rows] == [(200, m) for m in ("sdpa", "support_basis", "sink_window", "block_support")]
+    assert [(r["n"], r["method"]) for r in rows] == [(200, m) for m in methods]
+    assert 0 < rows[4]["kernel_share"] < 1  # FlexAttention's: the blocks its kernel reads
     share = {(r["n"], r["method"]): r["exact_pair_share"] for r in rows}
     assert share[200, "sdpa"] == 1.0 and 0 < share[200, "sink_window"] < 1 and 0 < share[200, "support_basis"] < 1
     assert 0 < share[200, "block_support"] < 1 and rows[3]["kernel_share"] > share[200, "block_support"]
