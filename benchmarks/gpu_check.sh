@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA check of sb-hf (issue 26), one prepared script for a machine with a GPU, in under 8 minutes on an H100:
 #   1. the versions (GPU, torch, transformers, triton);
-#   2. the tests parametrised over the available devices, their CUDA cases (pytest -k cuda);
+#   2. the tests parametrised over the available devices (tests/test_block_support_flex.py, tests/test_devices.py),
+#      their CUDA cases (pytest -k cuda);
 #   3. op level: SDPA (flash), dense FlexAttention and block support through FlexAttention on a Llama-3-8B-shaped
 #      layer at 8k, 64k and 128k tokens (benchmarks/gpu_bench.py op);
 #   4. end to end: prefill and decoding, SDPA against block_support, for random-weight SmolLM2-135M- and 1B-shaped
@@ -24,7 +25,7 @@ stamp versions
 "$python" benchmarks/gpu_bench.py versions --output "$out"
 
 stamp "tests on CUDA"
-timeout "${TEST_LIMIT:-150}" "$python" -m pytest -q -p no:cacheprovider -k cuda tests/test_block_support_flex.py \
+timeout "${TEST_LIMIT:-150}" "$python" -m pytest -q -p no:cacheprovider -k cuda tests/test_block_support_flex.py tests/test_devices.py \
   --junitxml "$out/tests.xml" >"$out/tests.log" 2>&1
 status=$?
 tail -n 15 "$out/tests.log"

@@ -78,7 +78,8 @@ def block_support_flex(
     if settings.selection not in SHARED_SELECTIONS or settings.estimate not in FAST_ESTIMATES:
         raise ValueError(f"the FlexAttention path takes a selection shared by a query block's rows "
                          f"{SHARED_SELECTIONS} and the estimates {FAST_ESTIMATES}; got selection={settings.selection!r}, "
-                         f"estimate={settings.estimate!r} (kernel='chunk' computes the per-row selection)")
+                         f"estimate={settings.estimate!r} (block_support_attention, block.engine 'chunk', computes the per-row "
+                         "selection)")
     check_dropped(dropped_real_keys, shapes.batch)
     check_chunk_size(chunk_blocks, "chunk_blocks", f"the default, {DEFAULT_CHUNK_BLOCKS} query blocks per chunk")
     compiled = q.is_cuda if compiled is None else compiled
@@ -106,8 +107,8 @@ def block_support_flex(
     queries = torch.nn.functional.pad(q, (0, 0, blocked.front, nqb_class * size - blocked.front - lq))
     listed = listed_blocks(tables, first, size, sliding_window)
     if info is not None:
-        causal = (torch.arange(nb, device=q.device) <= torch.arange(first, nb, device=q.device)[:, None]).sum()
-        info.update(listed_blocks=listed.sum(), causal_blocks=causal * listed.shape[0] * listed.shape[1])
+        dense = (torch.arange(nb, device=q.device) <= torch.arange(first, nb, device=q.device)[:, None]).sum()
+        info.update(listed_blocks=listed.sum(), causal_blocks=dense * listed.shape[0] * listed.shape[1])
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     block_mask = BlockMask.from_kv_blocks(listed.sum(dim=-1, dtype=torch.int32),
                                           torch.argsort(listed.to(torch.uint8), dim=-1, descending=True, stable=True).to(torch.int32),
