@@ -66,5 +66,11 @@ def tiny_with_tokenizer(require_assets, tmp_path_factory):
 
 
 def script_results(text: str) -> list[dict]:
-    """The ``RESULT {json}`` lines a training script printed."""
-    return [json.loads(line[len("RESULT "):]) for line in text.splitlines() if line.startswith("RESULT ")]
+    """The ``RESULT {json}`` records a training script printed (processes launched together share one stdout, and a
+    record may follow another on its line)."""
+    decoder, records, at = json.JSONDecoder(), [], text.find("RESULT ")
+    while at >= 0:
+        record, end = decoder.raw_decode(text, at + len("RESULT "))
+        records.append(record)
+        at = text.find("RESULT ", end)
+    return records
