@@ -33,6 +33,8 @@ MODELS = {  # LlamaConfig fields of the random-weight models
                                num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0),
     "llama-1b-shape": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                            num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "tiny-shape": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=1000, rope_theta=10000.0),  # (the dry run's: not by default)
 }
 
 
@@ -60,30 +62,29 @@ def structured_qkv(n, q_heads=32, kv_heads=8, d=128, *, seed=0, device="cpu", dt
     return tuple(x[None].to(device, dtype).contiguous() for x in (rope(q), rope(k), v))
 
 
-def cuda_time(fn, repeats: int, device: str = "cuda") -> float:
-    """The median seconds of ``repeats`` calls after two warm-up calls, by CUDA events (on a CPU, a dry run of the
-    script: by the clock)."""
+def timed(fn, device: str) -> tuple[object, float]:
+    """``fn()``'s result and its seconds: by CUDA events on CUDA, by the clock on a CPU (a dry run of the script)."""
     import time
 
     import torch
 
+    if device == "cpu":
+        start = time.perf_counter()
+        result = fn()
+        return result, time.perf_counter() - start
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    result = fn()
+    end.record()
+    torch.cuda.synchronize()
+    return result, start.elapsed_time(end) / 1000
+
+
+def cuda_time(fn, repeats: int, device: str = "cuda") -> float:
+    """The median seconds of ``repeats`` calls of ``fn`` after two warm-up calls (:func:`timed`)."""
     for _ in range(2):
         fn()
-    times = []
-    if device == "cpu":
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device)[1] for _ in range(repeats))
 
 
 def versions() -> dict:
@@ -148,21 +149,22 @@ def op_point(n, repeats, dense_flex, device) -> dict:
     return row
 
 
-def end_to_end(lengths, new_tokens, repeats, save) -> list[dict]:
+def end_to_end(lengths, new_tokens, repeats, save, device="cuda", models=tuple(MODELS)) -> list[dict]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import sb_hf  # noqa: F401  (registers the backends)
 
     rows = []
-    for name, fields in MODELS.items():
+    for name in models:
+        fields = MODELS[name]
         torch.manual_seed(0)
         config = LlamaConfig(**fields, max_position_embeddings=max(lengths) + new_tokens + 8)
         config.support_basis = {"block": {"exact_below": 0}}
-        model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+        model = LlamaForCausalLM(config).to(device, torch.bfloat16).eval()
         for n in lengths:
             try:
-                rows.append(model_point(model, name, fields, n, new_tokens, repeats))
+                rows.append(model_point(model, name, fields, n, new_tokens, repeats, device))
             except Exception as error:
                 rows.append({"model": name, "n": n, "error": f"{type(error).__name__}: {error}"[:2000]})
             print(json.dumps(rows[-1]), flush=True)
@@ -172,17 +174,17 @@ def end_to_end(lengths, new_tokens, repeats, save) -> list[dict]:
     return rows
 
 
-def model_point(model, name, fields, n, new_tokens, repeats) -> dict:
+def model_point(model, name, fields, n, new_tokens, repeats, device) -> dict:
     """One model and length of :func:`end_to_end`: the medians after a warm-up round."""
     import torch
 
-    ids = torch.randint(1, fields["vocab_size"], (1, n), device="cuda", generator=torch.Generator("cuda").manual_seed(n))
+    ids = torch.randint(1, fields["vocab_size"], (1, n), generator=torch.Generator().manual_seed(n)).to(device)
     row = {"model": name, "n": n}
     for impl in ("sdpa", "block_support"):
         model.set_attn_implementation(impl)
         prefill, decode = [], []
         for _ in range(repeats + 1):  # (the first round warms up: it compiles)
-            p, d = prefill_and_decode(model, ids, new_tokens)
+            p, d = prefill_and_decode(model, ids, new_tokens, device)
             prefill.append(p), decode.append(d)
         row[f"{impl}_prefill_s"] = statistics.median(prefill[1:])
         row[f"{impl}_decode_ms"] = 1000 * statistics.median(decode[1:])
@@ -191,28 +193,21 @@ def model_point(model, name, fields, n, new_tokens, repeats) -> dict:
     return row
 
 
-def prefill_and_decode(model, ids, new_tokens) -> tuple[float, float]:
+def prefill_and_decode(model, ids, new_tokens, device) -> tuple[float, float]:
     """The prefill's seconds (the last position's logits, as ``generate()``) and the median seconds of a greedy
     decoding step after it."""
     import torch
 
+    from sb_hf.integrations.cache import cache_argument, returned_cache
+
+    name = cache_argument(model)  # ("cache" or "past_key_values": transformers renamed it)
     with torch.no_grad():
-        torch.cuda.synchronize()
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        end.record()
-        torch.cuda.synchronize()
-        prefill = start.elapsed_time(end) / 1000
-        cache, token, steps = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+        out, prefill = timed(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), device)
+        steps = []
         for _ in range(new_tokens):
-            start.record()
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            end.record()
-            torch.cuda.synchronize()
-            steps.append(start.elapsed_time(end) / 1000)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            cache, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
+            out, seconds = timed(lambda: model(input_ids=token, use_cache=True, **{name: cache}), device)
+            steps.append(seconds)
     return prefill, statistics.median(steps)
 
 
@@ -248,7 +243,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
-                        help="op: cpu for a dry run of the script's code (times not comparable)")
+                        help="cpu: a dry run of the script's code (times not comparable)")
+    parser.add_argument("--models", default="smollm2-135m-shape,llama-1b-shape",
+                        help=f"model: comma list of {tuple(MODELS)}")
     parser.add_argument("--output", default="runs/gpu_check")
     args = parser.parse_args()
     folder = Path(args.output)
@@ -272,7 +269,8 @@ def main() -> None:
             if args.part == "op":
                 result = {"rows": op_level(lengths, args.repeats, save, args.device)}
             else:
-                result = {"rows": end_to_end(lengths, args.new_tokens, max(1, math.ceil(args.repeats / 2)), save)}
+                result = {"rows": end_to_end(lengths, args.new_tokens, max(1, math.ceil(args.repeats / 2)), save,
+                                             args.device, args.models.split(","))}
     (folder / f"{args.part}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result if args.part == "versions" else {k: v for k, v in result.items() if k != "rows"}))
 

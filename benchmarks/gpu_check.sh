@@ -25,7 +25,7 @@ stamp versions
 "$python" benchmarks/gpu_bench.py versions --output "$out"
 
 stamp "tests on CUDA"
-timeout "${TEST_LIMIT:-150}" "$python" -m pytest -q -p no:cacheprovider -k cuda tests/test_block_support_flex.py tests/test_devices.py \
+timeout "${TEST_LIMIT:-140}" "$python" -m pytest -q -p no:cacheprovider -k cuda tests/test_block_support_flex.py tests/test_devices.py \
   --junitxml "$out/tests.xml" >"$out/tests.log" 2>&1
 status=$?
 tail -n 15 "$out/tests.log"
@@ -39,7 +39,7 @@ esac
 stamp "op level"
 timeout "${OP_LIMIT:-150}" "$python" benchmarks/gpu_bench.py op --lengths "${OP_LENGTHS:-8192,65536,131072}" --output "$out"
 stamp "end to end"
-timeout "${MODEL_LIMIT:-150}" "$python" benchmarks/gpu_bench.py model --lengths "${MODEL_LENGTHS:-8192,32768}" \
+timeout "${MODEL_LIMIT:-170}" "$python" benchmarks/gpu_bench.py model --lengths "${MODEL_LENGTHS:-8192,32768}" \
   --new-tokens 8 --repeats 2 --output "$out"
 stamp report
 "$python" benchmarks/gpu_bench.py report --output "$out"

@@ -264,9 +264,14 @@ def test_structured_activations_attend_locally_and_select_a_minority_of_blocks()
     assert 0 < float(info["listed_blocks"] / info["causal_blocks"]) < 0.5
 
 
-def test_gpu_op_benchmark_dry_run_on_a_cpu(tmp_path):
-    """``gpu_bench.py op --device cpu``: the op part's code (SDPA's flash backend, compiled dense FlexAttention,
-    compiled block support) on one short Llama-3-8B-shaped layer; its row written."""
+def test_gpu_benchmark_dry_runs_on_a_cpu(tmp_path):
+    """``gpu_bench.py op|model --device cpu``: the op part's code (SDPA's flash backend, compiled dense FlexAttention,
+    compiled block support) on one short Llama-3-8B-shaped layer, and the model part's (prefill and decoding, SDPA
+    and block_support) on a tiny random Llama; their rows written, no error."""
     _run("gpu_bench.py", "op", "--device", "cpu", "--lengths", "300", "--repeats", "1", "--output", str(tmp_path))
     (row,) = json.loads((tmp_path / "op.json").read_text())["rows"]
     assert row["n"] == 300 and "error" not in row and row["block_support_s"] > 0 and row["listed_share"] > 0
+    _run("gpu_bench.py", "model", "--device", "cpu", "--models", "tiny-shape", "--lengths", "200", "--new-tokens", "2",
+         "--repeats", "1", "--output", str(tmp_path))
+    (row,) = json.loads((tmp_path / "model.json").read_text())["rows"]
+    assert row["model"] == "tiny-shape" and "error" not in row and row["block_support_decode_ms"] > 0

@@ -104,10 +104,11 @@ def test_dtypes(device, dtype, tol):
 def test_gradients_equal_the_twins(device):
     if device == "cpu":
         pytest.skip("PyTorch's FlexAttention has no backward on a CPU (the chunked op trains there)")
-    q, k, v = qkv(dtype=torch.float32, device=device)
+    q, k, v = qkv(d=16, dtype=torch.float32, device=device)
     grads = []
-    for op in (lambda *x: block_support_flex(*x, **SETTINGS, block_size=16, compiled=True),
-               lambda *x: reference.block_support_attention(*x, **SETTINGS, block_size=16)):
+    settings = dict(SETTINGS, block_size=16, local_window=16)
+    for op in (lambda *x: block_support_flex(*x, **settings, compiled=True),
+               lambda *x: reference.block_support_attention(*x, **settings)):
         x = [t.clone().requires_grad_() for t in (q, k, v)]
         out = op(*x)
         (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out)).sum().backward()
@@ -182,12 +183,13 @@ def test_the_backend_runs_the_chosen_engine(device, monkeypatch):
     for name in ("block_support_flex", "block_support_attention"):
         real = getattr(backend, name)
         monkeypatch.setattr(backend, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
-    q, k, v = qkv(q_len=90, dtype=torch.float32, device=device)
-    twin = reference.block_support_attention(q, k, v, **SETTINGS)
+    q, k, v = qkv(q_len=90, d=16, dtype=torch.float32, device=device)
+    settings = dict(SETTINGS, block_size=16, local_window=16)  # (CUDA's compiled kernel: blocks of 16 and more)
+    twin = reference.block_support_attention(q, k, v, **settings)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for engine in ("auto", "flex", "chunk"):
-            out = backend.block_support_or_exact(q, k, v, exact_below=0, engine=engine, **SETTINGS, stats=None)
+            out = backend.block_support_or_exact(q, k, v, exact_below=0, engine=engine, **settings, stats=None)
             torch.testing.assert_close(out, twin, rtol=2e-5, atol=2e-5)
     auto = "block_support_flex" if device == "cuda" else "block_support_attention"
     assert calls == [auto, "block_support_flex", "block_support_attention"]
@@ -219,7 +221,7 @@ def test_the_model_on_each_device_runs_its_engine_and_equals_the_twin(device, ki
     for name in ("block_support_flex", "block_support_attention"):
         real = getattr(backend, name)
         monkeypatch.setattr(backend, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
-    model = tiny_model(kind, **overrides).to(device)
+    model = tiny_model(kind, head_dim=16, **overrides).to(device)  # (head dim 16: the smallest of CUDA's tiles)
     model.config.support_basis = {"block": {"exact_below": 0, "block_size": 16, "gamma": 0.6}, "sinks": 2,
                                   "local_window": 16}
     model.set_attn_implementation("block_support")
