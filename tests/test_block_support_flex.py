@@ -147,6 +147,25 @@ def test_no_host_synchronisation(monkeypatch):
                                                                       **SETTINGS), rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_device_synchronisation_on_cuda(device):
+    """On CUDA, a compiled call after the first of its shape class runs under ``torch.cuda.set_sync_debug_mode
+    ("error")``: nothing in it waits for the GPU."""
+    if device == "cpu":
+        pytest.skip("CUDA's sync debug mode (the CPU has test_no_host_synchronisation)")
+    q, k, v = qkv(d=16, dtype=torch.bfloat16, device=device)
+    kw = dict(SETTINGS, block_size=16, local_window=16, key_padding_mask=left_padded(2, 90, device=device))
+    with torch.no_grad():
+        block_support_flex(q, k, v, **kw)  # (compiles)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = block_support_flex(q, k, v, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == q.shape
+
+
 def test_compiled_once_per_shape_class():
     """A second call of another length of the same class (blocks rounded up to a power of two), other values,
     compiles nothing (the tables are the kernel's inputs, not constants of a graph); a longer class compiles."""
