@@ -20,6 +20,7 @@ from ..checks import check_inputs
 from ..masking import add_stats, key_spans, span_counts, visible
 from .chunk import block_support_attention
 from .flex import SHARED_SELECTIONS, block_support_flex
+from .settings import BlockSettings
 
 ENGINES = {
     "auto": "FlexAttention on CUDA for the shared selections without pair counts, the chunked op elsewhere",
@@ -45,7 +46,7 @@ def block_support_or_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     ``exact_below`` keys and ``q`` at least a block of queries, else :func:`exact_attention` with the same masks
     (``causal``, ``scale``, ``key_padding_mask``, ``sliding_window``, ``stats``; ``dropped_real_keys`` only places
     the sinks)."""
-    selection = settings.get("selection", "pooled")
+    selection = settings.get("selection", BlockSettings.selection)
     chosen = engine_for(engine, q.device.type, selection, settings.get("stats") is not None)
     if k.shape[2] < exact_below or q.shape[2] < block_size:
         masks = {name: settings[name] for name in ("causal", "scale", "key_padding_mask", "sliding_window", "stats")

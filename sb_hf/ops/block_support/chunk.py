@@ -210,7 +210,7 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fus
 def fixed_tile(shape, first, kp, vp, member, sinks, settings, sliding_window, offset, kv_len):
     """The exact tile of a chunk of query blocks (``shape``: the chunk's ``(B, Hk, nc, G, size, d)``, the first of
     them query block ``first``): the sinks and the fixed blocks (:func:`fixed_blocks`), ``k_tile``, ``v_tile``
-    ``(B, Hk, nc, keys, d)``, the rows' ``mask`` ``(B | 1, Hk | 1, nc | 1, G * size, keys)`` (one mask row set for
+    ``(B, Hk, nc, keys, d)`` (None with ``vp`` None: a caller that only scores the tile), the rows' ``mask`` ``(B | 1, Hk | 1, nc | 1, G * size, keys)`` (one mask row set for
     every query block when they all see their tiles alike) and the fixed blocks ``(nc, nf)``."""
     b_, hk, nc, g, size, _ = shape
     nb, device = kp.shape[2], kp.device
@@ -234,7 +234,7 @@ def fixed_tile(shape, first, kp, vp, member, sinks, settings, sliding_window, of
                                                             sliding_window=sliding_window)
         sees = torch.cat([sees_sink.expand(-1, sees.shape[1], -1, -1), sees], dim=-1)
         with_sinks = lambda sink, tile: torch.cat([sink[:, :, None].expand(-1, -1, nc, -1, -1), tile], dim=3)
-        k_tile, v_tile = with_sinks(k_sink, k_tile), with_sinks(v_sink, v_tile)
+        k_tile, v_tile = with_sinks(k_sink, k_tile), None if v_tile is None else with_sinks(v_sink, v_tile)
     if alike:  # (1, 1, 1, G * size, keys)
         mask = sees[:, None, :, None].expand(1, 1, 1, g, size, sees.shape[-1]).reshape(1, 1, 1, g * size, -1)
     else:
@@ -347,7 +347,7 @@ def fixed_blocks(blocks, band_blocks, size, sliding_window, nb) -> torch.Tensor:
 
 def gather_blocks(kp, vp, index):
     """The key and value tiles of the blocks ``index (B, Hk, ...)`` (-1: a block of zeros, masked by the caller):
-    ``(B, Hk, ..., w * size, d)`` each, ``w`` the last dim of ``index``."""
+    ``(B, Hk, ..., w * size, d)`` each, ``w`` the last dim of ``index`` (no value tile for ``vp`` None)."""
     b_, hk, nb = kp.shape[:3]
     base = nb * torch.arange(b_ * hk, device=kp.device).view(b_, hk, *(1,) * (index.dim() - 2))
     return block_rows(kp, vp, index.clamp_min(0) + base)
@@ -355,11 +355,12 @@ def gather_blocks(kp, vp, index):
 
 def block_rows(kp, vp, flat):
     """The keys and values of the blocks ``flat (..., w)``, indices into the (batch, KV head, block) blocks of
-    ``kp``, ``vp`` ``(B, Hk, nb, size, d)``: ``(..., w * size, d)`` each (rows of whole blocks, copied)."""
+    ``kp``, ``vp`` ``(B, Hk, nb, size, d)``: ``(..., w * size, d)`` each (rows of whole blocks, copied; None for
+    ``vp`` None)."""
     size = kp.shape[3]
     take = lambda x: x.reshape(-1, size * x.shape[-1]).index_select(0, flat.flatten()).view(
         *flat.shape[:-1], flat.shape[-1] * size, x.shape[-1])
-    return take(kp), take(vp)
+    return take(kp), None if vp is None else take(vp)
 
 
 def tile_part(rows, k_tile, v_tile, mask, scale, fused) -> Partial:

@@ -127,7 +127,7 @@ def block_support_flex(
 def selections(blocked, settings, scale, sliding_window, offset, kv_len, step) -> torch.Tensor:
     """The selected candidates per (batch, query head, query block): ``(B, Hq, nqb, nb)`` bool, chosen a chunk of
     ``step`` query blocks at a time as :mod:`.chunk` chooses them (the fixed tile's exact log mass from its scores)."""
-    qb, kp, vp, member, summary = blocked.qb, blocked.kp, blocked.vp, blocked.member, blocked.summary
+    qb, kp, member, summary = blocked.qb, blocked.kp, blocked.member, blocked.summary
     b_, hk, nqb, g, size, d = qb.shape
     nb, parts = kp.shape[2], []
     for c0 in range(0, nqb, step):
@@ -135,8 +135,8 @@ def selections(blocked, settings, scale, sliding_window, offset, kv_len, step) -
         nc = qc.shape[2]
         rows = qc.reshape(b_, hk, nc, g * size, d)
         pos = torch.arange(first, first + nc, device=qb.device)[:, None] * size + torch.arange(size, device=qb.device)
-        k_tile, _, mask, _ = fixed_tile(qc.shape, first, kp, vp, member, blocked.sinks, settings, sliding_window,
-                                        offset, kv_len)
+        k_tile, _, mask, _ = fixed_tile(qc.shape, first, kp, None, member, blocked.sinks, settings, sliding_window,
+                                        offset, kv_len)  # (scores only: no value tile)
         exact_log_mass = torch.where(mask, scale * rows @ k_tile.transpose(-1, -2), float("-inf")).logsumexp(dim=-1)
         _, own, _ = choose_blocks(rows, exact_log_mass, first, kp, member, summary, blocked.sinks[-1], settings, scale,
                                   sliding_window, (pos >= offset) & (pos < kv_len))
