@@ -200,6 +200,30 @@ def test_block_selection_study_on_a_capture(tmp_path):
         assert rows[f"oracle-union g{g}"]["missed"] <= rows[f"oracle-row g{g}"]["missed"] + 1e-6
 
 
+def test_far_field_study_on_a_capture(tmp_path):
+    """The far-field study on a tiny model's capture (320 tokens, the last 128 rows): with every block kept (gamma 1)
+    nothing is left out (error 0, every key exact); at gamma 0.5 some keys are left out, and a far field that stands
+    for them changes the error."""
+    model = tiny_model("llama", max_position_embeddings=512)
+    ids = torch.randint(1, VOCAB, (1, 320), generator=torch.Generator().manual_seed(4))
+    path = save_capture(capture_activations(model, ids), tmp_path / "capture.safetensors")
+    for part, count in (("far", 2 * 3), ("ranking", 3)):
+        _run("far_field_study.py", "--capture", str(path), "--part", part, "--rows", "128", "--gammas", "0.5,1.0",
+             "--output", str(tmp_path / part))
+        rows = json.loads((tmp_path / part / "far_field_study.json").read_text())["rows"]
+        layers = {r["layer"] for r in rows}
+        assert len(rows) == len(layers) * count * 2
+        for r in rows:
+            assert 0 < r["exact_share"] <= 1 and r["error"] >= 0
+            if r["gamma"] == 1.0:
+                assert r["error"] < 1e-5 and r["exact_share"] == pytest.approx(1.0)
+        half = [r for r in rows if r["gamma"] == 0.5]
+        assert all(r["exact_share"] < 1 and r["error"] > 0 for r in half)
+    rows = json.loads((tmp_path / "far" / "far_field_study.json").read_text())["rows"]
+    fields = {r["far"]: r["error"] for r in rows if r["gamma"] == 0.5 and r["rule"] == "oracle" and r["layer"] == min(layers)}
+    assert len(set(fields.values())) == 3  # (dropped, centroids and sampled keys differ)
+
+
 def test_long_capture_stretches_the_rotary_embedding(tmp_path, require_assets):
     """One layer of the packaged model captured with linear RoPE interpolation: position 0 is unchanged (its rotation
     is the identity at any factor), later positions rotate by half the angle at factor 2, so their q differ."""
