@@ -3,7 +3,7 @@
 Issue 24's measuring tool until the method has its backend: the dense twin (``block_support``, quadratic, every mode)
 or the fast op (``block_support_fast``: selections "row" and "union", estimates bound, centroid, oracle) runs as the
 model's attention through transformers' attention interface; every point reports perplexity, KL(exact || method),
-top-1 agreement, the share of visible pairs computed exactly, the cost share ((exact pairs + far-field pairs: centroids or sampled keys) /
+top-1 agreement, the share of visible pairs computed exactly, the cost share ((exact pairs + centroid pairs) /
 visible pairs), the share of candidate blocks selected, and for the fast op the kernel cost share (the pairs its
 tiles score, masked ones included, plus the estimate's and the centroids', over visible pairs). One unpadded
 sequence per block of text (no mask is read).
@@ -93,9 +93,9 @@ def main(argv=None) -> int:
         rows.append(dict(
             kind=kind, settings=settings, perplexity=math.exp(totals["nll"] / count), kl=totals["kl"] / count,
             top1=totals["agree"] / count, exact_share=stats["exact_pairs"] / stats["pairs"],
-            cost_share=(stats["exact_pairs"] + stats.get("far_pairs", 0.0)) / stats["pairs"],
+            cost_share=(stats["exact_pairs"] + stats.get("centroid_pairs", 0.0)) / stats["pairs"],
             selected_share=stats["selected_blocks"] / max(stats["candidate_blocks"], 1.0) if "selected_blocks" in stats else None,
-            kernel_share=(stats["computed_pairs"] + stats["estimate_pairs"] + stats.get("far_pairs", 0.0)) / stats["pairs"]
+            kernel_share=(stats["computed_pairs"] + stats["estimate_pairs"] + stats.get("centroid_pairs", 0.0)) / stats["pairs"]
             if "computed_pairs" in stats else None,
             seconds=time.perf_counter() - start))
         print(json.dumps(rows[-1]), flush=True)

@@ -164,7 +164,7 @@ def measure(method: str, n: int, large_rows: int, degree: int, threads: int, bac
     seconds = statistics.median(times)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
     share = float(stats["exact_pairs"] / stats["pairs"]) if "pairs" in stats else 1.0
-    kernel = (float((stats["computed_pairs"] + stats["estimate_pairs"] + stats["far_pairs"]) / stats["pairs"])
+    kernel = (float((stats["computed_pairs"] + stats["estimate_pairs"] + stats["centroid_pairs"]) / stats["pairs"])
               if "computed_pairs" in stats else share)
     if "listed_blocks" in stats:  # FlexAttention's: no pair counts; the blocks its kernel reads (the selection not counted)
         share, kernel = float("nan"), float(stats["listed_blocks"] / stats["causal_blocks"])

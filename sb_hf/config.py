@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .ops.block_support import ENGINES, FLEX_FAR_FIELDS, BlockSettings
+from .ops.block_support import ENGINES, BlockSettings
 from .ops.polynomial import AS23_KERNEL, DEFAULT_KERNEL, KERNELS, MAX_DEGREE, check_kernel
 from .ops.support_basis import DEFAULT_MAX_FEATURE_BYTES, RADIUS_LIMIT, check_buckets
 
@@ -408,9 +408,6 @@ def _check_block(block) -> None:
     if settings.estimate == "oracle":
         raise ValueError("block.estimate 'oracle' scores every key (a measuring tool, slower than exact attention); "
                          "use 'sampled' (the default), 'centroid' or 'bound'")
-    if block.get("engine") == "flex" and settings.far not in FLEX_FAR_FIELDS:
-        raise ValueError(f"block.engine 'flex' takes the far fields {FLEX_FAR_FIELDS}, got far={settings.far!r}; use "
-                         "engine 'auto' or 'chunk' (the chunked op) for it")
 
 
 def _finite_number(x) -> bool:

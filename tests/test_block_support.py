@@ -102,9 +102,6 @@ def by_loops(q, k, v, *, gamma, block_size, sinks, local_window, selection, esti
                 if far == "centroid":
                     terms += [(math.log(len(members[n])) + scale * float(q[b, h, i] @ kh[members[n]].mean(0)),
                                vh[members[n]].mean(0)) for n in candidates if n not in chosen]
-                if far == "sampled":  # the members the row samples at its own position, each counted stride times
-                    terms += [(math.log(sample_stride) + score(q[b, h, i], j), vh[j]) for n in candidates if n not in chosen
-                              for j in members[n] if (p + j) % sample_stride == 0]
                 if terms:
                     top = max(t for t, _ in terms)
                     w = torch.tensor([math.exp(t - top) for t, _ in terms], dtype=F64)
@@ -115,15 +112,11 @@ def by_loops(q, k, v, *, gamma, block_size, sinks, local_window, selection, esti
 @pytest.mark.parametrize("selection", list(SELECTIONS))
 @pytest.mark.parametrize("estimate", list(ESTIMATES))
 @pytest.mark.parametrize("sliding_window,padded", [(None, False), (None, True), (40, True)], ids=["plain", "padded", "window"])
-@pytest.mark.parametrize("block_size,far", [(7, "centroid"), (16, "none"), (7, "sampled")])  # (every far field: FAR_FIELDS)
+@pytest.mark.parametrize("block_size,far", [(7, "centroid"), (16, "none")])  # (every far field: FAR_FIELDS)
 def test_twin_follows_the_definition(selection, estimate, far, sliding_window, padded, block_size):
     """37 queries over 90 keys (the last 37 positions), GQA 4/2, blocks of 7 or 16 (a shorter last block), a band of
-    10 keys (2 or 1 blocks), 3 sinks, each far field (the sampled one with the sampled estimate only)."""
-    assert set(FAR_FIELDS) == {"centroid", "none", "sampled"}
-    if far == "sampled" and estimate != "sampled":
-        with pytest.raises(ValueError, match="far 'sampled' reuses the sampled estimate"):
-            block_support_attention(*qkv(), **dict(SETTINGS, block_size=block_size, estimate=estimate, far=far))
-        return
+    10 keys (2 or 1 blocks), 3 sinks, each far field."""
+    assert set(FAR_FIELDS) == {"centroid", "none"}
     q, k, v = qkv()
     mask = left_padded(2, 90) if padded else None
     kw = dict(SETTINGS, block_size=block_size, selection=selection, estimate=estimate, far=far, key_padding_mask=mask,
@@ -133,10 +126,9 @@ def test_twin_follows_the_definition(selection, estimate, far, sliding_window, p
 
 @pytest.mark.parametrize("selection", ["row", "pooled"])
 @pytest.mark.parametrize("sample_stride", [1, 3, 16])
-@pytest.mark.parametrize("far", ["centroid", "sampled"])
-def test_twin_follows_the_definition_at_other_sample_strides(selection, sample_stride, far):
+def test_twin_follows_the_definition_at_other_sample_strides(selection, sample_stride):
     q, k, v = qkv()
-    kw = dict(SETTINGS, block_size=16, selection=selection, estimate="sampled", far=far, sample_stride=sample_stride,
+    kw = dict(SETTINGS, block_size=16, selection=selection, estimate="sampled", far="centroid", sample_stride=sample_stride,
               key_padding_mask=left_padded(2, 90))
     torch.testing.assert_close(block_support_attention(q, k, v, **kw), by_loops(q, k, v, **kw), rtol=1e-10, atol=1e-10)
 
@@ -177,7 +169,7 @@ def test_gamma_one_is_exact_attention_and_gamma_zero_keeps_only_the_structure(se
     stats = {}
     block_support_attention(q, k, v, **{**SETTINGS, "gamma": 0.0, "selection": selection}, stats=stats)
     assert int(stats["selected_blocks"]) == 0 and int(stats["candidate_blocks"]) > 0
-    assert int(stats["far_pairs"]) == int(stats["candidate_blocks"]) and int(stats["exact_pairs"]) < int(stats["pairs"])
+    assert int(stats["centroid_pairs"]) == int(stats["candidate_blocks"]) and int(stats["exact_pairs"]) < int(stats["pairs"])
 
 
 def perturbed(x, positions, seed):

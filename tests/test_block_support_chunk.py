@@ -65,26 +65,6 @@ def test_other_sample_strides(sample_stride, block_size, selection):
     torch.testing.assert_close(fast, twin, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("selection", FAST_SELECTIONS)
-@pytest.mark.parametrize("sliding_window,padded", [(None, False), (None, True), (40, True)], ids=["plain", "padded", "window"])
-@pytest.mark.parametrize("block_size,q_len,chunk_blocks,sample_stride", [(7, 37, None, 8), (16, 90, 2, 8), (7, 1, None, 8),
-                                                                         (7, 90, 3, 3), (16, 90, 1, 5)])
-def test_sampled_far_field_equals_the_twin(selection, sliding_window, padded, block_size, q_len, chunk_blocks,
-                                           sample_stride):
-    """``far="sampled"``: the far field from the estimate's own sampled weights, against the twin's sampled keys
-    (strides that divide the block and that do not), with every pair count; the far field is there (its pairs > 0)."""
-    q, k, v = qkv(q_len=q_len)
-    kw = dict(SETTINGS, block_size=block_size, selection=selection, estimate="sampled", far="sampled",
-              sample_stride=sample_stride, key_padding_mask=left_padded(2, 90) if padded else None,
-              sliding_window=sliding_window, chunk_blocks=chunk_blocks)
-    fast, twin, fast_stats, twin_stats = both(q, k, v, **kw)
-    torch.testing.assert_close(fast, twin, rtol=1e-10, atol=1e-10)
-    assert {key: int(value) for key, value in twin_stats.items()} == {key: int(fast_stats[key]) for key in twin_stats}
-    if sliding_window is None and q_len > 1:  # the far field is there and changes the output
-        assert int(fast_stats["far_pairs"]) > 0
-        assert not torch.allclose(fast, block_support_attention(q, k, v, **{**kw, "far": "none"}))
-
-
 def test_query_blocks_alike_share_one_fixed_mask(monkeypatch):
     """Without padding, the chunks past the sinks' blocks give the kernel one mask for all their fixed tiles (a
     stride-0 view: a test that fails if every tile's mask is built); with padding, none does."""
@@ -122,13 +102,12 @@ def test_dtypes(dtype, tol):
 
 
 @pytest.mark.parametrize("selection", FAST_SELECTIONS)
-@pytest.mark.parametrize("far", ["centroid", "sampled"])
-def test_gradients_equal_the_twins(selection, far):
+def test_gradients_equal_the_twins(selection):
     q, k, v = qkv()
     grads = []
     for op in (block_support_attention, reference.block_support_attention):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = op(*leaves, **SETTINGS, selection=selection, far=far, key_padding_mask=left_padded(2, 90))
+        out = op(*leaves, **SETTINGS, selection=selection, key_padding_mask=left_padded(2, 90))
         (out * torch.linspace(-1, 1, out.shape[-1], dtype=F64)).sum().backward()
         grads.append([x.grad for x in leaves])
     for fast, twin in zip(*grads):

@@ -190,11 +190,8 @@ def test_compiled_once_per_shape_class():
     ("auto", "cpu", "pooled", False, "chunk"), ("flex", "cpu", "pooled", False, "flex"),
     ("chunk", "cuda", "pooled", False, "chunk")])
 def test_the_engine_choice(engine, device_type, selection, counting, chosen):
-    """FlexAttention on CUDA by default: a test that fails if the CUDA path is skipped; the sampled far field (which
-    FlexAttention does not take) in the chunked op."""
+    """FlexAttention on CUDA by default: a test that fails if the CUDA path is skipped."""
     assert engine_for(engine, device_type, selection, counting) == chosen
-    assert engine_for(engine, device_type, selection, counting, "none") == chosen
-    assert engine_for(engine, device_type, selection, counting, "sampled") == ("flex" if engine == "flex" else "chunk")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -221,8 +218,6 @@ def test_bad_settings_say_what_to_change():
     q, k, v = qkv()
     with pytest.raises(ValueError, match="selection shared by a query block's rows"):
         block_support_flex(q, k, v, selection="row")
-    with pytest.raises(ValueError, match="far fields .* got far='sampled'"):
-        block_support_flex(q, k, v, far="sampled")
     with pytest.raises(ValueError, match="engine must be one of"):
         engine_for("triton", "cuda", "pooled", False)
     with pytest.raises(ValueError, match="gives no pair counts"):
@@ -231,9 +226,6 @@ def test_bad_settings_say_what_to_change():
 
     with pytest.raises(ValueError, match="block.engine must be one of"):
         SupportBasisConfig.from_dict({"block": {"engine": "triton"}})
-    with pytest.raises(ValueError, match="block.engine 'flex' takes the far fields"):
-        SupportBasisConfig.from_dict({"block": {"engine": "flex", "far": "sampled"}})
-    SupportBasisConfig.from_dict({"block": {"engine": "auto", "far": "sampled"}})
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -19,26 +19,24 @@ import torch
 from ..checks import check_inputs
 from ..masking import add_stats, key_spans, span_counts, visible
 from .chunk import block_support_attention
-from .flex import FLEX_FAR_FIELDS, SHARED_SELECTIONS, block_support_flex
+from .flex import SHARED_SELECTIONS, block_support_flex
 from .settings import BlockSettings
 
 ENGINES = {
-    "auto": "FlexAttention on CUDA for the shared selections and whole-block far fields without pair counts, the "
-            "chunked op elsewhere",
+    "auto": "FlexAttention on CUDA for the shared selections without pair counts, the chunked op elsewhere",
     "chunk": "the chunked op (PyTorch's fused CPU kernel per tile; every selection; pair counts)",
     "flex": "one FlexAttention call (compiled on CUDA, eager elsewhere: slow, for checks; shared selections only)",
 }
 
 
-def engine_for(engine: str, device_type: str, selection: str, counting: bool, far: str = BlockSettings.far) -> str:
+def engine_for(engine: str, device_type: str, selection: str, counting: bool) -> str:
     """Which engine runs the op: ``engine`` (:data:`ENGINES`) resolved for a call on ``device_type`` with
-    ``selection`` and ``far``, ``counting`` when the caller asks for pair counts."""
+    ``selection``, ``counting`` when the caller asks for pair counts."""
     if engine not in ENGINES:
         raise ValueError(f"block.engine must be one of {tuple(ENGINES)}, got {engine!r}")
     if engine != "auto":
         return engine
-    flex = device_type == "cuda" and selection in SHARED_SELECTIONS and far in FLEX_FAR_FIELDS and not counting
-    return "flex" if flex else "chunk"
+    return "flex" if device_type == "cuda" and selection in SHARED_SELECTIONS and not counting else "chunk"
 
 
 def block_support_or_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, exact_below: int,
@@ -49,8 +47,7 @@ def block_support_or_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     (``causal``, ``scale``, ``key_padding_mask``, ``sliding_window``, ``stats``; ``dropped_real_keys`` only places
     the sinks)."""
     selection = settings.get("selection", BlockSettings.selection)
-    chosen = engine_for(engine, q.device.type, selection, settings.get("stats") is not None,
-                        settings.get("far", BlockSettings.far))
+    chosen = engine_for(engine, q.device.type, selection, settings.get("stats") is not None)
     if k.shape[2] < exact_below or q.shape[2] < block_size:
         masks = {name: settings[name] for name in ("causal", "scale", "key_padding_mask", "sliding_window", "stats")
                  if name in settings}

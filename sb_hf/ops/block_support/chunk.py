@@ -10,9 +10,7 @@ For each chunk:
 3. **selected part**, exact: per query head and query block, the blocks its rows selected gathered as one tile;
    each row masked to its own selection (``"row"``), or every row taking the whole tile (``"union"``, ``"pooled"``:
    one mask row per tile);
-4. **far part**: the candidates a row did not take, by their centroids (``far="centroid"``) or by the keys the
-   sampled estimate scored for the row, each weighted by the stride (``far="sampled"``: the estimate's weights
-   reused, one matmul with the sampled values per residue);
+4. **far part**: the centroids of the candidates a row did not take (``far="centroid"``);
 
 and the four parts merge exactly (:func:`..partial.merge`). The exact tiles run in PyTorch's fused CPU kernel at
 inference on a CPU (:func:`..fused_cpu.fused_masked`), as plain matmuls elsewhere (and for gradients). ``stats``
@@ -30,7 +28,7 @@ from .. import fused_cpu
 from ..checks import check_chunk_size, check_dropped, check_inputs, compute_dtype
 from ..masking import add_stats, key_spans, sink_keys, span_counts, visible
 from ..partial import Partial, masked_exp, merge, normalized
-from .estimates import FAST_ESTIMATES, centroid_log_mass, estimate_pairs, estimated_log_mass, sampled_far_field
+from .estimates import FAST_ESTIMATES, centroid_log_mass, estimate_pairs, estimated_log_mass
 from .settings import BlockSettings, select_blocks
 
 DEFAULT_CHUNK_BLOCKS = 16  # query blocks per chunk (bounds the tiles' memory)
@@ -181,9 +179,8 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fus
     exact_log_mass = exact.den.log() + exact.shift  # (B, Hk, nc, G * size)
 
     # 2. The selection: candidates of each query block, each row's estimates, the rule.
-    samples = [] if settings.far == "sampled" else None  # (the sampled estimate's weights, for the far field)
     candidate, own, centroid = choose_blocks(rows, exact_log_mass, first, kp, member, summary, sinks[-1], settings,
-                                             scale, sliding_window, row_ok, samples)
+                                             scale, sliding_window, row_ok)
 
     # 3. The selected candidates: per query head, the blocks its rows of a query block selected as one tile.
     own_heads = own.view(b_, hk, nc, g, size, nb)
@@ -194,20 +191,16 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fus
         exact = merge(exact, Partial(part.num.flatten(3, 4), part.den.flatten(3, 4), part.shift.flatten(3, 4)))
         counts = counts + (selected_counts * row_ok[None, None, :, None, :]).flatten(3, 4)
 
-    # 4. The far field of the candidates a row did not take: their centroids, or the keys its estimate sampled.
-    pseudo, far_pairs = candidate & ~own, 0
+    # 4. The far field: the centroids of the candidates a row did not take.
+    pseudo = candidate & ~own
     if settings.far == "centroid":
         weights, top = masked_exp(centroid, pseudo)
         exact = merge(exact, Partial(weights @ summary["mean_value"][:, :, None], weights.sum(dim=-1), top))
-        far_pairs = pseudo.sum()
-    elif settings.far == "sampled":
-        part, far_pairs = sampled_far_field(samples, pseudo, vp, member, scored_keys, settings.sample_stride)
-        exact = merge(exact, part)
     out = normalized(exact.num, exact.den).view(b_, hk, nc, g, size, -1)
     counts = counts.view(b_, hk, nc, g, size)
     if stats is not None:  # a block-sparse kernel's work: each row against its query block's sinks and tiles
         tile_keys = g * (sinks[0].shape[2] + size * (fixed >= 0).sum(dim=-1)) + size * tile.sum(dim=(-1, -2))  # (B, Hk, nc)
-        for key, value in (("far_pairs", far_pairs), ("selected_blocks", own.sum()),
+        for key, value in (("centroid_pairs", pseudo.sum() if settings.far == "centroid" else 0), ("selected_blocks", own.sum()),
                            ("candidate_blocks", candidate.sum()), ("computed_pairs", (tile_keys * row_ok.sum(-1)).sum()),
                            ("estimate_pairs", row_ok.sum() * b_ * hk * g * estimate_pairs(settings.estimate, nb, scored_keys, settings.sample_stride))):
             stats[key] = stats.get(key, 0) + value
@@ -251,12 +244,11 @@ def fixed_tile(shape, first, kp, vp, member, sinks, settings, sliding_window, of
 
 
 def choose_blocks(rows, exact_log_mass, first, kp, member, summary, leading_sinks, settings, scale, sliding_window,
-                  row_ok, samples=None):
+                  row_ok):
     """The selection of a chunk of query blocks, ``rows (B, Hk, nc, G * size, d)`` (the first of them query block
     ``first``; ``row_ok (nc, size)``: the rows inside the call) whose fixed keys hold ``exact_log_mass (B, Hk, nc,
     G * size)``: each row's ``candidate`` blocks and its selected ones, ``own``, both ``(B, Hk, nc, G * size, nb)``
-    (a shared selection repeated over its rows), and the rows' ``centroid`` scores (None unless ``far="centroid"``);
-    ``samples``: as :func:`.estimates.estimated_log_mass`."""
+    (a shared selection repeated over its rows), and the rows' ``centroid`` scores (None unless ``far="centroid"``)."""
     b_, hk, nc, r, _ = rows.shape
     nb, size, device = kp.shape[2], kp.shape[3], rows.device
     g = r // size
@@ -272,7 +264,7 @@ def choose_blocks(rows, exact_log_mass, first, kp, member, summary, leading_sink
     candidate = candidate[:, :, :, None].expand(b_, hk, nc, g, size, nb).reshape(b_, hk, nc, g * size, nb)
     centroid = None if settings.far != "centroid" else centroid_log_mass(rows, summary, scale)  # (the far field's)
     estimate = estimated_log_mass(settings.estimate, rows, first * size, kp, member, summary, scale, scored_keys,
-                                  settings.sample_stride, centroid, leading_sinks, samples)
+                                  settings.sample_stride, centroid, leading_sinks)
     estimate = torch.where(candidate, estimate, float("-inf"))
     if settings.selection == "pooled":  # the rows' shares of their estimated totals, summed per query block and head
         total = torch.logaddexp(exact_log_mass, estimate.logsumexp(dim=-1))

@@ -7,8 +7,6 @@ import math
 
 import torch
 
-from ..partial import Partial
-
 FAST_ESTIMATES = ("bound", "centroid", "sampled", "oracle")  # "oracle" scores every key: for measuring only
 
 
@@ -28,14 +26,13 @@ def centroid_log_mass(rows, summary, scale) -> torch.Tensor:
 
 
 def estimated_log_mass(estimate, rows, first_pos, kp, member, summary, scale, scored_keys, stride, centroid=None,
-                       leading_sinks=None, samples=None) -> torch.Tensor:
+                       leading_sinks=None) -> torch.Tensor:
     """Each row's estimated log mass of every block, ``(B, Hk, nc, G * size, nb)``, for ``rows (B, Hk, nc, G * size,
     d)`` at key positions ``first_pos + c * size + t``; the keys ``kp (B, Hk, nb, size, d)``, their ``member`` flags
     ``(B, nb, size)`` and block ``summary``; ``scored_keys``: the keys that hold every candidate of these rows;
     ``stride``: the sampled estimate's; ``centroid``: :func:`centroid_log_mass` when the caller has it;
     ``leading_sinks``: when the keys that are not members are the first ``leading_sinks`` keys and no other (no
-    padding), their number (the sampled estimate then masks a few columns, not every score); ``samples``: a list
-    that the sampled estimate fills with its weights for :func:`sampled_far_field`."""
+    padding), their number (the sampled estimate then masks a few columns, not every score)."""
     b_, hk, nc, r, d = rows.shape
     if estimate == "bound":  # sum_c max(q_c high_c, q_c low_c) = q+ . high + q- . low
         flat = rows.reshape(b_, hk, nc * r, d)
@@ -49,16 +46,14 @@ def estimated_log_mass(estimate, rows, first_pos, kp, member, summary, scale, sc
         scores = scale * rows.reshape(b_, hk, nc * r, d) @ kp.flatten(2, 3).transpose(-1, -2)  # (B, Hk, nc * r, nb * size)
         scores = torch.where(member.view(b_, 1, 1, nb * size), scores, float("-inf"))
         return scores.view(b_, hk, nc, r, nb, size).logsumexp(dim=-1)
-    return sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, centroid, leading_sinks, samples)
+    return sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, centroid, leading_sinks)
 
 
-def sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, fallback, leading_sinks,
-                     samples=None) -> torch.Tensor:
+def sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, fallback, leading_sinks) -> torch.Tensor:
     """The "sampled" estimate: row ``p`` scores the keys ``j`` with ``(p + j) % stride == 0`` (so the rows of one
     residue, every stride-th row, share their keys: one matmul per residue, 1/stride of the scores), sums their
     weights per block and scales by ``stride``; a block with no sampled member takes ``fallback`` (the centroid's).
-    ``leading_sinks``, ``samples``: as :func:`estimated_log_mass` (per residue ``(first_row, start, weights (B, Hk,
-    G * R, Ks), top (B, Hk, G * R, 1))``, the weights relative to ``top``)."""
+    ``leading_sinks``: as :func:`estimated_log_mass`."""
     b_, hk, nc, r, d = rows.shape
     nb, size = kp.shape[2], kp.shape[3]
     g = r // size
@@ -77,11 +72,9 @@ def sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, fa
             scores.masked_fill_(~sampled, float("-inf"))
         else:  # the sampled sinks are the first columns
             scores[..., : max(0, -(-(leading_sinks - start) // stride))] = float("-inf")
-        top = scores.detach().amax(dim=-1, keepdim=True)  # (a shift: the far field's gradient does not go through it)
+        top = scores.amax(dim=-1, keepdim=True)
         top.masked_fill_(top == float("-inf"), 0.0)
         weights = scores.sub_(top).exp_()
-        if samples is not None:
-            samples.append((first_row, start, weights, top))
         if size % stride == 0:  # each block's sampled keys side by side: a reshape and a sum (not a scatter)
             per = size // stride
             sums = weights.view(*weights.shape[:-1], -1, per).sum(dim=-1)
@@ -97,29 +90,3 @@ def sampled_log_mass(rows, first_pos, kp, member, scale, scored_keys, stride, fa
         target = out[:, :, :, first_row::stride, :blocks]
         target.copy_(torch.where(counts[:, None, None, None, :] > 0, estimate, target))
     return out.view(b_, hk, g, nc, size, nb).transpose(2, 3).reshape(b_, hk, nc, r, nb)
-
-
-def sampled_far_field(samples, far, vp, member, scored_keys, stride) -> tuple[Partial, torch.Tensor]:
-    """The sampled far field of a chunk of query blocks: each row's sampled keys (``samples``, the sampled estimate's
-    weights) among the ``member`` keys ``(B, nb, size)`` of the blocks ``far (B, Hk, nc, G * size, nb)`` marks for
-    it, each weighted by ``stride``, as the partial ``(B, Hk, nc, G * size)``, and the count of those (row, key)
-    pairs."""
-    b_, hk, nc, r, nb = far.shape
-    size = vp.shape[3]
-    g = r // size
-    by_row = far.view(b_, hk, nc, g, size, nb).transpose(2, 3).reshape(b_, hk, g, nc * size, nb)
-    values, valid = vp.flatten(2, 3)[:, :, :scored_keys], member.view(b_, -1)[:, :scored_keys]
-    num = vp.new_zeros(b_, hk, g, nc * size, vp.shape[-1])
-    den, shift = vp.new_zeros(b_, hk, g, nc * size), vp.new_full((b_, hk, g, nc * size), float("-inf"))
-    pairs = 0
-    for first_row, start, weights, top in samples:
-        key_block = torch.arange(start, scored_keys, stride, device=vp.device) // size  # (Ks,)
-        taken = by_row[:, :, :, first_row::stride].index_select(-1, key_block)  # (B, Hk, G, R, Ks)
-        taken = taken & valid[:, None, None, None, start::stride]
-        w = weights * taken.view(weights.shape)  # (the weights of keys that are not members are 0 already)
-        num[:, :, :, first_row::stride] = (w @ values[:, :, start::stride]).view(*taken.shape[:4], -1)
-        den[:, :, :, first_row::stride] = w.sum(dim=-1).view(taken.shape[:4])
-        shift[:, :, :, first_row::stride] = (top[..., 0] + math.log(stride)).view(taken.shape[:4])
-        pairs = pairs + taken.sum()
-    layout = lambda x: x.view(b_, hk, g, nc, size, *x.shape[4:]).transpose(2, 3).reshape(b_, hk, nc, r, *x.shape[4:])
-    return Partial(layout(num), layout(den), layout(shift)), pairs

@@ -35,7 +35,6 @@ from .estimates import FAST_ESTIMATES
 from .settings import BlockSettings
 
 SHARED_SELECTIONS = ("pooled", "union")
-FLEX_FAR_FIELDS = ("centroid", "none")  # (whole pseudo-key blocks; a sampled far field touches every candidate block)
 CUDA_CHUNK_BLOCKS = 64  # query blocks selected at a time on CUDA (fewer kernel launches; memory is not the limit)
 
 
@@ -81,10 +80,6 @@ def block_support_flex(
                          f"{SHARED_SELECTIONS} and the estimates {FAST_ESTIMATES}; got selection={settings.selection!r}, "
                          f"estimate={settings.estimate!r} (block_support_attention, block.engine 'chunk', computes the per-row "
                          "selection)")
-    if settings.far not in FLEX_FAR_FIELDS:
-        raise ValueError(f"the FlexAttention path takes the far fields {FLEX_FAR_FIELDS} (a sampled far field would list "
-                         f"every candidate block, reading them all); got far={settings.far!r} (block.engine 'chunk' "
-                         "computes it)")
     check_dropped(dropped_real_keys, shapes.batch)
     check_chunk_size(chunk_blocks, "chunk_blocks", f"the default, {DEFAULT_CHUNK_BLOCKS} query blocks per chunk")
     compiled = q.is_cuda if compiled is None else compiled

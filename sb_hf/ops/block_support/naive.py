@@ -18,12 +18,9 @@ Key block ``b`` holds the key positions ``[b B, (b + 1) B)`` (``B = block_size``
   ``"pooled"`` and ``"last"`` a row may depend on the other queries of its block, never on later blocks. Each
   candidate's mass is estimated (``estimate``: :data:`.settings.ESTIMATES`), the exact keys' mass is exact; the candidates are
   taken in order of estimated mass (ties: the lower block first) until the exact mass plus theirs reaches ``gamma``
-  of the estimated total. Selected candidates are exact; the others are the *far field* (``far``): their centroids
-  (``"centroid"``), the members that row ``p`` samples, ``(p + j) % sample_stride == 0``, each weighted by
-  ``sample_stride`` (``"sampled"``: the sampled estimate's own scores, an unbiased estimate of the block's share of
-  the output), or nothing (``"none"``).
+  of the estimated total. Selected candidates are exact; the others keep their centroid.
 
-The output of row ``p`` is one softmax over its exact keys and its far field.
+The output of row ``p`` is one softmax over its exact keys and the centroids of its unselected candidates.
 """
 
 from __future__ import annotations
@@ -60,7 +57,7 @@ def block_support_attention(
     return_weights: bool = False,
 ) -> torch.Tensor:
     """Block-support attention computed densely (the module docstring defines it). ``stats`` receives the counts
-    ``exact_pairs``, ``pairs``, ``exact_rows``, ``rows``, ``far_pairs`` (row, far-field key or centroid pairs),
+    ``exact_pairs``, ``pairs``, ``exact_rows``, ``rows``, ``centroid_pairs`` (row, pseudo-key pairs),
     ``selected_blocks`` and ``candidate_blocks`` (over rows); with ``return_weights``, the weight of every key
     ``(B, Hq, Lq, Lk)`` (a centroid's weight shared equally by the keys it stands for) instead of the output."""
     settings = BlockSettings(gamma, block_size, sinks, local_window, selection, estimate, far, sample_stride)
@@ -111,16 +108,10 @@ def block_support_attention(
     if settings.selection == "union":  # each row takes the blocks any row of its block selected
         selected = (same_block @ selected.to(q.dtype)) > 0
 
-    # One softmax over the exact keys and the far field of the candidates not selected: their centroids, or their
-    # members each row samples (at its own position), weighted by the stride.
+    # One softmax over the exact keys and the centroids of the candidates not selected.
     exact = mask & (structural | selected[..., k_block])  # (B, H, Lq, Lk)
     pseudo = candidate & ~selected if settings.far == "centroid" else torch.zeros_like(selected)
-    scores = scale * q @ k.transpose(-1, -2)
-    sampled = torch.zeros_like(exact)
-    if settings.far == "sampled":
-        picked = (q_pos[:, None] + k_pos) % settings.sample_stride == 0  # (Lq, Lk)
-        sampled = mask & (candidate & ~selected)[..., k_block] & picked & (key_valid & ~sink)[:, None, None, :]
-    scores = torch.where(exact, scores, torch.where(sampled, scores + math.log(settings.sample_stride), float("-inf")))
+    scores = torch.where(exact, scale * q @ k.transpose(-1, -2), float("-inf"))
     pseudo_scores = torch.where(pseudo, scale * q @ centroid.transpose(-1, -2) + log_count, float("-inf"))
     top = torch.maximum(scores.amax(dim=-1), pseudo_scores.amax(dim=-1))
     top = torch.where(top > float("-inf"), top, torch.zeros_like(top))[..., None]
@@ -131,8 +122,7 @@ def block_support_attention(
         pairs = mask.expand_as(exact)
         add_stats(stats, exact_pairs=exact.sum(), pairs=pairs.sum(), exact_rows=(exact == pairs).all(dim=-1).sum(),
                   rows=torch.tensor(exact.shape[:3].numel(), device=device))
-        far_pairs = pseudo.expand_as(block_weights).sum() + sampled.sum()
-        for key, value in (("far_pairs", far_pairs), ("selected_blocks", selected.sum()),
+        for key, value in (("centroid_pairs", pseudo.expand_as(block_weights).sum()), ("selected_blocks", selected.sum()),
                            ("candidate_blocks", candidate.expand_as(selected).sum())):
             stats[key] = stats.get(key, 0) + value
     if return_weights:

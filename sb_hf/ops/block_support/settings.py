@@ -27,9 +27,6 @@ SELECTIONS = {
 }
 FAR_FIELDS = {
     "centroid": "each unselected candidate as one pseudo-key: its mean key, mean value and log-count bias",
-    "sampled": "each unselected candidate by the members the sampled estimate scored for the row (one in sample_stride, "
-               "each weighted by sample_stride): an unbiased estimate of the block's mass and of its weighted values; a "
-               "candidate with no sampled member is dropped (needs estimate='sampled')",
     "none": "unselected candidates dropped (the softmax renormalizes over the exact keys)",
 }
 
@@ -76,9 +73,6 @@ class BlockSettings:
             raise ValueError(f"estimate must be one of {tuple(ESTIMATES)}, got {self.estimate!r}")
         if self.far not in FAR_FIELDS:
             raise ValueError(f"far must be one of {tuple(FAR_FIELDS)}, got {self.far!r}")
-        if self.far == "sampled" and self.estimate != "sampled":
-            raise ValueError(f"far 'sampled' reuses the sampled estimate's scores; set estimate='sampled' (got "
-                             f"{self.estimate!r}) or choose another far field {tuple(FAR_FIELDS)}")
 
 
 def select_blocks(exact_log_mass: torch.Tensor, block_log_mass: torch.Tensor, gamma: float) -> torch.Tensor:
