@@ -93,8 +93,9 @@ def by_loops(q, k, v, *, gamma, block_size, sinks, local_window, selection, esti
                 block_rows = [r for r in range(q_len) if (offset + r) // block_size == p // block_size]
                 if selection == "union":  # the blocks any row of the block in the call chose
                     chosen = set().union(*(own[r] for r in block_rows))
-                if selection == "pooled":  # the block's rows' shares of their estimated totals, summed
-                    shares = [(e, m, e + sum(m.values())) for e, m in (estimates[r] for r in block_rows)]
+                if selection in ("pooled", "prefix"):  # the block's rows' shares of their estimated totals, summed
+                    pooled_rows = block_rows if selection == "pooled" else [r for r in block_rows if r <= i]
+                    shares = [(e, m, e + sum(m.values())) for e, m in (estimates[r] for r in pooled_rows)]
                     chosen = rule(sum(e / t for e, _, t in shares if t), {n: sum(m[n] / t for _, m, t in shares if t)
                                                                             for n in candidates})
                 terms = [(score(q[b, h, i], j), vh[j]) for j in range(kv_len)
@@ -179,9 +180,11 @@ def perturbed(x, positions, seed):
     return y
 
 
-def test_row_selection_depends_on_its_own_query_and_earlier_keys_only():
+@pytest.mark.parametrize("selection", ["row", "prefix"])
+def test_causal_selections_depend_on_no_later_token(selection):
+    """"row": a row depends on its own query and earlier keys only; "prefix" on its own and earlier queries too."""
     q, k, v = qkv(q_len=90)
-    kw = dict(SETTINGS, gamma=0.6, selection="row")
+    kw = dict(SETTINGS, gamma=0.6, selection=selection)
     out = block_support_attention(q, k, v, **kw)
     for p in (20, 41, 62, 88):
         later = list(range(p + 1, 90))

@@ -115,6 +115,31 @@ def test_training_backpropagates(op_calls):
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
+def test_with_gradients_a_shared_selection_runs_strictly_causally(monkeypatch):
+    """Where gradients flow the backend runs the default pooled selection as "prefix" (a test that fails if it runs
+    "pooled" there): no row changes when a later token does; without gradients it runs "pooled"."""
+    seen = []
+    real = backend.block_support_attention
+    monkeypatch.setattr(backend, "block_support_attention", lambda *a, **kw: seen.append(kw["selection"]) or real(*a, **kw))
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, 70, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    kw = dict(exact_below=0, block_size=8, sinks=2, local_window=8, gamma=0.9, causal=True)
+    with torch.no_grad():
+        backend.block_support_or_exact(q, k, v, **kw)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = backend.block_support_or_exact(*leaves, **kw)
+    out.sum().backward()
+    assert seen == ["pooled", "prefix"] and all(x.grad is not None for x in leaves)
+    for p in (20, 37, 61):
+        later = [x.clone() for x in (q, k, v)]
+        for x in later:
+            x[:, :, p + 1 :] = torch.randn(x[:, :, p + 1 :].shape, generator=g, dtype=torch.float64)
+        changed = backend.block_support_or_exact(*(x.requires_grad_() for x in later), **kw)
+        torch.testing.assert_close(changed[:, :, : p + 1], out[:, :, : p + 1], rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match="with gradients the backend runs 'prefix'"):
+        backend.block_support_or_exact(*leaves, engine="flex", **kw)
+
+
 @pytest.mark.parametrize("block,message", [
     ({"gama": 0.9}, "unknown settings \\['gama'\\]"),
     ({"sinks": 3}, "top-level fields"),

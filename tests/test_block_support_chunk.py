@@ -12,7 +12,7 @@ from sb_hf.ops.block_support import block_support_attention, chunk
 
 F64 = torch.float64
 SETTINGS = dict(gamma=0.7, block_size=7, sinks=3, local_window=10)
-FAST_SELECTIONS, FAST_ESTIMATES = ("row", "union", "pooled"), chunk.FAST_ESTIMATES
+FAST_SELECTIONS, FAST_ESTIMATES = ("row", "union", "pooled", "prefix"), chunk.FAST_ESTIMATES
 
 
 def qkv(batch=2, q_heads=4, kv_heads=2, q_len=37, kv_len=90, d=8, seed=1, dtype=F64):
@@ -174,24 +174,25 @@ def perturbed(x, positions, seed):
 
 @pytest.mark.parametrize("selection", FAST_SELECTIONS)
 def test_causality(selection):
-    """``row``: a row is unchanged when any later token changes; ``union``, ``pooled``: a row is unchanged when tokens
-    after its block change (and may move with a later query of its own block)."""
+    """``row``, ``prefix``: a row is unchanged when any later token changes; ``union``, ``pooled``: a row is unchanged
+    when tokens after its block change (and may move with a later query of its own block)."""
     q, k, v = qkv(q_len=90)
-    kw = dict(SETTINGS, gamma=0.9 if selection == "pooled" else 0.6, selection=selection, estimate="sampled")
+    kw = dict(SETTINGS, gamma=0.9 if selection in ("pooled", "prefix") else 0.6, selection=selection, estimate="sampled")
+    strict = selection in ("row", "prefix")
     out = block_support_attention(q, k, v, **kw)
     for p in (20, 41, 62, 88):
-        end = p + 1 if selection == "row" else min((p // 7 + 1) * 7, 90)
+        end = p + 1 if strict else min((p // 7 + 1) * 7, 90)
         later = list(range(end, 90))
         changed = block_support_attention(perturbed(q, later, 3), perturbed(k, later, 4), perturbed(v, later, 5), **kw)
         # (up to rounding: the tiles' widths, shared by a chunk's query blocks, move with later tokens)
         torch.testing.assert_close(changed[:, :, :end], out[:, :, :end], rtol=0, atol=1e-13)
     moved = [p for p in range(7, 89) if p % 7 != 6 and (
         block_support_attention(perturbed(q, [p + 1], p), k, v, **kw)[:, :, p] - out[:, :, p]).abs().max() > 1e-6]
-    assert bool(moved) == (selection != "row")
+    assert bool(moved) == (not strict)
 
 
 @pytest.mark.parametrize("bad,message", [
-    (dict(selection="last"), "selection 'row', 'union' or 'pooled'"), (dict(selection="last"), "reference.block_support_attention"),
+    (dict(selection="last"), "selection 'row', 'union', 'pooled' or 'prefix'"), (dict(selection="last"), "reference.block_support_attention"),
     (dict(gamma=-0.1), "gamma must be"), (dict(chunk_blocks=0), "chunk_blocks must be"), (dict(causal=False), "causal only"),
 ])
 def test_bad_settings_say_what_to_change(bad, message):

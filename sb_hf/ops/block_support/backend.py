@@ -6,6 +6,11 @@ Exact attention (:func:`exact_attention`: PyTorch's SDPA with the same masks) se
 queries than a block, decoding steps among them (a generated token attends exactly to the cache, as in MInference
 and FlexPrefill, whose sparsity is the prompt's; block summaries kept in the cache are issue 24's to do).
 
+Where gradients flow (training), a selection shared by a query block's rows (``"pooled"``, the default, and
+``"union"``), which lets a row depend on its block's later queries, runs as ``"prefix"`` instead (:func:`causal_selection`):
+each row pooled over its block's rows up to itself, so no row depends on a later token (a later token's query could
+otherwise leak its identity into the support of the rows that predict it).
+
 The op runs in one of two engines (``engine``): ``"chunk"`` (:mod:`.chunk`, PyTorch's fused CPU kernel per tile:
 the fast one on a CPU, and the one with pair counts and per-row selections) or ``"flex"`` (:mod:`.flex`, one
 FlexAttention call: the CUDA path). ``"auto"`` (the default) takes FlexAttention on CUDA for the shared selections
@@ -39,20 +44,33 @@ def engine_for(engine: str, device_type: str, selection: str, counting: bool) ->
     return "flex" if device_type == "cuda" and selection in SHARED_SELECTIONS and not counting else "chunk"
 
 
+def causal_selection(selection: str, *tensors: torch.Tensor) -> str:
+    """``selection`` for a call on ``tensors``: where gradients flow, a shared selection (``"pooled"``, ``"union"``)
+    becomes ``"prefix"`` (strictly causal: no row depends on a later token); otherwise unchanged."""
+    training = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    return "prefix" if training and selection in SHARED_SELECTIONS else selection
+
+
 def block_support_or_exact(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, exact_below: int,
                            block_size: int, sinks: int, local_window: int, engine: str = "auto",
                            **settings) -> torch.Tensor:
     """Block-support attention with ``settings`` in ``engine`` (:func:`engine_for`) when ``k`` holds at least
-    ``exact_below`` keys and ``q`` at least a block of queries, else :func:`exact_attention` with the same masks
+    ``exact_below`` keys and ``q`` at least a block of queries (with gradients, a shared selection as ``"prefix"``:
+    :func:`causal_selection`), else :func:`exact_attention` with the same masks
     (``causal``, ``scale``, ``key_padding_mask``, ``sliding_window``, ``stats``; ``dropped_real_keys`` only places
     the sinks)."""
-    selection = settings.get("selection", BlockSettings.selection)
+    settings["selection"] = causal_selection(settings.get("selection", BlockSettings.selection), q, k, v)
+    selection = settings["selection"]
     chosen = engine_for(engine, q.device.type, selection, settings.get("stats") is not None)
     if k.shape[2] < exact_below or q.shape[2] < block_size:
         masks = {name: settings[name] for name in ("causal", "scale", "key_padding_mask", "sliding_window", "stats")
                  if name in settings}
         return exact_attention(q, k, v, **masks)
     if chosen == "flex":
+        if selection not in SHARED_SELECTIONS:
+            raise ValueError(f"block.engine 'flex' takes the shared selections {SHARED_SELECTIONS}; this call runs "
+                             f"{selection!r} (with gradients the backend runs 'prefix', strictly causal); use engine "
+                             "'auto' or 'chunk'")
         if settings.get("stats") is not None:
             raise ValueError("block.engine 'flex' gives no pair counts; use engine 'chunk' (or 'auto') to count them")
         settings.pop("stats", None)

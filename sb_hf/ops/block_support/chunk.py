@@ -6,9 +6,10 @@ For each chunk:
 1. **fixed part**, exact: per query block its band blocks (and, under a sliding window, the blocks that straddle
    the window's edge) and the sinks as one key tile that a KV head's query heads share (their rows side by side);
 2. **selection**: each row's estimated mass of every candidate block (:mod:`.estimates`), the exact mass of part 1,
-   and :func:`.settings.select_blocks` per row, or over the query block's rows pooled (``selection="pooled"``);
+   and :func:`.settings.select_blocks` per row, or over the query block's rows pooled (``selection="pooled"``; up to
+   each row for ``"prefix"``);
 3. **selected part**, exact: per query head and query block, the blocks its rows selected gathered as one tile;
-   each row masked to its own selection (``"row"``), or every row taking the whole tile (``"union"``, ``"pooled"``:
+   each row masked to its own selection (``"row"``, ``"prefix"``), or every row taking the whole tile (``"union"``, ``"pooled"``:
    one mask row per tile);
 4. **far part**: the centroids of the candidates a row did not take (``far="centroid"``);
 
@@ -63,8 +64,8 @@ def block_support_attention(
                           scale=scale)
     settings.check(causal)
     if settings.selection == "last" or settings.estimate not in FAST_ESTIMATES:
-        raise ValueError(f"the fast block-support op selects with each row's own estimate (selection 'row', 'union' or "
-                         f"'pooled') with the estimates "
+        raise ValueError(f"the fast block-support op selects with each row's own estimate (selection 'row', 'union', "
+                         f"'pooled' or 'prefix') with the estimates "
                          f"{FAST_ESTIMATES}; got selection={settings.selection!r}, estimate={settings.estimate!r} "
                          "(sb_hf.ops.reference.block_support_attention computes every mode)")
     check_dropped(dropped_real_keys, shapes.batch)
@@ -186,7 +187,7 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fus
     own_heads = own.view(b_, hk, nc, g, size, nb)
     tile = own_heads.any(dim=4)  # (B, Hk, nc, G, nb)
     part, selected_counts = selected_part(rows.view(b_, hk, nc, g, size, d), own_heads, tile, kp, vp, member, scale,
-                                          fused, shared=settings.selection != "row")
+                                          fused, shared=settings.selection in ("union", "pooled"))
     if part is not None:
         exact = merge(exact, Partial(part.num.flatten(3, 4), part.den.flatten(3, 4), part.shift.flatten(3, 4)))
         counts = counts + (selected_counts * row_ok[None, None, :, None, :]).flatten(3, 4)
@@ -266,12 +267,18 @@ def choose_blocks(rows, exact_log_mass, first, kp, member, summary, leading_sink
     estimate = estimated_log_mass(settings.estimate, rows, first * size, kp, member, summary, scale, scored_keys,
                                   settings.sample_stride, centroid, leading_sinks)
     estimate = torch.where(candidate, estimate, float("-inf"))
-    if settings.selection == "pooled":  # the rows' shares of their estimated totals, summed per query block and head
+    if settings.selection in ("pooled", "prefix"):  # the rows' shares of their estimated totals, summed per query
+        # block and head (up to each row for "prefix")
         total = torch.logaddexp(exact_log_mass, estimate.logsumexp(dim=-1))
         total = torch.where(total > float("-inf"), total, torch.zeros_like(total))[..., None]
-        pooled = lambda log_mass: (log_mass - total).exp().view(b_, hk, nc, g, size, -1).sum(dim=4).log()
-        shared = select_blocks(pooled(exact_log_mass[..., None])[..., 0], pooled(estimate), settings.gamma)
-        own = shared[:, :, :, :, None].expand(-1, -1, -1, -1, size, -1).reshape(b_, hk, nc, g * size, nb) & candidate
+        shares = lambda log_mass: (log_mass - total).exp().view(b_, hk, nc, g, size, -1)
+        if settings.selection == "pooled":
+            pooled = lambda log_mass: shares(log_mass).sum(dim=4).log()
+            shared = select_blocks(pooled(exact_log_mass[..., None])[..., 0], pooled(estimate), settings.gamma)
+            own = shared[:, :, :, :, None].expand(-1, -1, -1, -1, size, -1).reshape(b_, hk, nc, g * size, nb) & candidate
+        else:
+            prefix = lambda log_mass: shares(log_mass).cumsum(dim=4).log().view(b_, hk, nc, g * size, -1)
+            own = select_blocks(prefix(exact_log_mass[..., None])[..., 0], prefix(estimate), settings.gamma) & candidate
     else:
         own = select_blocks(exact_log_mass, estimate, settings.gamma)
     if settings.selection == "union":

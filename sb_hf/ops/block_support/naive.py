@@ -14,7 +14,8 @@ Key block ``b`` holds the key positions ``[b B, (b + 1) B)`` (``B = block_size``
 - **selection** by a *selection query* ``q_sel``: ``q_p`` itself (``selection="row"``: a row's support depends on
   its own query and earlier keys only; ``"union"``: then the rows of block ``P`` present in the call share the union
   of their selections; ``"pooled"``: they share one selection by the sum of their masses, each row's as shares of
-  its estimated total), or the last query of block ``P`` present in the call (``"last"``). With ``"union"``,
+  its estimated total; ``"prefix"``: each row by the sum over the rows of its block up to itself, causal), or the last
+  query of block ``P`` present in the call (``"last"``). With ``"union"``,
   ``"pooled"`` and ``"last"`` a row may depend on the other queries of its block, never on later blocks. Each
   candidate's mass is estimated (``estimate``: :data:`.settings.ESTIMATES`), the exact keys' mass is exact; the candidates are
   taken in order of estimated mass (ties: the lower block first) until the exact mass plus theirs reaches ``gamma``
@@ -98,10 +99,12 @@ def block_support_attention(
                                         scale, size, settings.sample_stride)
     block_log_mass = torch.where(candidate, block_log_mass, float("-inf"))
     same_block = (q_block[:, None] == q_block[None, :]).to(q.dtype)  # (Lq, Lq)
-    if settings.selection == "pooled":  # each row's shares of its estimated total, summed over its block's rows
+    if settings.selection in ("pooled", "prefix"):  # each row's shares of its estimated total, summed over its block's
+        # rows (up to the row itself for "prefix")
         total = torch.logaddexp(exact_log_mass, block_log_mass.logsumexp(dim=-1))
         total = torch.where(total > float("-inf"), total, torch.zeros_like(total))[..., None]  # (a row without keys: 0)
-        pooled = lambda log_mass: (same_block @ (log_mass - total).exp()).log()
+        pool = same_block if settings.selection == "pooled" else torch.tril(same_block)
+        pooled = lambda log_mass: (pool @ (log_mass - total).exp()).log()
         selected = select_blocks(pooled(exact_log_mass[..., None])[..., 0], pooled(block_log_mass), settings.gamma)
     else:
         selected = select_blocks(exact_log_mass, block_log_mass, settings.gamma)

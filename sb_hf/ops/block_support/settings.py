@@ -22,6 +22,9 @@ SELECTIONS = {
              "(a row may depend on the other queries of its block present in the call, never on later blocks)",
     "pooled": "each row estimates with its own query, its masses as shares of its estimated total; the rows of a query "
               "block share one selection by the sum of their shares (XAttention-like; the same causality as 'union')",
+    "prefix": "each row estimates as in 'pooled' and selects by the sum of the shares of the rows of its query block up to "
+              "and including it (causal: a row depends on its own and earlier queries and earlier keys only, never on a "
+              "later token; a kernel pays it as the union of its block's rows)",
     "last": "the rows of a query block share the selection of its last query present in the call (MInference- and "
             "FlexPrefill-like; the same causality as 'union')",
 }
