@@ -93,3 +93,23 @@ def test_a_model_on_the_device_gives_its_cpu_logits(device, implementation):
                                    do_sample=False, pad_token_id=0)
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-8, atol=1e-8)
     assert generated.shape == (2, 33) and generated.device.type == device
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_support_training_on_the_device(device):
+    """With gradients the block-support backend runs the strictly causal "prefix" selection in the chunked op (on
+    CUDA as plain matmuls): its output and gradients on the device equal the dense twin's on the CPU."""
+    from sb_hf.ops.block_support import backend
+
+    q, k, v = qkv(q_len=53, device=device)
+    kw = dict(block_size=8, sinks=2, local_window=8, gamma=0.8, causal=True, key_padding_mask=padded(2, 53, device))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = backend.block_support_or_exact(*leaves, exact_below=0, **kw)
+    weights = torch.linspace(-1, 1, out.shape[-1], dtype=F64)
+    (out * weights.to(device)).sum().backward()
+    twin_leaves = [x.detach().cpu().requires_grad_() for x in (q, k, v)]
+    twin = reference.block_support_attention(*twin_leaves, selection="prefix", **on_cpu(kw))
+    (twin * weights).sum().backward()
+    torch.testing.assert_close(out.detach().cpu(), twin.detach(), rtol=1e-9, atol=1e-10)
+    for got, want in zip(leaves, twin_leaves):
+        torch.testing.assert_close(got.grad.cpu(), want.grad, rtol=1e-8, atol=1e-9)
