@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--gammas", type=_floats, default=[0.97],
                          help="with --methods block_support: its gamma values, one point each, the op at every length "
                          "(exact_below 0; default 0.97, the default)")
+    compare.add_argument("--selection", choices=("pooled", "union", "row", "prefix"), default=None,
+                         help="with --methods block_support: the selection (default: the op's, 'pooled', whose "
+                         "perplexity its 64-token block can flatter; 'prefix' scores strictly causally)")
     compare.add_argument("--configs", type=_names, default=[],
                          help="comma list of settings files (support_basis.json from `sb-hf calibrate`, or a model's "
                          "config.json), each run as one more support_basis method; with --methods '' only these run")
@@ -180,7 +183,8 @@ def _method_points(args) -> list[tuple[str, dict]]:
     from sb_hf.analysis.sweep import grid
 
     gammas = getattr(args, "gammas", [])  # (sweep has no --gammas: grid then refuses block_support, as with no gamma)
-    blocks = ([("block_support", {"block": {"gamma": g, "exact_below": 0}}) for g in gammas]
+    chosen = {"selection": args.selection} if getattr(args, "selection", None) else {}
+    blocks = ([("block_support", {"block": {"gamma": g, "exact_below": 0, **chosen}}) for g in gammas]
               if "block_support" in args.methods else [])
     methods = [m for m in args.methods if m != "block_support"] if blocks else args.methods
     return grid(methods, args.thresholds, args.degrees, args.sinks, args.windows, args.sketch_dims, kernels=args.kernels,

@@ -127,3 +127,19 @@ def test_cli_compare_block_support_points(tiny_with_tokenizer, tmp_path, capsys)
     assert all(r["settings"]["block"]["exact_below"] == 0 for r in block.values())
     assert block[1]["exact_pair_share"] == pytest.approx(1.0) and block[1]["kl_from_exact"] < 1e-6
     assert block[0]["exact_pair_share"] < 0.9
+    assert "selection" not in block[0]["settings"]["block"]  # (the op's default, pooled)
+
+
+@pytest.mark.real_model
+def test_cli_compare_block_support_strictly_causal(tiny_with_tokenizer, tmp_path):
+    """`--selection prefix` scores block support with the strictly causal selection: the settings say so, and the
+    scores differ from the default pooled selection's at the same gamma."""
+    scores = {}
+    for selection in ("pooled", "prefix"):
+        out = tmp_path / selection
+        assert main(["compare", "--model", str(tiny_with_tokenizer), "--tokens", "400", "--methods", "block_support",
+                     "--gammas", "0.5", "--selection", selection, "--output", str(out)]) == 0
+        (row,) = [r for r in json.loads((out / "results.json").read_text())["results"] if r["method"] == "block_support"]
+        assert row["settings"]["block"]["selection"] == selection
+        scores[selection] = row["kl_from_exact"]
+    assert scores["pooled"] != scores["prefix"]
