@@ -7,9 +7,9 @@ queries than a block, decoding steps among them (a generated token attends exact
 and FlexPrefill, whose sparsity is the prompt's; block summaries kept in the cache are issue 24's to do).
 
 Where gradients flow (training), a selection shared by a query block's rows (``"pooled"``, the default, and
-``"union"``), which lets a row depend on its block's later queries, runs as ``"prefix"`` instead (:func:`causal_selection`):
-each row pooled over its block's rows up to itself, so no row depends on a later token (a later token's query could
-otherwise leak its identity into the support of the rows that predict it).
+``"union"``), which lets a row depend on its block's later queries, runs as ``"prefix"`` instead
+(:func:`causal_selection`): each row pooled over its block's rows up to itself, so no row depends on a later token (a
+later token's query could otherwise leak its identity into the support of the rows that predict it).
 
 The op runs in one of two engines (``engine``): ``"chunk"`` (:mod:`.chunk`, PyTorch's fused CPU kernel per tile:
 the fast one on a CPU, and the one with pair counts and per-row selections) or ``"flex"`` (:mod:`.flex`, one
@@ -24,8 +24,8 @@ import torch
 from ..checks import check_inputs
 from ..masking import add_stats, key_spans, span_counts, visible
 from .chunk import block_support_attention
-from .flex import SHARED_SELECTIONS, block_support_flex
-from .settings import BlockSettings
+from .flex import block_support_flex
+from .settings import SHARED_SELECTIONS, BlockSettings
 
 ENGINES = {
     "auto": "FlexAttention on CUDA for the shared selections without pair counts, the chunked op elsewhere",

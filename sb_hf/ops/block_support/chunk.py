@@ -9,8 +9,8 @@ For each chunk:
    and :func:`.settings.select_blocks` per row, or over the query block's rows pooled (``selection="pooled"``; up to
    each row for ``"prefix"``);
 3. **selected part**, exact: per query head and query block, the blocks its rows selected gathered as one tile;
-   each row masked to its own selection (``"row"``, ``"prefix"``), or every row taking the whole tile (``"union"``, ``"pooled"``:
-   one mask row per tile);
+   each row masked to its own selection (``"row"``, ``"prefix"``), or every row taking the whole tile (``"union"``,
+   ``"pooled"``: one mask row per tile);
 4. **far part**: the centroids of the candidates a row did not take (``far="centroid"``);
 
 and the four parts merge exactly (:func:`..partial.merge`). The exact tiles run in PyTorch's fused CPU kernel at
@@ -30,7 +30,7 @@ from ..checks import check_chunk_size, check_dropped, check_inputs, compute_dtyp
 from ..masking import add_stats, key_spans, sink_keys, span_counts, visible
 from ..partial import Partial, masked_exp, merge, normalized
 from .estimates import FAST_ESTIMATES, centroid_log_mass, estimate_pairs, estimated_log_mass
-from .settings import BlockSettings, select_blocks
+from .settings import SHARED_SELECTIONS, BlockSettings, select_blocks
 
 DEFAULT_CHUNK_BLOCKS = 16  # query blocks per chunk (bounds the tiles' memory)
 
@@ -187,7 +187,7 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fus
     own_heads = own.view(b_, hk, nc, g, size, nb)
     tile = own_heads.any(dim=4)  # (B, Hk, nc, G, nb)
     part, selected_counts = selected_part(rows.view(b_, hk, nc, g, size, d), own_heads, tile, kp, vp, member, scale,
-                                          fused, shared=settings.selection in ("union", "pooled"))
+                                          fused, shared=settings.selection in SHARED_SELECTIONS)
     if part is not None:
         exact = merge(exact, Partial(part.num.flatten(3, 4), part.den.flatten(3, 4), part.shift.flatten(3, 4)))
         counts = counts + (selected_counts * row_ok[None, None, :, None, :]).flatten(3, 4)
@@ -211,8 +211,9 @@ def query_blocks(qc, first, kp, vp, member, summary, sinks, settings, scale, fus
 def fixed_tile(shape, first, kp, vp, member, sinks, settings, sliding_window, offset, kv_len):
     """The exact tile of a chunk of query blocks (``shape``: the chunk's ``(B, Hk, nc, G, size, d)``, the first of
     them query block ``first``): the sinks and the fixed blocks (:func:`fixed_blocks`), ``k_tile``, ``v_tile``
-    ``(B, Hk, nc, keys, d)`` (None with ``vp`` None: a caller that only scores the tile), the rows' ``mask`` ``(B | 1, Hk | 1, nc | 1, G * size, keys)`` (one mask row set for
-    every query block when they all see their tiles alike) and the fixed blocks ``(nc, nf)``."""
+    ``(B, Hk, nc, keys, d)`` (None with ``vp`` None: a caller that only scores the tile), the rows' ``mask``
+    ``(B | 1, Hk | 1, nc | 1, G * size, keys)`` (one mask row set for every query block when they all see their tiles
+    alike) and the fixed blocks ``(nc, nf)``."""
     b_, hk, nc, g, size, _ = shape
     nb, device = kp.shape[2], kp.device
     blocks = torch.arange(first, first + nc, device=device)

@@ -32,9 +32,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from ..checks import check_chunk_size, check_dropped, check_inputs
 from .chunk import DEFAULT_CHUNK_BLOCKS, block_inputs, choose_blocks, fixed_tile
 from .estimates import FAST_ESTIMATES
-from .settings import BlockSettings
+from .settings import SHARED_SELECTIONS, BlockSettings
 
-SHARED_SELECTIONS = ("pooled", "union")
 CUDA_CHUNK_BLOCKS = 64  # query blocks selected at a time on CUDA (fewer kernel launches; memory is not the limit)
 
 

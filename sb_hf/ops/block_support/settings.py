@@ -28,6 +28,7 @@ SELECTIONS = {
     "last": "the rows of a query block share the selection of its last query present in the call (MInference- and "
             "FlexPrefill-like; the same causality as 'union')",
 }
+SHARED_SELECTIONS = ("pooled", "union")  # one selection per query block: what a block-sparse kernel can skip on
 FAR_FIELDS = {
     "centroid": "each unselected candidate as one pseudo-key: its mean key, mean value and log-count bias",
     "none": "unselected candidates dropped (the softmax renormalizes over the exact keys)",
